@@ -1,0 +1,15 @@
+"""tfgraph's rewrite passes and the registry that names them.
+
+A pass subclasses one of onnx-ir's pass classes (``onnx_ir.passes.InPlacePass`` for
+in-place rewrites), takes keyword-only options, and returns
+``PassResult(model, modified)`` with ``modified`` true only when it changed the
+model. Target profiles name passes by their registered name with options, so a
+pipeline is plain data.
+"""
+
+from tfgraph.passes.registry import PassSpec, available_passes, create_pass, get_pass_class, register_pass
+
+# Importing the modules registers their passes.
+from tfgraph.passes import constant_folding, cse, dead_code, identity, lift_constants  # noqa: E402,F401
+
+__all__ = ["PassSpec", "available_passes", "create_pass", "get_pass_class", "register_pass"]

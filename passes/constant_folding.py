@@ -1,0 +1,35 @@
+"""Bounded-size constant folding (onnxscript's folder, with shape propagation)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.optimizer import _constant_folding
+
+from tfgraph.passes.registry import register_pass
+
+
+@register_pass("fold-constants")
+class FoldConstantsPass(ir.passes.InPlacePass):
+    """Evaluate nodes whose inputs are all constant and replace them with their value.
+
+    Folding is bounded: a node is evaluated only when its constant inputs hold at most
+    ``input_size_limit`` elements and, when ``output_size_limit`` is exceeded, the result
+    is discarded, so weights are never duplicated by folding (e.g. a ``Transpose`` of a
+    large weight stays a node). Shape computations (``Shape``/``Gather``/``Concat`` on
+    known dimensions) fold as well, which simplifies exporter-built shape chains.
+    """
+
+    def __init__(self, *, input_size_limit: int = 8192, output_size_limit: int = 262_144, shape_inference: bool = False):
+        super().__init__()
+        self.input_size_limit = input_size_limit
+        self.output_size_limit = output_size_limit
+        self.shape_inference = shape_inference
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folder = _constant_folding.FoldConstantsPass(
+            shape_inference=self.shape_inference,
+            input_size_limit=self.input_size_limit,
+            output_size_limit=self.output_size_limit,
+        )
+        result = folder(model)
+        return ir.passes.PassResult(model, result.modified)

@@ -1,0 +1,20 @@
+"""Removal of dead nodes, unused functions and unused opset imports."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+
+from tfgraph.passes.registry import register_pass
+
+
+@register_pass("remove-dead")
+class RemoveDeadCodePass(ir.passes.InPlacePass):
+    """Remove nodes and initializers that do not contribute to a graph output, then
+    the local functions and opset imports nothing uses any more."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for step in (RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass()):
+            modified |= step(model).modified
+        return ir.passes.PassResult(model, modified)

@@ -1,0 +1,37 @@
+"""Target profiles, registered by name.
+
+Only targets that work end to end are registered; ``tfgraph targets`` lists them.
+"""
+
+from __future__ import annotations
+
+from tfgraph.errors import BadInputError
+from tfgraph.targets.cpu import CPU_FP32
+from tfgraph.targets.profile import Provider, Target, Tolerance
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target, *, replace: bool = False) -> Target:
+    if target.name in _TARGETS and not replace:
+        raise ValueError(f"a target named '{target.name}' is already registered")
+    _TARGETS[target.name] = target
+    return target
+
+
+def list_targets() -> list[Target]:
+    return [_TARGETS[name] for name in sorted(_TARGETS)]
+
+
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
+    try:
+        return _TARGETS[name]
+    except KeyError:
+        raise BadInputError(f"unknown target '{name}'; valid targets: {', '.join(sorted(_TARGETS))}") from None
+
+
+register_target(CPU_FP32)
+
+__all__ = ["Provider", "Target", "Tolerance", "get_target", "list_targets", "register_target"]

@@ -1,0 +1,45 @@
+"""tfgraph: an ONNX graph-rewriting compiler for Transformer models.
+
+Library first: :func:`compile` turns a model into a verified :class:`Artifact`,
+:func:`load` opens a written artifact as an onnxruntime session, and custom passes
+subclass :class:`Pass` and register with :func:`register_pass`.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as _ir
+
+from tfgraph._version import __version__
+from tfgraph.artifact import Artifact, load
+from tfgraph.compiler import compile
+from tfgraph.errors import BadInputError, TfgraphError, VerificationError
+from tfgraph.instruments import Instrument, PassRecord
+from tfgraph.passes.registry import PassSpec, available_passes, register_pass
+from tfgraph.passmanager import PassManager
+from tfgraph.targets import Target, get_target, list_targets, register_target
+
+#: Base class for in-place custom passes (onnx-ir's ``InPlacePass``).
+Pass = _ir.passes.InPlacePass
+PassResult = _ir.passes.PassResult
+
+__all__ = [
+    "Artifact",
+    "BadInputError",
+    "Instrument",
+    "Pass",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "PassSpec",
+    "Target",
+    "TfgraphError",
+    "VerificationError",
+    "__version__",
+    "available_passes",
+    "compile",
+    "get_target",
+    "list_targets",
+    "load",
+    "register_pass",
+    "register_target",
+]

@@ -1,0 +1,193 @@
+"""Model analysis behind ``tfgraph inspect``: ops, parameters, FLOPs, attention blocks, duplicate weights."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from tfgraph.ir import iter_tensors, model_bytes, parameter_count
+
+# Ops that pass a tensor through without changing which positions it mixes: walked over when
+# looking for the MatMuls on either side of a Softmax.
+_PASS_THROUGH = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Dropout", "Identity", "Reshape", "Transpose", "Clip", "Max", "Min",
+     "IsNaN", "Not", "Equal", "Expand", "Squeeze", "Unsqueeze", "Tanh", "CastLike"}
+)
+FUSED_ATTENTION_OPS = frozenset(
+    {
+        ("", "Attention"),
+        ("com.microsoft", "Attention"),
+        ("com.microsoft", "MultiHeadAttention"),
+        ("com.microsoft", "GroupQueryAttention"),
+        ("com.microsoft", "SparseAttention"),
+        ("com.microsoft", "PackedAttention"),
+        ("com.microsoft", "PackedMultiHeadAttention"),
+        ("com.microsoft", "LongformerAttention"),
+    }
+)
+_MAX_WALK = 12
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for graph in model.graphs():
+        for node in graph:
+            counts[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    return dict(counts.most_common())
+
+
+def _reaches_matmul_upstream(value: ir.Value | None, depth: int = 0) -> bool:
+    if value is None or depth > _MAX_WALK:
+        return False
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type in ("MatMul", "Einsum") and node.domain == "":
+        return True
+    if node.op_type in _PASS_THROUGH:
+        # Follow the data input (first); for Where, the two branches.
+        candidates = node.inputs[1:] if node.op_type == "Where" else node.inputs[:1]
+        if node.op_type in ("Add", "Mul", "Div", "Sub"):
+            candidates = node.inputs
+        return any(_reaches_matmul_upstream(v, depth + 1) for v in candidates)
+    return False
+
+
+def _reaches_matmul_downstream(value: ir.Value, depth: int = 0) -> bool:
+    if depth > _MAX_WALK:
+        return False
+    for node, _ in value.uses():
+        if node.op_type in ("MatMul", "Einsum") and node.domain == "":
+            return True
+        if node.op_type in _PASS_THROUGH and any(_reaches_matmul_downstream(o, depth + 1) for o in node.outputs):
+            return True
+    return False
+
+
+def attention_blocks(model: ir.Model) -> dict[str, Any]:
+    """Softmax-based attention subgraphs (a MatMul before the Softmax, one after) and fused attention ops."""
+    softmax_blocks = []
+    fused = collections.Counter()
+    for graph in model.graphs():
+        for node in graph:
+            if (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
+                fused[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
+            if node.op_type == "Softmax" and node.domain == "":
+                if _reaches_matmul_upstream(node.inputs[0]) and _reaches_matmul_downstream(node.outputs[0]):
+                    softmax_blocks.append(node.name or "")
+    return {"unfused": len(softmax_blocks), "fused": sum(fused.values()), "fused_ops": dict(fused), "softmax_nodes": softmax_blocks}
+
+
+@dataclasses.dataclass
+class DuplicateGroup:
+    names: list[str]
+    shape: list[int]
+    dtype: str
+    nbytes: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def duplicate_initializers(model: ir.Model) -> list[DuplicateGroup]:
+    """Groups of initializers with identical dtype, shape and bytes (hash, then byte compare)."""
+    buckets: dict[tuple, list[tuple[str, bytes]]] = collections.defaultdict(list)
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            data = tensor.tobytes()
+            key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data).hexdigest())
+            buckets[key].append((name, data))
+    groups = []
+    for (dtype, shape, _), members in buckets.items():
+        if len(members) < 2:
+            continue
+        first = members[0][1]
+        same = [name for name, data in members if data == first]
+        if len(same) >= 2:
+            groups.append(DuplicateGroup(same, list(shape), dtype, len(first)))
+    return sorted(groups, key=lambda g: -g.nbytes * (len(g.names) - 1))
+
+
+_FLOP_OPS = frozenset({"MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul", "Attention", "MultiHeadAttention"})
+
+
+def estimate_flops(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """FLOPs of the matrix products at the shapes of ``feeds``.
+
+    Shapes are taken from one onnxruntime run with the operands of every MatMul/Gemm
+    exposed as extra outputs, so dynamic reshapes are resolved exactly. Counts 2·M·N·K
+    per product (batched products multiplied out); element-wise work is not counted.
+    """
+    from tfgraph.verify import run
+
+    targets = []
+    added = []
+    existing = {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        if node.domain == "" and node.op_type in ("MatMul", "Gemm"):
+            for v in (node.inputs[0], node.outputs[0]):
+                if v is not None and v.name not in existing and v.const_value is None and not v.is_graph_input():
+                    added.append(v)
+                    existing.add(v.name)
+            targets.append(node)
+    # Expose the operands as extra outputs for one run, then restore the graph's outputs.
+    model.graph.outputs.extend(added)
+    try:
+        outputs = run(model, feeds)
+    finally:
+        for _ in added:
+            model.graph.outputs.pop()
+
+    def shape_of(v: ir.Value) -> tuple[int, ...]:
+        if v.const_value is not None:
+            return tuple(v.const_value.shape)
+        if v.is_graph_input():
+            return tuple(feeds[v.name].shape)
+        return tuple(outputs[v.name].shape)
+
+    total = 0
+    by_op: collections.Counter[str] = collections.Counter()
+    for node in targets:
+        out_shape = shape_of(node.outputs[0])
+        a_shape = shape_of(node.inputs[0])
+        if node.op_type == "MatMul":
+            k = a_shape[-1]
+        else:  # Gemm: A is (M, K) or (K, M) with transA
+            k = a_shape[0] if node.attributes.get_int("transA", 0) else a_shape[-1]
+        flops = 2 * int(np.prod(out_shape, dtype=np.int64)) * int(k)
+        total += flops
+        by_op[node.op_type] += flops
+    return {"total": total, "by_op": dict(by_op), "shapes": {k: list(v.shape) for k, v in feeds.items()}}
+
+
+def _dims(value: ir.Value) -> list[str]:
+    return [] if value.shape is None else [str(d) for d in value.shape]
+
+
+def summarize(model: ir.Model) -> dict[str, Any]:
+    dups = duplicate_initializers(model)
+    return {
+        "graph": model.graph.name,
+        "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x),
+        "ir_version": model.ir_version,
+        "opsets": dict(model.opset_imports),
+        "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": _dims(v)} for v in model.graph.inputs],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": _dims(v)} for v in model.graph.outputs],
+        "nodes": sum(1 for g in model.graphs() for _ in g),
+        "ops": op_histogram(model),
+        "parameters": parameter_count(model),
+        "bytes": model_bytes(model),
+        "tensors": sum(1 for _ in iter_tensors(model)),
+        "attention": attention_blocks(model),
+        "duplicate_initializers": [g.to_json() for g in dups],
+        "duplicate_bytes": sum(g.nbytes * (len(g.names) - 1) for g in dups),
+    }

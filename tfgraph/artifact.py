@@ -1,0 +1,129 @@
+"""The compiled artifact: model file(s) plus ``manifest.json``, written atomically; and loading it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import onnx_ir as ir
+
+from tfgraph.errors import BadInputError
+from tfgraph.ir import DEFAULT_EXTERNAL_DATA_THRESHOLD, save
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+
+
+def check_output_dir(path: os.PathLike | str, *, force: bool) -> pathlib.Path:
+    """Refuse an existing output (unless ``force``) before any work is done."""
+    path = pathlib.Path(path)
+    if path.exists() and not force:
+        raise BadInputError(f"{path}: output folder exists; choose another or pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise BadInputError(f"{path}: exists and is not a folder")
+    if not path.parent.exists():
+        raise BadInputError(f"{path.parent}: parent folder of the output does not exist")
+    return path
+
+
+def atomic_write_dir(path: pathlib.Path, write: callable, *, force: bool) -> None:
+    """Call ``write(tmp_dir)`` in a temporary sibling folder, then rename it to ``path``.
+
+    A failure anywhere leaves no ``path`` (and an existing one untouched).
+    """
+    check_output_dir(path, force=force)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "previous")
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / "previous", path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Artifact:
+    """A compiled model and its manifest. ``path`` is set once it has been written."""
+
+    def __init__(self, model: ir.Model, manifest: dict[str, Any], path: pathlib.Path | None = None):
+        self.model = model
+        self.manifest = manifest
+        self.path = path
+
+    @property
+    def verified(self) -> bool | None:
+        return self.manifest.get("verification", {}).get("passed")
+
+    def save(self, path: os.PathLike | str, *, force: bool = False, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> pathlib.Path:
+        path = pathlib.Path(path)
+
+        def write(tmp: pathlib.Path) -> None:
+            files = save(self.model, tmp / MODEL_FILE, external_data_threshold=external_data_threshold)
+            self.manifest["files"] = files
+            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+        atomic_write_dir(path, write, force=force)
+        self.path = path
+        return path
+
+    def session(self):
+        """An onnxruntime session for the artifact (from disk when saved)."""
+        if self.path is not None:
+            return load(self.path)
+        from tfgraph.verify import make_session
+
+        return make_session(self.model, providers=_providers(self.manifest), options=self.manifest.get("session_options"))
+
+
+def _providers(manifest: dict) -> list:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = manifest.get("providers") or [{"name": "CPUExecutionProvider", "options": {}}]
+    chosen = [(p["name"], p.get("options", {})) for p in wanted if p["name"] in available]
+    missing = [p["name"] for p in wanted if p["name"] not in available]
+    if missing and not chosen:
+        raise BadInputError(
+            f"this artifact needs execution provider(s) {', '.join(missing)}, which the installed onnxruntime lacks"
+        )
+    return chosen
+
+
+def read_manifest(path: os.PathLike | str) -> dict:
+    path = pathlib.Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BadInputError(f"{path}: not a tfgraph artifact (no {MANIFEST_FILE})")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{manifest_path}: not valid JSON ({e})") from None
+
+
+def load(path: os.PathLike | str):
+    """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options."""
+    import onnxruntime as ort
+
+    from tfgraph.verify import session_options
+
+    path = pathlib.Path(path)
+    manifest = read_manifest(path)
+    model_path = path / MODEL_FILE
+    if not model_path.is_file():
+        raise BadInputError(f"{path}: artifact has no {MODEL_FILE}")
+    return ort.InferenceSession(
+        str(model_path), session_options(manifest.get("session_options")), providers=_providers(manifest)
+    )

@@ -1,0 +1,345 @@
+"""The ``tfgraph`` command line: a thin layer over the library.
+
+Exit codes: 0 ok; 1 verification failed (the compiled model's outputs diverged, or a
+pass broke the model); 2 bad input or usage; 3 internal error (a bug in tfgraph or a
+pass: please report it, rerun with TFGRAPH_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_VERIFY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+class _Progress:
+    """Adapter from the library's ``progress(stage, done, total)`` callback to a rich progress bar."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def _start(self):
+        # Started on first use, so commands that fail early print nothing but their error.
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description:<40}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=_stderr_console(),
+            transient=True,
+        )
+        self._progress.__enter__()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._progress is None:
+            self._start()
+        label = stage if not stage.startswith("pass ") else "passes: " + stage[5:]
+        group = "passes" if stage.startswith("pass ") else stage
+        if self._task is None or self._task[0] != group:
+            self._task = (group, self._progress.add_task(label, total=max(total, 1)))
+        self._progress.update(self._task[1], description=label, completed=done, total=max(total, 1))
+
+
+def _load_plugins(plugins: list[str]) -> None:
+    """Import plugin modules (a ``.py`` file or a module name) so their passes/targets register."""
+    from tfgraph.errors import BadInputError
+
+    for plugin in plugins or ():
+        path = pathlib.Path(plugin)
+        try:
+            if path.suffix == ".py":
+                if not path.is_file():
+                    raise BadInputError(f"{plugin}: plugin file not found")
+                spec = importlib.util.spec_from_file_location(f"tfgraph_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(plugin)
+        except BadInputError:
+            raise
+        except Exception as e:
+            raise BadInputError(f"cannot load plugin '{plugin}': {type(e).__name__}: {e}") from None
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _print_compile_summary(manifest: dict, out: str | None) -> None:
+    from rich.table import Table
+
+    console = _stdout_console()
+    table = Table(title=f"tfgraph compile → {manifest['target']}", title_justify="left")
+    for col, just in (("#", "right"), ("pass", "left"), ("modified", "center"), ("time", "right"),
+                      ("nodes", "right"), ("params", "right"), ("max abs err", "right")):
+        table.add_column(col, justify=just)
+    for i, rec in enumerate(manifest["passes"], 1):
+        ver = rec.get("verification")
+        err = f"{max(v['max_abs'] for v in ver.values()):.2e}" if ver else "—"
+        nodes = f"{rec['nodes_before']} → {rec['nodes_after']}" if rec["modified"] else str(rec["nodes_after"])
+        params = _fmt_int(rec["params_after"])
+        table.add_row(str(i), rec["name"], "yes" if rec["modified"] else "no", f"{rec['time_s'] * 1000:.1f} ms", nodes, params, err)
+    console.print(table)
+    s = manifest["summary"]
+    console.print(
+        f"nodes {_fmt_int(s['nodes_before'])} → {_fmt_int(s['nodes_after'])}, parameters {_fmt_int(s['params_before'])} → "
+        f"{_fmt_int(s['params_after'])}, weights {_fmt_bytes(s['bytes_before'])} → {_fmt_bytes(s['bytes_after'])}"
+    )
+    ver = manifest["verification"]
+    if ver.get("skipped"):
+        console.print("[yellow]verification skipped (--no-verify)[/yellow]")
+    else:
+        outputs = ", ".join(f"{k}: max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}" for k, v in ver["outputs"].items())
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v['shape']))}" for k, v in ver["inputs"].items())
+        console.print(f"[green]verified[/green] on {', '.join(ver['session']['providers'])} ({shapes}): {outputs}")
+    if out:
+        console.print(f"artifact: {out} ({', '.join(manifest.get('files', []))}, manifest.json)")
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import tfgraph
+    from tfgraph.verify import parse_shapes
+
+    _load_plugins(args.plugin)
+    with _Progress(enabled=not args.json and not args.quiet) as progress:
+        artifact = tfgraph.compile(
+            args.model,
+            target=args.target,
+            output=args.output,
+            force=args.force,
+            verify=not args.no_verify,
+            inputs=args.inputs,
+            shapes=parse_shapes(args.shape),
+            seed=args.seed,
+            extra_passes=args.passes or (),
+            exporter=args.exporter,
+            export_batch=args.batch,
+            export_seq=args.seq,
+            progress=progress,
+        )
+    if args.json:
+        print(json.dumps({"output": str(artifact.path), **artifact.manifest}, indent=2))
+    elif not args.quiet:
+        _print_compile_summary(artifact.manifest, str(artifact.path))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tfgraph.errors import BadInputError
+    from tfgraph.export import export
+
+    out = pathlib.Path(args.output)
+    if out.exists() and not args.force:
+        raise BadInputError(f"{out}: exists; choose another path or pass --force to replace it")
+    if not out.parent.exists():
+        raise BadInputError(f"{out.parent}: folder does not exist")
+    with _Progress(enabled=not args.json and not args.quiet) as progress:
+        progress(f"export {args.model} ({args.exporter})", 0, 1)
+        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq)
+        progress(f"export {args.model} ({args.exporter})", 1, 1)
+    info = {"output": str(path), "model": args.model, "exporter": args.exporter, "bytes": path.stat().st_size}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not args.quiet:
+        _stdout_console().print(f"exported {args.model} with the {args.exporter} exporter → {path} ({_fmt_bytes(info['bytes'])})")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from tfgraph import analysis
+    from tfgraph.compiler import resolve_model
+    from tfgraph.verify import generate_inputs, parse_shapes
+
+    with contextlib.ExitStack() as stack, _Progress(enabled=not args.json) as progress:
+        model, source = resolve_model(args.model, stack, exporter=args.exporter, progress=progress)
+        report: dict[str, Any] = {"source": source, **analysis.summarize(model)}
+        if not args.no_flops:
+            progress("estimate FLOPs", 0, 1)
+            feeds = generate_inputs(model, parse_shapes(args.shape))
+            report["flops"] = analysis.estimate_flops(model, feeds)
+            progress("estimate FLOPs", 1, 1)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return EXIT_OK
+    from rich.table import Table
+
+    console = _stdout_console()
+    console.print(f"[bold]{args.model}[/bold]  ir_version {report['ir_version']}, opsets {report['opsets']}, producer {report['producer'] or '?'}")
+    for kind in ("inputs", "outputs"):
+        console.print(f"{kind}: " + ", ".join(f"{v['name']} {v['dtype']}[{', '.join(v['shape'])}]" for v in report[kind]))
+    console.print(f"nodes {_fmt_int(report['nodes'])}, parameters {_fmt_int(report['parameters'])} ({_fmt_bytes(report['bytes'])})")
+    if "flops" in report:
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in report["flops"]["shapes"].items())
+        console.print(f"matmul FLOPs at {shapes}: {report['flops']['total'] / 1e9:.3f} GFLOP")
+    att = report["attention"]
+    console.print(f"attention blocks: {att['unfused']} unfused (Softmax between MatMuls), {att['fused']} fused {att['fused_ops'] or ''}")
+    dups = report["duplicate_initializers"]
+    console.print(f"duplicate initializers: {len(dups)} groups, {_fmt_bytes(report['duplicate_bytes'])} stored more than once")
+    for g in dups[:10]:
+        console.print(f"  {_fmt_bytes(g['nbytes'])} {g['dtype']}{g['shape']}: {', '.join(g['names'])}")
+    table = Table(title="ops", title_justify="left")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, n in report["ops"].items():
+        table.add_row(op, str(n))
+    console.print(table)
+    return EXIT_OK
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from tfgraph.targets import list_targets
+
+    targets = list_targets()
+    if args.json:
+        print(json.dumps([t.to_json() for t in targets], indent=2))
+        return EXIT_OK
+    console = _stdout_console()
+    for t in targets:
+        console.print(f"[bold]{t.name}[/bold]  {t.description}")
+        console.print(f"  providers: {', '.join(p.name for p in t.providers)}; precision {t.precision}; "
+                      f"tolerance atol {t.tolerance.atol:g}, rtol {t.tolerance.rtol:g}")
+        console.print(f"  passes: {' → '.join(p.name for p in t.passes)}")
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from tfgraph.passes import available_passes, get_pass_class
+
+    _load_plugins(args.plugin)
+    rows = [{"name": n, "class": get_pass_class(n).__qualname__, "doc": (get_pass_class(n).__doc__ or "").strip().splitlines()[0]} for n in available_passes()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<22} {r['doc']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tfgraph._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tfgraph",
+        description="ONNX graph-rewriting compiler for Transformer models.",
+        epilog="exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error",
+    )
+    parser.add_argument("--version", action="version", version=f"tfgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def export_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch exporter for built-in/HF models (default: dynamo)")
+        p.add_argument("--batch", type=int, default=2, help="batch size of the example inputs used to export (axes stay dynamic)")
+        p.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs used to export (axes stay dynamic)")
+
+    p = sub.add_parser("compile", help="compile a model for a target and write a verified artifact")
+    p.add_argument("model", help="an .onnx file, a built-in model name (see `tfgraph export --help`), or a local Hugging Face folder")
+    p.add_argument("--target", "-t", default="cpu-fp32", help="target profile (see `tfgraph targets`; default cpu-fp32)")
+    p.add_argument("--output", "-o", required=True, help="artifact folder to create")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip numeric verification (on by default)")
+    p.add_argument("--inputs", help=".npz file of input arrays to verify on (default: generated from the input signature)")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="input shape (input_ids=2x128) or symbolic dimension (sequence=128) for generated inputs; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
+    p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]", help="run a registered pass after the target's pipeline; repeatable")
+    p.add_argument("--plugin", action="append", metavar="FILE.py|MODULE", help="import a module that registers passes or targets; repeatable")
+    export_options(p)
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("export", help="export a built-in model or a local Hugging Face folder to ONNX")
+    p.add_argument("model", help="built-in model name or Hugging Face folder")
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    export_options(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="op histogram, parameters, FLOPs, attention blocks and duplicate weights of a model")
+    p.add_argument("model", help="an .onnx file or a built-in model name")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="shape for the FLOP estimate (default batch 2, sequence 16)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP estimate (it runs the model once)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("targets", help="list the registered targets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("passes", help="list the registered passes")
+    p.add_argument("--plugin", action="append", metavar="FILE.py|MODULE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from tfgraph.errors import TfgraphError
+
+    try:
+        return args.func(args)
+    except TfgraphError as e:
+        label = "verification failed" if e.exit_code == EXIT_VERIFY else "error"
+        print(f"tfgraph: {label}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tfgraph: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line, traceback on request
+        if os.environ.get("TFGRAPH_DEBUG"):
+            raise
+        message = " ".join(str(e).split())
+        print(f"tfgraph: internal error: {type(e).__name__}: {message[:500]} (rerun with TFGRAPH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""``tfgraph.compile``: model in, verified artifact out."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from tfgraph import ir as tir
+from tfgraph._version import __version__
+from tfgraph.artifact import Artifact, check_output_dir
+from tfgraph.errors import BadInputError, VerificationError
+from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
+from tfgraph.passes.registry import PassSpec
+from tfgraph.passmanager import PassManager
+from tfgraph.targets import Target, get_target
+from tfgraph.verify import UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, run
+
+Progress = Callable[[str, int, int], None]
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+
+    return {
+        "tfgraph": __version__,
+        "onnx": onnx.__version__,
+        "onnx_ir": ir.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def resolve_model(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    stack: contextlib.ExitStack,
+    *,
+    exporter: str = "dynamo",
+    export_batch: int = 2,
+    export_seq: int = 16,
+    progress: Progress | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Turn what the user gave into an onnx_ir model plus a description of its source for the manifest."""
+    if isinstance(model, ir.Model):
+        return model, {"source": "onnx_ir.Model", "sha256": None}
+    if isinstance(model, onnx.ModelProto):
+        import hashlib
+
+        data = model.SerializeToString()
+        return ir.serde.deserialize_model(model), {"source": "onnx.ModelProto", "sha256": hashlib.sha256(data).hexdigest()}
+    path = pathlib.Path(model)
+    from tfgraph import models as builtin
+
+    looks_like_file = path.suffix == ".onnx" or path.exists() or os.sep in str(model)
+    if path.is_dir() and builtin.is_hf_dir(path):
+        source = {"source": str(path), "kind": "huggingface"}
+    elif looks_like_file:
+        loaded = tir.load(path)
+        return loaded.model, loaded.input_hashes()
+    elif str(model) in builtin.list_models():
+        source = {"source": str(model), "kind": "builtin"}
+    else:
+        raise BadInputError(
+            f"'{model}' is neither a model file nor a built-in model; built-in models: {', '.join(builtin.list_models())}"
+        )
+    from tfgraph.export import export
+
+    tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tfgraph-export-")))
+    if progress:
+        progress(f"export {model} ({exporter})", 0, 1)
+    onnx_path = export(str(model), tmp / "model.onnx", exporter=exporter, batch=export_batch, seq=export_seq)
+    if progress:
+        progress(f"export {model} ({exporter})", 1, 1)
+    loaded = tir.load(onnx_path)
+    source.update({"exporter": exporter, "export_shape": {"batch": export_batch, "sequence": export_seq}})
+    source.update({"sha256": loaded.input_hashes()["sha256"]})
+    return loaded.model, source
+
+
+def compile(  # noqa: A001 - the product's verb
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    target: str | Target = "cpu-fp32",
+    *,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    verify: bool = True,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    shapes: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    extra_passes: Sequence[str | PassSpec | ir.passes.PassBase] = (),
+    instruments: Sequence[Instrument] = (),
+    exporter: str = "dynamo",
+    export_batch: int = 2,
+    export_seq: int = 16,
+    external_data_threshold: int = tir.DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    progress: Progress | None = None,
+) -> Artifact:
+    """Compile ``model`` for ``target`` and return the :class:`Artifact` (written to ``output`` if given).
+
+    ``model`` is an ``.onnx`` path, a built-in model name (exported first with
+    ``exporter``), a local Hugging Face folder, or an in-memory ``onnx_ir.Model`` /
+    ``onnx.ModelProto``. With ``verify`` (the default) every pass is checked
+    numerically against the input model on ``inputs`` (an ``.npz`` path or a dict of
+    arrays) or on inputs generated from the graph's signature at ``shapes``; the first
+    pass that breaks the outputs raises :class:`VerificationError`. ``extra_passes``
+    run after the target's pipeline (registered names, ``name:key=value`` strings,
+    :class:`PassSpec` or pass instances).
+    """
+    profile = get_target(target)
+    out_path = check_output_dir(output, force=force) if output is not None else None
+    pipeline: list[PassSpec | ir.passes.PassBase] = list(profile.passes)
+    for item in extra_passes:
+        if isinstance(item, str):
+            item = PassSpec.parse(item)
+        if isinstance(item, PassSpec):
+            item.create()  # fail early on unknown names or bad options
+        pipeline.append(item)
+
+    with contextlib.ExitStack() as stack:
+        model_ir, source = resolve_model(
+            model, stack, exporter=exporter, export_batch=export_batch, export_seq=export_seq, progress=progress
+        )
+        nodes_before = count_nodes(model_ir)
+        params_before = tir.parameter_count(model_ir)
+        bytes_before = tir.model_bytes(model_ir)
+
+        feeds: dict[str, np.ndarray] | None = None
+        reference: dict[str, np.ndarray] | None = None
+        all_instruments: list[Instrument] = [CheckerInstrument()]
+        if verify:
+            if inputs is None:
+                feeds = generate_inputs(model_ir, shapes, seed=seed)
+            elif isinstance(inputs, (str, os.PathLike)):
+                feeds = load_inputs(inputs, model_ir)
+            else:
+                feeds = check_feeds(inputs, model_ir)
+            if progress:
+                progress("reference run", 0, 1)
+            try:
+                reference = run(model_ir, feeds, options=UNOPTIMIZED)
+            except Exception as e:
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BadInputError(f"the input model does not run on onnxruntime CPU: {message}") from None
+            all_instruments.append(
+                NumericDiffInstrument(feeds, reference, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
+            )
+        all_instruments.extend(instruments)
+
+        def pass_progress(done: int, total: int, name: str) -> None:
+            if progress:
+                progress(f"pass {name}", done, total)
+
+        manager = PassManager(pipeline, instruments=all_instruments, progress=pass_progress)
+        model_ir = manager.run(model_ir).model
+
+        verification: dict[str, Any] = {"passed": None, "skipped": True}
+        if verify:
+            assert feeds is not None and reference is not None
+            if progress:
+                progress("final verification", 0, 1)
+            providers = [(p.name, dict(p.options)) for p in profile.providers]
+            try:
+                final = run(model_ir, feeds, providers=providers, options=profile.session_options)
+            except Exception as e:
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise VerificationError(f"the compiled model does not load with the target's session: {message}") from None
+            diffs = compare(reference, final, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
+            verification = {
+                "passed": all(d.ok for d in diffs),
+                "atol": profile.tolerance.atol,
+                "rtol": profile.tolerance.rtol,
+                "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+                "inputs_source": "generated" if inputs is None else "user",
+                "outputs": {d.name: d.to_json() for d in diffs},
+                "session": {"providers": [p[0] for p in providers], "options": dict(profile.session_options)},
+            }
+            if not verification["passed"]:
+                worst = max((d for d in diffs if not d.ok), key=lambda d: d.max_abs)
+                raise VerificationError(
+                    f"the compiled model diverges under the target's session ({', '.join(p[0] for p in providers)}, "
+                    f"{dict(profile.session_options)}): output '{worst.name}' max abs error {worst.max_abs:.3g}",
+                    report=verification,
+                )
+
+        manifest: dict[str, Any] = {
+            "tfgraph_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "input": source,
+            "target": profile.name,
+            "profile": profile.to_json(),
+            "options": {
+                "verify": verify,
+                "shapes": {k: list(v) if isinstance(v, tuple) else v for k, v in (shapes or {}).items()},
+                "inputs": str(inputs) if isinstance(inputs, (str, os.PathLike)) else ("in-memory" if inputs is not None else None),
+                "seed": seed,
+                "extra_passes": [getattr(p, "name", None) or str(p) for p in extra_passes],
+                "exporter": exporter if source.get("kind") else None,
+            },
+            "passes": [r.to_json() for r in manager.records],
+            "verification": verification,
+            "providers": [p.to_json() for p in profile.providers],
+            "session_options": dict(profile.session_options),
+            "summary": {
+                "nodes_before": nodes_before,
+                "nodes_after": count_nodes(model_ir),
+                "params_before": params_before,
+                "params_after": tir.parameter_count(model_ir),
+                "bytes_before": bytes_before,
+                "bytes_after": tir.model_bytes(model_ir),
+            },
+            "versions": _versions(),
+        }
+        artifact = Artifact(model_ir, manifest)
+        if out_path is not None:
+            if progress:
+                progress("write artifact", 0, 1)
+            artifact.save(out_path, force=force, external_data_threshold=external_data_threshold)
+            if progress:
+                progress("write artifact", 1, 1)
+        return artifact

@@ -1,0 +1,34 @@
+"""Errors with their documented exit codes.
+
+Every error a user can cause carries the exit code the CLI returns for it and a
+one-line message that says what is wrong and, where possible, what to do.
+"""
+
+from __future__ import annotations
+
+
+class TfgraphError(Exception):
+    """Base class of tfgraph's errors."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # One line, always: the CLI prints ``str(error)`` as the whole message.
+        super().__init__(" ".join(str(message).split()))
+
+
+class BadInputError(TfgraphError):
+    """The input (model file, model name, option, output folder) is unusable: exit 2."""
+
+    exit_code = 2
+
+
+class VerificationError(TfgraphError):
+    """The rewritten model's outputs diverged from the input model's: exit 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, pass_name: str | None = None, report: dict | None = None):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.report = report or {}

@@ -1,0 +1,235 @@
+"""Loading and saving models: the one place where protobuf meets onnx_ir.
+
+A model is loaded into an :class:`onnx_ir.Model` once, validated on the way in
+(readable protobuf, supported IR version and opsets, checker, external data that
+stays inside the model's folder), kept as onnx_ir through every pass, and saved
+once. Large models (over protobuf's 2 GB limit) keep their weights in an external
+data file on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from tfgraph.errors import BadInputError
+
+# Protobuf refuses to serialize messages of 2 GiB or more; stay well below it.
+PROTOBUF_LIMIT = 2**31 - 1
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_DATA_SUFFIX = ".data"
+
+
+def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_tensor_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_tensor_protos(g)
+
+
+def _external_locations(proto: onnx.ModelProto) -> set[str]:
+    locations = set()
+    # Function bodies hold tensors only in Constant nodes; wrap them in a graph to walk them alike.
+    graphs = [proto.graph] + [onnx.helper.make_graph(f.node, f.name, [], []) for f in proto.functions]
+    for graph in graphs:
+        for tensor in _iter_tensor_protos(graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        locations.add(entry.value)
+    return locations
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: pathlib.Path, model_path: pathlib.Path) -> list[pathlib.Path]:
+    """Refuse external-data locations that escape ``base_dir`` or do not exist.
+
+    Returns the external data files the model uses.
+    """
+    base = base_dir.resolve()
+    files = []
+    for location in sorted(_external_locations(proto)):
+        pure = pathlib.PurePath(location)
+        if pure.is_absolute() or pathlib.PureWindowsPath(location).is_absolute() or ".." in pure.parts:
+            raise BadInputError(
+                f"{model_path}: external data location '{location}' escapes the model's folder; "
+                "only relative paths inside the folder are accepted"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise BadInputError(
+                f"{model_path}: external data location '{location}' resolves outside the model's folder ({target})"
+            )
+        if not target.is_file():
+            raise BadInputError(f"{model_path}: external data file '{location}' is missing (looked for {target})")
+        files.append(target)
+    return files
+
+
+def _check_versions(proto: onnx.ModelProto, model_path: pathlib.Path) -> None:
+    if proto.ir_version > onnx.IR_VERSION:
+        raise BadInputError(
+            f"{model_path}: IR version {proto.ir_version} is newer than the installed onnx {onnx.__version__} "
+            f"reads (up to {onnx.IR_VERSION}); upgrade onnx"
+        )
+    if proto.ir_version <= 0:
+        raise BadInputError(f"{model_path}: not an ONNX model (no IR version)")
+    supported = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > supported:
+            raise BadInputError(
+                f"{model_path}: uses ai.onnx opset {opset.version}, but the installed onnx {onnx.__version__} "
+                f"supports opsets up to {supported}; upgrade onnx"
+            )
+    if not any(op.domain in ("", "ai.onnx") for op in proto.opset_import):
+        raise BadInputError(f"{model_path}: imports no ai.onnx opset")
+
+
+def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LoadedModel:
+    """An onnx_ir model plus where it came from (for the manifest)."""
+
+    def __init__(self, model: ir.Model, path: pathlib.Path, external_files: list[pathlib.Path]):
+        self.model = model
+        self.path = path
+        self.external_files = external_files
+
+    def input_hashes(self) -> dict:
+        return {
+            "path": str(self.path),
+            "sha256": sha256_file(self.path),
+            "external_data": {f.name: sha256_file(f) for f in self.external_files},
+        }
+
+
+def load(path: os.PathLike | str) -> LoadedModel:
+    """Load and validate an ONNX model file into onnx_ir.
+
+    Raises :class:`BadInputError` with a one-line reason for anything unusable.
+    """
+    model_path = pathlib.Path(path)
+    if not model_path.exists():
+        raise BadInputError(f"{model_path}: no such file")
+    if model_path.is_dir():
+        raise BadInputError(f"{model_path}: is a directory, expected an .onnx file")
+    if not model_path.is_file():
+        raise BadInputError(f"{model_path}: not a regular file")
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{model_path}: not a readable ONNX protobuf ({type(e).__name__}: {e})") from None
+    except Exception as e:  # protobuf raises a variety of internal errors on garbage
+        raise BadInputError(f"{model_path}: not a readable ONNX protobuf ({type(e).__name__}: {e})") from None
+    if not proto.HasField("graph") and proto.ir_version == 0:
+        raise BadInputError(f"{model_path}: not an ONNX model (empty or unrecognised protobuf)")
+    _check_versions(proto, model_path)
+    external_files = check_external_data(proto, model_path.parent, model_path)
+    try:
+        # Checking by path lets the checker handle models over 2 GB with external data.
+        onnx.checker.check_model(str(model_path))
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{model_path}: fails the ONNX checker: {first}") from None
+    except Exception as e:
+        raise BadInputError(f"{model_path}: fails the ONNX checker: {type(e).__name__}: {e}") from None
+    try:
+        # Deserialise the proto we already read; external tensors stay lazy (memory-mapped on use).
+        model = ir.serde.deserialize_model(proto)
+        _set_base_dir(model, model_path.parent)
+    except Exception as e:
+        raise BadInputError(f"{model_path}: cannot be converted to onnx_ir: {type(e).__name__}: {e}") from None
+    return LoadedModel(model, model_path, external_files)
+
+
+def _set_base_dir(model: ir.Model, base_dir: pathlib.Path) -> None:
+    for tensor in iter_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base_dir)
+
+
+def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every constant tensor of the model: initializers and tensor attributes, in all subgraphs."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    yield from attr.value
+
+
+def model_bytes(model: ir.Model) -> int:
+    """Bytes of all constant tensors."""
+    return sum(t.nbytes for t in iter_tensors(model))
+
+
+def parameter_count(model: ir.Model) -> int:
+    return sum(t.size for t in iter_tensors(model))
+
+
+def save(model: ir.Model, path: os.PathLike | str, *, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> list[str]:
+    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when the model is large.
+
+    Returns the file names written (relative to the folder).
+    """
+    path = pathlib.Path(path)
+    if model_bytes(model) >= external_data_threshold:
+        data_name = path.name + EXTERNAL_DATA_SUFFIX
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
+        return [path.name, data_name]
+    ir.save(model, path)
+    return [path.name]
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model)
+
+
+class SerializedModel:
+    """A model in a form onnxruntime can open: bytes when small, a temporary file with external data when not."""
+
+    def __init__(self, model: ir.Model):
+        self._tmp = None
+        if model_bytes(model) < DEFAULT_EXTERNAL_DATA_THRESHOLD:
+            self.source: bytes | str = to_proto(model).SerializeToString()
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tfgraph-session-")
+            target = pathlib.Path(self._tmp.name) / "model.onnx"
+            # Saving moves external tensors; save a copy of the references, not the model itself.
+            ir.save(model, target, external_data="model.onnx.data", size_threshold_bytes=1024)
+            self.source = str(target)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> SerializedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,70 @@
+"""The pass manager: runs passes in order, with instruments around each one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+
+from tfgraph.instruments import Instrument, PassRecord, TimingInstrument
+from tfgraph.passes.registry import PassSpec
+
+
+def _name_of(pass_: ir.passes.PassBase) -> str:
+    return getattr(pass_, "pass_name", None) or type(pass_).__name__
+
+
+class PassManager:
+    """Run a pipeline of passes over an onnx_ir model with instruments.
+
+    ``passes`` are :class:`PassSpec` (registered name + options) or pass instances.
+    The manager always times passes; other instruments (checker, numeric diff, your
+    own) are given by the caller. After the run, :attr:`records` holds one
+    :class:`PassRecord` per pass.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[PassSpec | ir.passes.PassBase],
+        *,
+        instruments: Sequence[Instrument] = (),
+        progress: Callable[[int, int, str], None] | None = None,
+    ):
+        self.specs = list(passes)
+        self.instruments = [TimingInstrument(), *instruments]
+        self.progress = progress
+        self.records: list[PassRecord] = []
+
+    def _instantiate(self, item: PassSpec | ir.passes.PassBase) -> tuple[ir.passes.PassBase, str, dict]:
+        if isinstance(item, PassSpec):
+            return item.create(), item.name, dict(item.options)
+        if isinstance(item, ir.passes.PassBase):
+            return item, _name_of(item), {}
+        raise TypeError(f"not a pass or PassSpec: {item!r}")
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        self.records = []
+        passes = [self._instantiate(item) for item in self.specs]
+        for instrument in self.instruments:
+            instrument.before_pipeline(model)
+        any_modified = False
+        for index, (pass_, name, options) in enumerate(passes):
+            if self.progress:
+                self.progress(index, len(passes), name)
+            record = PassRecord(index=index, name=name, options=options)
+            self.records.append(record)
+            for instrument in self.instruments:
+                instrument.before_pass(pass_, record, model)
+            result = pass_(model)
+            if not pass_.in_place:
+                model = result.model
+            record.modified = bool(result.modified)
+            any_modified |= record.modified
+            # Timing first (it closes the clock), then the checks, in the order given.
+            for instrument in self.instruments:
+                instrument.after_pass(pass_, record, model)
+        if self.progress:
+            self.progress(len(passes), len(passes), "done")
+        for instrument in self.instruments:
+            instrument.after_pipeline(model)
+        return ir.passes.PassResult(model, any_modified)

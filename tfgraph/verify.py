@@ -1,0 +1,272 @@
+"""Numeric verification: inputs from a graph's signature, runs on onnxruntime, output comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from tfgraph.errors import BadInputError
+from tfgraph.ir import SerializedModel
+
+# Default sizes for symbolic dimensions, by (lower-cased) name fragment; first match wins.
+DEFAULT_DIMS: tuple[tuple[str, int], ...] = (
+    ("past", 4),
+    ("batch", 2),
+    ("seq", 16),
+    ("len", 16),
+    ("total", 20),
+)
+FALLBACK_DIM = 8
+
+
+def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...] | int]:
+    """Parse ``name=1x128`` (an input's shape) or ``name=128`` (a symbolic dimension or 1-D input)."""
+    shapes: dict[str, tuple[int, ...] | int] = {}
+    for item in items or ():
+        for part in item.split(","):
+            name, eq, dims = part.partition("=")
+            if not eq or not name.strip():
+                raise BadInputError(f"bad shape '{part}'; expected NAME=DIMxDIM (an input) or NAME=N (a dimension)")
+            try:
+                values = tuple(int(d) for d in dims.lower().split("x"))
+            except ValueError:
+                raise BadInputError(f"bad shape '{part}'; dimensions must be integers like 2x128") from None
+            if any(v < 0 for v in values):
+                raise BadInputError(f"bad shape '{part}'; dimensions must not be negative")
+            shapes[name.strip()] = values if "x" in dims.lower() else values[0]
+    return shapes
+
+
+def _gather_index_bound(value: ir.Value) -> int | None:
+    """When ``value`` indexes a constant table (Gather), the table's size along the gathered axis."""
+    bound = None
+    for node, index in value.uses():
+        if node.op_type == "Gather" and node.domain == "" and index == 1:
+            data = node.inputs[0]
+            if data is not None and data.const_value is not None:
+                axis = node.attributes.get_int("axis", 0)
+                size = data.const_value.shape[axis]
+                if isinstance(size, int):
+                    bound = size if bound is None else min(bound, size)
+        elif node.op_type in ("Cast", "Unsqueeze", "Reshape", "Identity") and index == 0:
+            for out in node.outputs:
+                inner = _gather_index_bound(out)
+                if inner is not None:
+                    bound = inner if bound is None else min(bound, inner)
+    return bound
+
+
+@dataclasses.dataclass(frozen=True)
+class InputInfo:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+def input_signature(model: ir.Model) -> list[InputInfo]:
+    infos = []
+    for value in model.graph.inputs:
+        if value.dtype is None or value.shape is None:
+            raise BadInputError(f"graph input '{value.name}' has no type or shape; cannot generate inputs for it")
+        dims = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+        infos.append(InputInfo(value.name, value.dtype.numpy(), dims))
+    return infos
+
+
+def generate_inputs(
+    model: ir.Model,
+    shapes: Mapping[str, tuple[int, ...] | int] | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Inputs that match the graph's signature, with values a Transformer accepts.
+
+    Symbolic dimensions take a size from ``shapes`` (``{"sequence": 32}``), otherwise a
+    default by name (batch 2, sequence 16, past 4). Integer inputs that index an
+    embedding table stay inside it; inputs named like masks are 1 with some trailing
+    padding in every batch row after the first, so padding paths are exercised.
+    """
+    shapes = dict(shapes or {})
+    rng = np.random.default_rng(seed)
+    dims: dict[str, int] = {k: v for k, v in shapes.items() if isinstance(v, int)}
+    feeds: dict[str, np.ndarray] = {}
+    values = {v.name: v for v in model.graph.inputs}
+    for info in input_signature(model):
+        if isinstance(shapes.get(info.name), tuple):
+            shape = shapes[info.name]
+            if len(shape) != len(info.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(info.shape, shape)
+            ):
+                raise BadInputError(f"shape {'x'.join(map(str, shape))} does not fit input '{info.name}' {list(info.shape)}")
+            for d, s in zip(info.shape, shape):
+                if isinstance(d, str):
+                    dims.setdefault(d, s)
+        else:
+            shape_list = []
+            for i, d in enumerate(info.shape):
+                if isinstance(d, int):
+                    shape_list.append(d)
+                    continue
+                key = d if d is not None else f"{info.name}:{i}"
+                if key not in dims:
+                    lowered = key.lower()
+                    dims[key] = next((size for frag, size in DEFAULT_DIMS if frag in lowered), FALLBACK_DIM)
+                shape_list.append(dims[key])
+            shape = tuple(shape_list)
+        feeds[info.name] = _values_for(info, shape, values[info.name], rng)
+    return feeds
+
+
+def _values_for(info: InputInfo, shape: tuple[int, ...], value: ir.Value, rng: np.random.Generator) -> np.ndarray:
+    dtype = info.dtype
+    lowered = info.name.lower()
+    if dtype == np.bool_:
+        if "mask" in lowered:
+            return _padding_mask(shape).astype(np.bool_)
+        return np.ones(shape, dtype=np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        if "mask" in lowered:
+            return _padding_mask(shape).astype(dtype)
+        bound = _gather_index_bound(value)
+        if "position" in lowered and len(shape) >= 1:
+            return np.broadcast_to(np.arange(shape[-1]) % (bound or shape[-1] or 1), shape).astype(dtype)
+        high = bound if bound is not None else 2
+        return rng.integers(0, max(high, 1), size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
+        data = rng.standard_normal(shape).astype(np.float32)
+        if "mask" in lowered:
+            data = _padding_mask(shape).astype(np.float32)
+        return data.astype(dtype)
+    raise BadInputError(f"cannot generate values for input '{info.name}' of type {dtype}; pass inputs explicitly")
+
+
+def _padding_mask(shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.ones(shape, dtype=np.int64)
+    if len(shape) >= 2 and shape[-1] > 1:
+        for b in range(1, shape[0]):
+            keep = max(1, shape[-1] - (b * shape[-1]) // (2 * shape[0]) - 1)
+            mask[b, ..., keep:] = 0
+    return mask
+
+
+def load_inputs(path: os.PathLike | str, model: ir.Model) -> dict[str, np.ndarray]:
+    """Feeds from an ``.npz`` file whose keys are the graph's input names."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: inputs file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise BadInputError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    return check_feeds(feeds, model)
+
+
+def check_feeds(feeds: Mapping[str, Any], model: ir.Model) -> dict[str, np.ndarray]:
+    expected = {info.name: info for info in input_signature(model)}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise BadInputError(f"inputs do not match the graph: missing {missing}, unexpected {extra}")
+    out = {}
+    for name, info in expected.items():
+        array = np.asarray(feeds[name])
+        if array.dtype != info.dtype:
+            raise BadInputError(f"input '{name}' has dtype {array.dtype}, the graph expects {info.dtype}")
+        if array.ndim != len(info.shape) or any(isinstance(d, int) and d != s for d, s in zip(info.shape, array.shape)):
+            raise BadInputError(f"input '{name}' has shape {list(array.shape)}, the graph expects {list(info.shape)}")
+        out[name] = array
+    return out
+
+
+def session_options(options: Mapping[str, Any] | None = None):
+    """onnxruntime SessionOptions from a profile's mapping (enums given by name)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for key, value in (options or {}).items():
+        if key == "graph_optimization_level" and isinstance(value, str):
+            value = getattr(ort.GraphOptimizationLevel, value)
+        elif key == "execution_mode" and isinstance(value, str):
+            value = getattr(ort.ExecutionMode, value)
+        if key == "config_entries":
+            for k, v in value.items():
+                so.add_session_config_entry(k, str(v))
+            continue
+        setattr(so, key, value)
+    return so
+
+
+def make_session(model: ir.Model | str | bytes, *, providers: Sequence[Any] = ("CPUExecutionProvider",), options: Mapping[str, Any] | None = None):
+    import onnxruntime as ort
+
+    so = session_options(options)
+    if isinstance(model, ir.Model):
+        with SerializedModel(model) as serialized:
+            return ort.InferenceSession(serialized.source, so, providers=list(providers))
+    return ort.InferenceSession(model, so, providers=list(providers))
+
+
+UNOPTIMIZED = {"graph_optimization_level": "ORT_DISABLE_ALL"}
+
+
+def run(model: ir.Model, feeds: Mapping[str, np.ndarray], *, providers=("CPUExecutionProvider",), options=UNOPTIMIZED) -> dict[str, np.ndarray]:
+    """Run ``model`` on onnxruntime; by default with graph optimizations off, so the graph itself is tested."""
+    session = make_session(model, providers=providers, options=options)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds))))
+
+
+@dataclasses.dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        d = {"max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok}
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+
+def compare(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], *, atol: float, rtol: float) -> list[OutputDiff]:
+    """Element-wise ``|a - e| <= atol + rtol * |e|`` per output; NaN must match NaN, shapes must match."""
+    diffs = []
+    for name, e in expected.items():
+        if name not in actual:
+            diffs.append(OutputDiff(name, float("inf"), float("inf"), False, "output missing"))
+            continue
+        a = np.asarray(actual[name])
+        e = np.asarray(e)
+        if a.shape != e.shape:
+            diffs.append(OutputDiff(name, float("inf"), float("inf"), False, f"shape {list(a.shape)} != {list(e.shape)}"))
+            continue
+        if e.dtype == np.bool_ or np.issubdtype(e.dtype, np.integer):
+            mismatch = int(np.count_nonzero(a != e))
+            err = float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)))) if a.size else 0.0
+            diffs.append(OutputDiff(name, err, err, mismatch == 0, f"{mismatch} elements differ" if mismatch else ""))
+            continue
+        a64 = a.astype(np.float64)
+        e64 = e.astype(np.float64)
+        nan_mismatch = np.isnan(a64) != np.isnan(e64)
+        both_nan = np.isnan(a64) & np.isnan(e64)
+        same_inf = np.isinf(e64) & (a64 == e64)
+        diff = np.where(both_nan | same_inf, 0.0, np.abs(a64 - e64))
+        diff = np.where(nan_mismatch, np.inf, diff)
+        scale = np.where(both_nan | same_inf, 1.0, np.abs(e64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = float((diff / np.maximum(scale, 1e-12)).max()) if diff.size else 0.0
+        ok = bool(np.all(diff <= atol + rtol * np.nan_to_num(scale, posinf=0.0)))
+        reason = "" if ok else ("NaN where the reference has a number" if nan_mismatch.any() else "")
+        diffs.append(OutputDiff(name, max_abs, max_rel, ok, reason))
+    return diffs
