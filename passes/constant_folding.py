@@ -13,9 +13,10 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     """Evaluate nodes whose inputs are all constant and replace them with their value.
 
     Folding is bounded: a node is evaluated only when its constant inputs hold at most
-    ``input_size_limit`` elements and, when ``output_size_limit`` is exceeded, the result
-    is discarded, so weights are never duplicated by folding (e.g. a ``Transpose`` of a
-    large weight stays a node). Shape computations (``Shape``/``Gather``/``Concat`` on
+    ``input_size_limit`` elements, and results over ``output_size_limit`` are discarded.
+    The one exception is a ``Transpose`` that is the only consumer of its large input:
+    the folded weight replaces the original, so nothing is duplicated (a tied weight
+    used elsewhere keeps its ``Transpose`` node). Shape computations (``Shape``/``Gather``/``Concat`` on
     known dimensions) fold as well, which simplifies exporter-built shape chains.
     """
 

@@ -156,16 +156,14 @@ def load(path: os.PathLike | str) -> LoadedModel:
     try:
         # Deserialise the proto we already read; external tensors stay lazy (memory-mapped on use).
         model = ir.serde.deserialize_model(proto)
-        _set_base_dir(model, model_path.parent)
+        ir.external_data.set_base_dir(model.graph, model_path.parent)
+        if external_files and model_bytes(model) < DEFAULT_EXTERNAL_DATA_THRESHOLD:
+            # Small enough for one protobuf: hold the weights in memory, so every later
+            # serialization (verification sessions) is self-contained.
+            model = ir.external_data.load_to_model(model)
     except Exception as e:
         raise BadInputError(f"{model_path}: cannot be converted to onnx_ir: {type(e).__name__}: {e}") from None
     return LoadedModel(model, model_path, external_files)
-
-
-def _set_base_dir(model: ir.Model, base_dir: pathlib.Path) -> None:
-    for tensor in iter_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.base_dir = str(base_dir)
 
 
 def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
@@ -214,7 +212,8 @@ class SerializedModel:
 
     def __init__(self, model: ir.Model):
         self._tmp = None
-        if model_bytes(model) < DEFAULT_EXTERNAL_DATA_THRESHOLD:
+        has_external = any(isinstance(t, ir.ExternalTensor) for t in iter_tensors(model))
+        if not has_external and model_bytes(model) < DEFAULT_EXTERNAL_DATA_THRESHOLD:
             self.source: bytes | str = to_proto(model).SerializeToString()
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="tfgraph-session-")

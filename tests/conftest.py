@@ -1,0 +1,71 @@
+"""Shared fixtures: small ONNX models built directly, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tfgraph.cli import main
+
+
+def make_mlp(*, opset: int = 18, hidden: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """x[batch, seq, hidden] → Identity → MatMul(W1)+b1 → Relu → MatMul(W2) → y, with a dead branch,
+    a duplicated MatMul and a Constant, so every cleanup pass has something to do."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((hidden, 2 * hidden)).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((2 * hidden, hidden)).astype(np.float32) * 0.1, "W2")
+    b1 = numpy_helper.from_array(rng.standard_normal(2 * hidden).astype(np.float32), "b1")
+    nodes = [
+        helper.make_node("Identity", ["x"], ["xi"]),
+        helper.make_node("MatMul", ["xi", "W1"], ["h0"]),
+        helper.make_node("MatMul", ["xi", "W1"], ["h0_dup"]),
+        helper.make_node("Sub", ["h0", "h0_dup"], ["zero"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Add", ["h1", "zero"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["h3"]),
+        helper.make_node("MatMul", ["h3", "W2"], ["h4"]),
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.full((hidden,), 0.5, np.float32))),
+        helper.make_node("Add", ["h4", "c"], ["y"]),
+        helper.make_node("Sigmoid", ["h3"], ["dead"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        [w1, w2, b1],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tfgraph-tests")
+    model.ir_version = 10
+    return model
+
+
+@pytest.fixture
+def mlp_path(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), path)
+    return path
+
+
+@dataclasses.dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: ``cli("compile", path, "-o", out)`` → CliResult."""
+
+    def run(*args) -> CliResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
