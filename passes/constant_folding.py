@@ -16,13 +16,27 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     ``input_size_limit`` elements, and results over ``output_size_limit`` are discarded.
     The one exception is a ``Transpose`` that is the only consumer of its large input:
     the folded weight replaces the original, so nothing is duplicated (a tied weight
-    used elsewhere keeps its ``Transpose`` node). Shape computations (``Shape``/``Gather``/``Concat`` on
+    used elsewhere keeps its ``Transpose`` node).
+
+    Folding never copies a shared weight: a node with a constant input of more than
+    ``shared_input_limit`` elements that other nodes also use is left alone, since the
+    folded result would be stored beside the original (exporters emit
+    ``Identity(weight)`` per layer for shared layers, which would otherwise become
+    one copy per layer). Shape computations (``Shape``/``Gather``/``Concat`` on
     known dimensions) fold as well, which simplifies exporter-built shape chains.
     """
 
-    def __init__(self, *, input_size_limit: int = 8192, output_size_limit: int = 262_144, shape_inference: bool = False):
+    def __init__(
+        self,
+        *,
+        input_size_limit: int = 8192,
+        output_size_limit: int = 262_144,
+        shared_input_limit: int = 1024,
+        shape_inference: bool = False,
+    ):
         super().__init__()
         self.input_size_limit = input_size_limit
+        self.shared_input_limit = shared_input_limit
         self.output_size_limit = output_size_limit
         self.shape_inference = shape_inference
 
@@ -31,6 +45,14 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             shape_inference=self.shape_inference,
             input_size_limit=self.input_size_limit,
             output_size_limit=self.output_size_limit,
+            should_fold=self._should_fold,
         )
         result = folder(model)
         return ir.passes.PassResult(model, result.modified)
+
+    def _should_fold(self, node: ir.Node) -> bool | None:
+        for value in node.inputs:
+            tensor = value.const_value if value is not None else None
+            if tensor is not None and tensor.size > self.shared_input_limit and len(value.uses()) > 1:
+                return False
+        return None  # onnxscript's default size rules decide

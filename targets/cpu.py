@@ -5,16 +5,17 @@ from __future__ import annotations
 from tfgraph.passes.registry import PassSpec
 from tfgraph.targets.profile import Provider, Target, Tolerance
 
-# Canonicalizing cleanup, in order: inline Constant weights as initializers, fold
-# bounded constant subgraphs (this also collapses shape chains), merge repeats, drop
-# Identity nodes and whatever became dead. A second fold after CSE catches chains that
-# only became constant once their duplicates were merged.
+# Canonicalizing cleanup, in order: make Constant weights initializers, drop Identity
+# nodes (before folding, so `Identity(weight)` is rewired rather than folded into a
+# copy), fold bounded constant subgraphs (this also collapses shape chains), merge
+# repeats, fold again what only became constant once duplicates were merged, and remove
+# whatever became dead.
 CLEANUP = (
     PassSpec("lift-constants"),
+    PassSpec("eliminate-identity"),
     PassSpec("fold-constants"),
     PassSpec("cse"),
     PassSpec("fold-constants"),
-    PassSpec("eliminate-identity"),
     PassSpec("remove-dead"),
 )
 
