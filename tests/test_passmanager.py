@@ -206,7 +206,9 @@ def test_fold_constants_never_duplicates_large_weights():
     result = create_pass("fold-constants")(tied)
     assert [n.op_type for n in tied.graph] == ["Transpose", "MatMul", "MatMul"]
     assert result.modified is False
-    assert create_pass("fold-constants", input_size_limit=10**6, output_size_limit=10**6)(tied).modified
+    # Raising the size limits does not make it copy the shared weight; only the shared-input limit does.
+    assert not create_pass("fold-constants", input_size_limit=10**6, output_size_limit=10**6)(tied).modified
+    assert create_pass("fold-constants", input_size_limit=10**6, output_size_limit=10**6, shared_input_limit=10**6)(tied).modified
 
     single = _transpose_model(tied=False)
     from tfgraph.ir import model_bytes
