@@ -8,14 +8,15 @@ from tfgraph.targets.profile import Provider, Target, Tolerance
 # Canonicalizing cleanup, in order: make Constant weights initializers, drop Identity
 # nodes (before folding, so `Identity(weight)` is rewired rather than folded into a
 # copy), fold bounded constant subgraphs (this also collapses shape chains), merge
-# repeats, fold again what only became constant once duplicates were merged, and remove
-# whatever became dead.
+# repeats, fold again what only became constant once duplicates were merged, store
+# byte-identical weights once, and remove whatever became dead.
 CLEANUP = (
     PassSpec("lift-constants"),
     PassSpec("eliminate-identity"),
     PassSpec("fold-constants"),
     PassSpec("cse"),
     PassSpec("fold-constants"),
+    PassSpec("dedup-initializers"),
     PassSpec("remove-dead"),
 )
 

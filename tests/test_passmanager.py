@@ -77,7 +77,9 @@ def test_second_run_reports_no_modification(mlp_path):
     assert second.manifest["summary"]["nodes_before"] == second.manifest["summary"]["nodes_after"]
 
 
-@pytest.mark.parametrize("name", ["lift-constants", "fold-constants", "cse", "eliminate-identity", "remove-dead"])
+@pytest.mark.parametrize(
+    "name", ["lift-constants", "fold-constants", "cse", "eliminate-identity", "dedup-initializers", "remove-dead"]
+)
 def test_each_pass_on_clean_graph_is_unmodified(name):
     clean = tfgraph.compile(make_mlp(), "cpu-fp32", verify=False).model
     assert create_pass(name)(clean).modified is False
@@ -220,3 +222,21 @@ def test_fold_constants_never_duplicates_large_weights():
     assert model_bytes(single) == before
     folded = next(iter(single.graph)).inputs[1].const_value.numpy()
     np.testing.assert_array_equal(folded, np.arange(90000, dtype=np.float32).reshape(300, 300).T)
+
+
+def test_dedup_initializers_rewires_users():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, "A"), numpy_helper.from_array(w.copy(), "B"), numpy_helper.from_array(w + 1, "C")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    artifact = tfgraph.compile(model, "cpu-fp32")
+    assert list(artifact.model.graph.initializers) == ["A"]
+    record = next(r for r in artifact.manifest["passes"] if r["name"] == "dedup-initializers")
+    assert record["modified"] and record["params_after"] == record["params_before"] - 64 * 64

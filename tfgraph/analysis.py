@@ -95,25 +95,37 @@ class DuplicateGroup:
         return dataclasses.asdict(self)
 
 
-def duplicate_initializers(model: ir.Model) -> list[DuplicateGroup]:
-    """Groups of initializers with identical dtype, shape and bytes (hash, then byte compare)."""
-    buckets: dict[tuple, list[tuple[str, bytes]]] = collections.defaultdict(list)
-    for graph in model.graphs():
-        for name, value in graph.initializers.items():
-            tensor = value.const_value
-            if tensor is None:
-                continue
-            data = tensor.tobytes()
-            key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data).hexdigest())
-            buckets[key].append((name, data))
-    groups = []
-    for (dtype, shape, _), members in buckets.items():
-        if len(members) < 2:
+def duplicate_groups(graph: ir.Graph) -> list[list[ir.Value]]:
+    """Initializers of ``graph`` with identical dtype, shape and bytes (content hash, then byte compare).
+
+    Each group lists the values in graph order; groups with one member are left out.
+    """
+    buckets: dict[tuple, list[tuple[ir.Value, bytes]]] = collections.defaultdict(list)
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
             continue
-        first = members[0][1]
-        same = [name for name, data in members if data == first]
-        if len(same) >= 2:
-            groups.append(DuplicateGroup(same, list(shape), dtype, len(first)))
+        data = tensor.tobytes()
+        key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data).hexdigest())
+        buckets[key].append((value, data))
+    groups = []
+    for members in buckets.values():
+        while len(members) >= 2:
+            first = members[0][1]
+            same = [v for v, data in members if data == first]
+            if len(same) >= 2:
+                groups.append(same)
+            members = [(v, data) for v, data in members if data != first]
+    return groups
+
+
+def duplicate_initializers(model: ir.Model) -> list[DuplicateGroup]:
+    """Every group of byte-identical initializers, largest waste first."""
+    groups = []
+    for graph in model.graphs():
+        for values in duplicate_groups(graph):
+            tensor = values[0].const_value
+            groups.append(DuplicateGroup([v.name for v in values], list(tensor.shape), str(tensor.dtype), tensor.nbytes))
     return sorted(groups, key=lambda g: -g.nbytes * (len(g.names) - 1))
 
 
