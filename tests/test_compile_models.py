@@ -96,9 +96,9 @@ def test_minilm_real_weights(cli, tmp_path, exporter):
     assert manifest["verification"]["passed"]
     assert max(d["max_abs"] for d in manifest["verification"]["outputs"].values()) <= 1e-4
 
-    from tfgraph.models import _minilm_path
+    from tfgraph.models import minilm_path
 
-    model = st.SentenceTransformer(str(_minilm_path()), device="cpu")
+    model = st.SentenceTransformer(str(minilm_path()), device="cpu")
     expected = model.encode(SENTENCES, normalize_embeddings=True)
     tokens = model.tokenizer(SENTENCES, padding=True, return_tensors="np")
     session = tfgraph.load(out)

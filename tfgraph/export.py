@@ -54,8 +54,10 @@ _EMBED_LIMIT = 1_800_000_000
 def resolve_model(model: str | os.PathLike) -> "ModelSpec":
     """The :class:`~tfgraph.models.ModelSpec` for a built-in name or a local HF folder.
 
-    Raises BadInputError for an unknown name, a path that is not a Hugging Face
-    checkpoint folder, or missing optional dependencies.
+    A built-in name wins over a folder of the same name in the current
+    directory (write ``./name`` for the folder). Raises BadInputError for an
+    unknown name, a path that is not a Hugging Face checkpoint folder, or
+    missing optional dependencies.
     """
     from tfgraph.models import get_model, hf_model, list_models
 
