@@ -52,6 +52,10 @@ def test_builtin_models_compile(cli, tmp_path, name, exporter):
     exported = tmp_path / "model.onnx"
     result = cli("export", name, "-o", exported, "--exporter", exporter, "--quiet")
     assert result.code == 0, result.err
+    inspected = cli("inspect", exported, "--json")
+    assert inspected.code == 0, inspected.err
+    # Every layer's attention is found as a Softmax between two MatMuls (small configs have 2 layers).
+    assert json.loads(inspected.out)["attention"]["unfused"] == 2
     out = tmp_path / "out"
     result = cli("compile", exported, "--target", "cpu-fp32", "-o", out, "--quiet")
     assert result.code == 0, result.err
@@ -92,6 +96,7 @@ def test_minilm_real_weights(cli, tmp_path, exporter):
     result = cli("compile", "minilm", "--target", "cpu-fp32", "-o", out, "--exporter", exporter)
     assert result.code == 0, result.err
     assert "verified" in result.out
+    assert analysis.summarize(ir_load(out / "model.onnx").model)["attention"]["unfused"] == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["verification"]["passed"]
     assert max(d["max_abs"] for d in manifest["verification"]["outputs"].values()) <= 1e-4
@@ -106,3 +111,22 @@ def test_minilm_real_weights(cli, tmp_path, exporter):
     embedding = session.run(["sentence_embedding"], feeds)[0]
     cosine = np.sum(embedding * expected, axis=1) / (np.linalg.norm(embedding, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosine.min() > 0.9999, cosine
+
+
+def test_hf_folder_compiles(cli, tmp_path):
+    """A local Hugging Face checkpoint folder is exported, then compiled and verified."""
+    transformers = pytest.importorskip("transformers", reason="needs the 'hf' extra")
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64
+    )
+    folder = tmp_path / "tiny-bert"
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    out = tmp_path / "out"
+    result = cli("compile", folder, "-o", out, "--exporter", "torchscript", "--json")
+    assert result.code == 0, result.err
+    manifest = json.loads(result.out)
+    assert manifest["input"]["kind"] == "huggingface"
+    assert manifest["verification"]["passed"]
+    assert manifest["verification"]["outputs"]["last_hidden_state"]["max_abs"] <= 1e-4
+    summary = analysis.summarize(ir_load(out / "model.onnx").model)
+    assert summary["attention"]["unfused"] == 2
