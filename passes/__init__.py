@@ -10,6 +10,17 @@ pipeline is plain data.
 from tfgraph.passes.registry import PassSpec, available_passes, create_pass, get_pass_class, register_pass
 
 # Importing the modules registers their passes.
-from tfgraph.passes import constant_folding, cse, dead_code, dedup_initializers, identity, lift_constants  # noqa: E402,F401
+from tfgraph.passes import (  # noqa: E402
+    attention_fusion,
+    attention_lowering,
+    constant_folding,
+    cse,
+    dead_code,
+    dedup_initializers,
+    identity,
+    lift_constants,
+    reshape_simplify,
+    shape_inference,
+)  # noqa: E402,F401
 
 __all__ = ["PassSpec", "available_passes", "create_pass", "get_pass_class", "register_pass"]

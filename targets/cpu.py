@@ -20,12 +20,22 @@ CLEANUP = (
     PassSpec("remove-dead"),
 )
 
+# Fusion: shapes first (rules read them), then the reshape normal form, then attention
+# to the neutral tfgraph.Attention, lowered to the op the CPU EP runs best.
+FUSION = (
+    PassSpec("infer-shapes"),
+    PassSpec("simplify-reshapes"),
+    PassSpec("eliminate-identity"),
+    PassSpec("remove-dead"),
+    PassSpec("fuse-attention"),
+)
+
 CPU_FP32 = Target(
     name="cpu-fp32",
-    description="onnxruntime CPU EP, fp32, canonicalized graph (cleanup passes only)",
+    description="onnxruntime CPU EP, fp32: canonicalized graph, attention fused to MultiHeadAttention",
     providers=(Provider("CPUExecutionProvider"),),
     precision="fp32",
-    passes=CLEANUP,
+    passes=CLEANUP + FUSION + (PassSpec("lower-attention", {"to": "com.microsoft.MultiHeadAttention"}), PassSpec("remove-dead")),
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
 )

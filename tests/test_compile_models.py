@@ -28,10 +28,10 @@ def _check_artifact(out: pathlib.Path, exported: pathlib.Path, shapes: dict) -> 
     assert manifest["verification"]["passed"] is True
     for name, diff in manifest["verification"]["outputs"].items():
         assert diff["max_abs"] <= 1e-4, (name, diff)
-    # Compiling never adds weight bytes, and never leaves duplicate initializers behind
-    # that the input did not have.
+    # Compiling never adds weights (only the few small constants rewrites need), and never
+    # leaves duplicate initializers behind that the input did not have.
     summary = manifest["summary"]
-    assert summary["bytes_after"] <= summary["bytes_before"]
+    assert summary["bytes_after"] <= summary["bytes_before"] + 256
     compiled = ir_load(out / "model.onnx").model
     source = ir_load(exported).model
     assert analysis.summarize(compiled)["duplicate_bytes"] <= analysis.summarize(source)["duplicate_bytes"]
@@ -96,7 +96,8 @@ def test_minilm_real_weights(cli, tmp_path, exporter):
     result = cli("compile", "minilm", "--target", "cpu-fp32", "-o", out, "--exporter", exporter)
     assert result.code == 0, result.err
     assert "verified" in result.out
-    assert analysis.summarize(ir_load(out / "model.onnx").model)["attention"]["unfused"] == 6
+    attention = analysis.summarize(ir_load(out / "model.onnx").model)["attention"]
+    assert (attention["unfused"], attention["fused"]) == (0, 6)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["verification"]["passed"]
     assert max(d["max_abs"] for d in manifest["verification"]["outputs"].values()) <= 1e-4
@@ -129,4 +130,4 @@ def test_hf_folder_compiles(cli, tmp_path):
     assert manifest["verification"]["passed"]
     assert manifest["verification"]["outputs"]["last_hidden_state"]["max_abs"] <= 1e-4
     summary = analysis.summarize(ir_load(out / "model.onnx").model)
-    assert summary["attention"]["unfused"] == 2
+    assert summary["attention"] == {**summary["attention"], "unfused": 0, "fused": 2}

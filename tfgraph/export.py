@@ -18,6 +18,12 @@ The exporters' progress output and warnings are silenced; failures raise
 :class:`~tfgraph.errors.BadInputError` with a one-line message. The file is
 written to a temporary folder next to ``output`` and moved into place, so a
 failed export leaves nothing behind.
+
+Hugging Face models (local checkpoint folders and ``minilm``) are exported with
+the attention implementation given by ``attention`` (transformers'
+``attn_implementation``): ``"sdpa"`` by default, as transformers does, or
+``"eager"``. The built-in reference models have one attention form (explicit
+MatMul/Softmax): ``"eager"`` is accepted for them, ``"sdpa"`` is refused.
 """
 
 from __future__ import annotations
@@ -51,30 +57,34 @@ TORCHSCRIPT_DEFAULT_OPSET = 18
 _EMBED_LIMIT = 1_800_000_000
 
 
-def resolve_model(model: str | os.PathLike) -> "ModelSpec":
+def resolve_model(model: str | os.PathLike, attention: str | None = None) -> "ModelSpec":
     """The :class:`~tfgraph.models.ModelSpec` for a built-in name or a local HF folder.
+
+    ``attention`` is passed to :func:`~tfgraph.models.get_model` or
+    :func:`~tfgraph.models.hf_model` (None: the model's default).
 
     A built-in name wins over a folder of the same name in the current
     directory (write ``./name`` for the folder). Raises BadInputError for an
     unknown name, a path that is not a Hugging Face checkpoint folder, or
     missing optional dependencies.
     """
-    from tfgraph.models import get_model, hf_model, list_models
+    from tfgraph.models import check_attention, get_model, hf_model, list_models
 
+    check_attention(attention)
     text = os.fspath(model)
     if not isinstance(text, str):
         text = os.fsdecode(text)
     if text in list_models():
-        return get_model(text)
+        return get_model(text, attention)
     path = pathlib.Path(text)
     if path.exists():
-        return hf_model(path)
+        return hf_model(path, attention)
     if os.sep in text or (os.altsep and os.altsep in text) or text.startswith("."):
         raise BadInputError(
             f"no such model folder {text!r}; give a built-in model ({', '.join(list_models())}) "
             "or a Hugging Face checkpoint folder"
         )
-    return get_model(text)  # raises the "unknown model" error
+    return get_model(text, attention)  # raises the "unknown model" error
 
 
 def export(
@@ -85,6 +95,7 @@ def export(
     batch: int = 2,
     seq: int = 16,
     opset: int | None = None,
+    attention: str | None = None,
 ) -> pathlib.Path:
     """Export ``model`` (built-in name or local HF checkpoint folder) to the ONNX file ``output``.
 
@@ -92,8 +103,14 @@ def export(
     each, so that no dynamic axis gets specialized); the exported graph accepts
     any batch and sequence length (and past length, for ``*-kv`` models).
     ``opset`` defaults to torch's choice for dynamo and 18 for TorchScript.
+    ``attention`` (``"sdpa"``, ``"eager"`` or None) picks transformers'
+    attention implementation for Hugging Face models; None means ``"sdpa"``
+    (:data:`tfgraph.models.DEFAULT_ATTENTION`, transformers' default; ``"eager"``
+    for a model class without SDPA). For the plain-torch reference models
+    (bert-*, gpt-*, albert-*, local-*) ``"eager"`` is what they are and
+    ``"sdpa"`` is refused.
     Returns the path of the written file. Raises BadInputError for an unknown
-    exporter or model, bad sizes, missing torch, or a failed export.
+    exporter, model or attention, bad sizes, missing torch, or a failed export.
     """
     if exporter not in EXPORTERS:
         raise BadInputError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
@@ -103,6 +120,9 @@ def export(
         raise BadInputError(f"export sequence length must be an integer of at least 2, got {seq!r}")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise BadInputError(f"opset must be an integer of at least 7, got {opset!r}")
+    from tfgraph.models import check_attention
+
+    check_attention(attention)
     if importlib.util.find_spec("torch") is None:
         raise BadInputError("exporting models needs torch; install tfgraph[export]")
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
@@ -111,7 +131,7 @@ def export(
     destination = pathlib.Path(output)
     if destination.is_dir():
         raise BadInputError(f"export output {destination} is a folder; give a file name such as model.onnx")
-    spec = resolve_model(model)
+    spec = resolve_model(model, attention)
 
     import torch
 

@@ -110,7 +110,7 @@ def fingerprint(model: ir.Model) -> str:
         h.update(b"G")
         for v in graph.inputs:
             h.update(f"i{vid(v)}:{v.name}".encode())
-        for name, v in graph.initializers.items():
+        for name, v in sorted(graph.initializers.items()):  # order carries no meaning
             t = v.const_value
             h.update(f"w{vid(v)}:{name}:{getattr(t, 'shape', None)}:{getattr(t, 'dtype', None)}".encode())
         for node in graph:

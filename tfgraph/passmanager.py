@@ -60,6 +60,9 @@ class PassManager:
                 model = result.model
             record.modified = bool(result.modified)
             any_modified |= record.modified
+            report = getattr(pass_, "report", None)
+            if report:  # rule passes: per-rule match counts and near misses
+                record.extra["rules"] = report
             # Timing first (it closes the clock), then the checks, in the order given.
             for instrument in self.instruments:
                 instrument.after_pass(pass_, record, model)

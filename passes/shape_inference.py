@@ -1,0 +1,77 @@
+"""Symbolic shape inference, as a pass."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from tfgraph.ir import PROTOBUF_LIMIT, model_bytes
+from tfgraph.passes.registry import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+def _shape_key(model: ir.Model) -> list:
+    return [
+        (v.name, str(v.type), None if v.shape is None else tuple(str(d) for d in v.shape))
+        for g in model.graphs()
+        for n in g
+        for v in n.outputs
+    ]
+
+
+def _symbolic(model: ir.Model) -> bool:
+    """onnxruntime's sympy-based inference: tracks symbolic dims through Shape/Gather/Concat/Reshape
+    chains and broadcasts, where ONNX inference gives up (fresh ``unk__`` dims).
+
+    Driven step by step rather than through ``SymbolicShapeInference.infer_shapes``, which
+    raises on the first op it cannot handle (e.g. ReduceL2) and then writes a debug file
+    into the working directory: here the shapes inferred up to that op are kept.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    proto = ir.serde.serialize_model(model)
+    engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    try:
+        engine._preprocess(proto)
+        while engine.run_:
+            engine._infer_impl()
+    except Exception as e:  # an op it does not know: keep what was inferred before it
+        logger.info("symbolic shape inference stopped early (%s: %s)", type(e).__name__, e)
+    known = getattr(engine, "known_vi_", None)
+    if not known:
+        return False
+    by_name = {v.name: v for g in model.graphs() for n in g for v in n.outputs}
+    for name, info in known.items():
+        value = by_name.get(name)
+        if value is None or not info.type.HasField("tensor_type"):
+            continue
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type and value.dtype is None:
+            value.dtype = ir.DataType(tensor_type.elem_type)
+        if tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+            value.shape = ir.Shape(dims)
+    return True
+
+
+@register_pass("infer-shapes")
+class InferShapesPass(ir.passes.InPlacePass):
+    """Annotate every value with the type and (symbolic) shape that can be proved.
+
+    Uses onnxruntime's symbolic shape inference (named dims such as ``batch`` and
+    ``sequence`` followed through shape computations and broadcasts), falling back to
+    ONNX inference with partial data propagation. Rules read these shapes. Reports
+    ``modified`` when an annotation changed or the graph was rebuilt.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _shape_key(model)
+        # ONNX inference first (it knows every standard op), then the symbolic engine refines dims.
+        # (onnx-ir's pass rebuilds the graph from the inferred proto, so its own flag counts too.)
+        modified = ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model).modified
+        if model_bytes(model) < PROTOBUF_LIMIT // 2:
+            _symbolic(model)
+        return ir.passes.PassResult(model, modified or _shape_key(model) != before)

@@ -1,0 +1,83 @@
+"""tfgraph's neutral operators (domain ``tfgraph``), each defined by an ONNX function.
+
+Fusion passes rewrite subgraphs to these operators; a target's lowering pass then
+replaces them with the operator its execution provider runs best. Because every
+neutral operator carries its reference decomposition as a model-local ONNX function,
+a model holding them still runs on onnxruntime (which inlines functions): the
+numeric-diff instrument verifies fusion and lowering separately, and a target that
+lowers nothing gets a correct standard-ONNX graph.
+
+``tfgraph.Attention(query, key, value, attention_bias)``
+    Multi-head scaled dot-product attention in ``(batch, sequence, heads·head_size)``
+    layout: ``softmax(Q·Kᵀ·scale + attention_bias)·V`` per head, heads merged back.
+    ``attention_bias`` is additive and broadcasts to ``(batch, heads, q_len, kv_len)``
+    (a scalar 0 when the attention has no mask). Attributes: ``num_heads`` (int),
+    ``scale`` (float), ``mask_kind`` (``"none"`` or ``"bias"``; informs lowering).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import onnx.parser
+import onnx_ir as ir
+
+DOMAIN = "tfgraph"
+OPSET_VERSION = 1
+
+_ATTENTION = """
+<domain: "tfgraph", opset_import: ["" : 18]>
+Attention <num_heads, scale, mask_kind> (query, key, value, attention_bias) => (output) {
+    heads = Constant <value_int: int = @num_heads> ()
+    keep2 = Constant <value_ints: ints = [0, 0]> ()
+    minus1 = Constant <value_ints: ints = [-1]> ()
+    axis0 = Constant <value_ints: ints = [0]> ()
+    heads1 = Unsqueeze (heads, axis0)
+    split_shape = Concat <axis: int = 0> (keep2, heads1, minus1)
+    merge_shape = Concat <axis: int = 0> (keep2, minus1)
+    alpha = Constant <value_float: float = @scale> ()
+    q4 = Reshape (query, split_shape)
+    q = Transpose <perm: ints = [0, 2, 1, 3]> (q4)
+    k4 = Reshape (key, split_shape)
+    kt = Transpose <perm: ints = [0, 2, 3, 1]> (k4)
+    v4 = Reshape (value, split_shape)
+    v = Transpose <perm: ints = [0, 2, 1, 3]> (v4)
+    raw = MatMul (q, kt)
+    scaled = Mul (raw, alpha)
+    scores = Add (scaled, attention_bias)
+    probs = Softmax <axis: int = -1> (scores)
+    ctx = MatMul (probs, v)
+    ctx_t = Transpose <perm: ints = [0, 2, 1, 3]> (ctx)
+    output = Reshape (ctx_t, merge_shape)
+}
+"""
+
+_DEFINITIONS = {"Attention": _ATTENTION}
+
+
+@functools.cache
+def _function_proto(name: str) -> onnx.FunctionProto:
+    return onnx.parser.parse_function(_DEFINITIONS[name])
+
+
+def function(name: str) -> ir.Function:
+    """A fresh onnx_ir function for the neutral operator ``name``."""
+    return ir.serde.deserialize_function(_function_proto(name))
+
+
+def ensure_defined(model: ir.Model, name: str) -> bool:
+    """Add the function for ``tfgraph.<name>`` and the ``tfgraph`` opset import if missing."""
+    changed = False
+    if (DOMAIN, name, "") not in model.functions:
+        fn = function(name)
+        # The body uses ops unchanged since opset 13; import the model's own version (required to match).
+        fn.opset_imports[""] = model.opset_imports.get("", fn.opset_imports[""])
+        model.functions[fn.identifier()] = fn
+        changed = True
+    if DOMAIN not in model.opset_imports:
+        model.opset_imports[DOMAIN] = OPSET_VERSION
+        changed = True
+    if model.ir_version < 8:
+        model.ir_version = 8  # model-local functions need IR version 8
+        changed = True
+    return changed
