@@ -47,7 +47,7 @@ def _check_artifact(out: pathlib.Path, exported: pathlib.Path, shapes: dict) -> 
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", ["bert-small", "gpt-small", "gpt-small-kv", "albert-small"])
+@pytest.mark.parametrize("name", ["bert-small", "gpt-small", "gpt-small-kv", "albert-small", "local-small"])
 def test_builtin_models_compile(cli, tmp_path, name, exporter):
     exported = tmp_path / "model.onnx"
     result = cli("export", name, "-o", exported, "--exporter", exporter, "--quiet")
@@ -64,6 +64,13 @@ def test_builtin_models_compile(cli, tmp_path, name, exporter):
     if exporter == "torchscript":
         # TorchScript output carries Identity nodes and shape chains the cleanup removes.
         assert manifest["summary"]["nodes_after"] < manifest["summary"]["nodes_before"]
+    attention = manifest["attention"]
+    if name.endswith("-kv"):
+        # Attention over a past/present KV cache is not fused yet: reported, never silent.
+        assert attention["unfused"] == 2 and any("partial attention fusion" in w for w in manifest["warnings"])
+    else:
+        assert (attention["found"], attention["fused"], attention["unfused"]) == (2, 2, 0)
+        assert attention["fused_ops"] == {"com.microsoft::MultiHeadAttention": 2}
     if name.startswith("albert"):
         assert analysis.summarize(ir_load(out / "model.onnx").model)["duplicate_initializers"] == []
 

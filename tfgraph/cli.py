@@ -121,6 +121,18 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
         params = _fmt_int(rec["params_after"])
         table.add_row(str(i), rec["name"], "yes" if rec["modified"] else "no", f"{rec['time_s'] * 1000:.1f} ms", nodes, params, err)
     console.print(table)
+    rules = [(rec["name"], rule, entry) for rec in manifest["passes"] for rule, entry in rec.get("rules", {}).items()]
+    if rules:
+        rule_table = Table(title="rules", title_justify="left")
+        for col in ("pass", "rule", "matches", "nearest miss"):
+            rule_table.add_column(col)
+        for pass_name, rule, entry in rules:
+            miss = entry.get("near_miss")
+            rule_table.add_row(pass_name, rule, str(entry["matches"]), f"{miss['status']}: {miss['reason']}" if miss and not entry["matches"] else "")
+        console.print(rule_table)
+    att = manifest.get("attention")
+    if att and att["found"]:
+        console.print(f"attention: {att['fused']} of {att['found']} blocks fused {att['fused_ops']}")
     s = manifest["summary"]
     console.print(
         f"nodes {_fmt_int(s['nodes_before'])} → {_fmt_int(s['nodes_after'])}, parameters {_fmt_int(s['params_before'])} → "
@@ -149,6 +161,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             output=args.output,
             force=args.force,
             verify=not args.no_verify,
+            strict=args.strict,
             inputs=args.inputs,
             shapes=parse_shapes(args.shape),
             seed=args.seed,
@@ -162,6 +175,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(json.dumps({"output": str(artifact.path), **artifact.manifest}, indent=2))
     elif not args.quiet:
         _print_compile_summary(artifact.manifest, str(artifact.path))
+    for warning in artifact.manifest["warnings"]:
+        _stderr_console().print(f"[bold yellow]WARNING: {warning}[/bold yellow]")
     return EXIT_OK
 
 
@@ -281,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="artifact folder to create")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip numeric verification (on by default)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) when attention blocks are left unfused")
     p.add_argument("--inputs", help=".npz file of input arrays to verify on (default: generated from the input signature)")
     p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="input shape (input_ids=2x128) or symbolic dimension (sequence=128) for generated inputs; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
@@ -327,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TfgraphError as e:
-        label = "verification failed" if e.exit_code == EXIT_VERIFY else "error"
+        from tfgraph.errors import StrictError
+
+        label = "strict check failed" if isinstance(e, StrictError) else "verification failed" if e.exit_code == EXIT_VERIFY else "error"
         print(f"tfgraph: {label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

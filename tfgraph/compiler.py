@@ -17,7 +17,8 @@ import onnx_ir as ir
 from tfgraph import ir as tir
 from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, check_output_dir
-from tfgraph.errors import BadInputError, VerificationError
+from tfgraph import analysis
+from tfgraph.errors import BadInputError, StrictError, VerificationError
 from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
@@ -93,6 +94,7 @@ def compile(  # noqa: A001 - the product's verb
     output: str | os.PathLike | None = None,
     force: bool = False,
     verify: bool = True,
+    strict: bool = False,
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     shapes: Mapping[str, Any] | None = None,
     seed: int = 0,
@@ -113,7 +115,8 @@ def compile(  # noqa: A001 - the product's verb
     arrays) or on inputs generated from the graph's signature at ``shapes``; the first
     pass that breaks the outputs raises :class:`VerificationError`. ``extra_passes``
     run after the target's pipeline (registered names, ``name:key=value`` strings,
-    :class:`PassSpec` or pass instances).
+    :class:`PassSpec` or pass instances). With ``strict``, attention blocks left
+    unfused raise :class:`StrictError` (exit 1) instead of a warning in the manifest.
     """
     profile = get_target(target)
     out_path = check_output_dir(output, force=force) if output is not None else None
@@ -129,6 +132,7 @@ def compile(  # noqa: A001 - the product's verb
         model_ir, source = resolve_model(
             model, stack, exporter=exporter, export_batch=export_batch, export_seq=export_seq, progress=progress
         )
+        attention_before = analysis.attention_blocks(model_ir)
         nodes_before = count_nodes(model_ir)
         params_before = tir.parameter_count(model_ir)
         bytes_before = tir.model_bytes(model_ir)
@@ -191,6 +195,22 @@ def compile(  # noqa: A001 - the product's verb
                     report=verification,
                 )
 
+        attention_after = analysis.attention_blocks(model_ir)
+        attention = {
+            "found": attention_before["unfused"] + attention_before["fused"],
+            "fused": attention_after["fused"],
+            "unfused": attention_after["unfused"],
+            "fused_ops": attention_after["fused_ops"],
+        }
+        warnings = []
+        if attention["unfused"]:
+            warnings.append(
+                f"partial attention fusion: {attention['unfused']} of {attention['found']} attention blocks left unfused "
+                "(see the fuse-attention near miss in the manifest)"
+            )
+            if strict:
+                raise StrictError(f"--strict: {warnings[-1]}")
+
         manifest: dict[str, Any] = {
             "tfgraph_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -199,6 +219,7 @@ def compile(  # noqa: A001 - the product's verb
             "profile": profile.to_json(),
             "options": {
                 "verify": verify,
+                "strict": strict,
                 "shapes": {k: list(v) if isinstance(v, tuple) else v for k, v in (shapes or {}).items()},
                 "inputs": str(inputs) if isinstance(inputs, (str, os.PathLike)) else ("in-memory" if inputs is not None else None),
                 "seed": seed,
@@ -207,6 +228,8 @@ def compile(  # noqa: A001 - the product's verb
             },
             "passes": [r.to_json() for r in manager.records],
             "verification": verification,
+            "attention": attention,
+            "warnings": warnings,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),
             "summary": {

@@ -32,3 +32,9 @@ class VerificationError(TfgraphError):
         super().__init__(message)
         self.pass_name = pass_name
         self.report = report or {}
+
+
+class StrictError(TfgraphError):
+    """``--strict`` found an incomplete result (e.g. attention blocks left unfused): exit 1."""
+
+    exit_code = 1

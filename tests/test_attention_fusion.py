@@ -1,0 +1,214 @@
+"""Attention fusion rules on small hand-written graphs, each with a negative twin.
+
+Every positive graph must fuse to one ``tfgraph.Attention`` (and then one
+``com.microsoft.MultiHeadAttention``) with outputs equal to the unfused graph; every
+negative twin differs in one detail that changes the math, and must stay unfused with
+the near miss reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import pytest
+
+import tfgraph
+from tfgraph.errors import StrictError
+
+HEADS, SIZE = 4, 8
+HIDDEN = HEADS * SIZE
+SCALE = 1 / math.sqrt(SIZE)
+QUARTER = math.sqrt(SCALE)
+
+
+def _model(body: str, *, mask: bool = True, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    weights = {n: rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32) * 0.2 for n in ("Wq", "Wk", "Wv")}
+    inputs = f"float[B,S,{HIDDEN}] x" + (", float[B,1,1,S] mask" if mask else "")
+    text = f"""
+<ir_version: 8, opset_import: ["" : 18]>
+g ({inputs}) => (float[B,S,{HIDDEN}] y) {{
+    q = MatMul (x, Wq)
+    k = MatMul (x, Wk)
+    v = MatMul (x, Wv)
+    shape4 = Constant <value_ints: ints = [0, 0, {HEADS}, {SIZE}]> ()
+    shape3 = Constant <value_ints: ints = [0, 0, {HIDDEN}]> ()
+    q4 = Reshape (q, shape4)
+    k4 = Reshape (k, shape4)
+    v4 = Reshape (v, shape4)
+    qh = Transpose <perm: ints = [0, 2, 1, 3]> (q4)
+    vh = Transpose <perm: ints = [0, 2, 1, 3]> (v4)
+{body}
+    ctx = MatMul (probs, vh)
+    ctx_t = Transpose <perm: ints = [0, 2, 1, 3]> (ctx)
+    y = Reshape (ctx_t, shape3)
+}}
+"""
+    graph = onnx.parser.parse_graph(text.split("\n", 2)[2])
+    graph.initializer.extend(onnx.numpy_helper.from_array(w, n) for n, w in weights.items())
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+EAGER = f"""
+    kt = Transpose <perm: ints = [0, 2, 3, 1]> (k4)
+    raw = MatMul (qh, kt)
+    div = Constant <value_float: float = {math.sqrt(SIZE)}> ()
+    scaled = Div (raw, div)
+    scores = Add (scaled, mask)
+    probs = Softmax <axis: int = -1> (scores)
+"""
+
+SDPA = f"""
+    kh = Transpose <perm: ints = [0, 2, 1, 3]> (k4)
+    kt = Transpose <perm: ints = [0, 1, 3, 2]> (kh)
+    quarter = Constant <value_float: float = {QUARTER}> ()
+    qs = Mul (qh, quarter)
+    ks = Mul (kt, quarter)
+    raw = MatMul (qs, ks)
+    scores = Add (mask, raw)
+    p = Softmax <axis: int = -1> (scores)
+    nan = IsNaN (p)
+    zero = Constant <value_floats: floats = [0.0]> ()
+    probs = Where (nan, zero, p)
+"""
+
+NO_MASK = f"""
+    kt = Transpose <perm: ints = [0, 2, 3, 1]> (k4)
+    raw = MatMul (qh, kt)
+    s = Constant <value_float: float = {SCALE}> ()
+    scores = Mul (raw, s)
+    probs = Softmax <axis: int = -1> (scores)
+"""
+
+SWAP_3D = f"""
+    zero_i = Constant <value_ints: ints = [0]> ()
+    two_i = Constant <value_ints: ints = [2]> ()
+    three_i = Constant <value_ints: ints = [3]> ()
+    four_i = Constant <value_ints: ints = [4]> ()
+    minus1 = Constant <value_ints: ints = [-1]> ()
+    kh = Transpose <perm: ints = [0, 2, 1, 3]> (k4)
+    kshape = Shape (kh)
+    b_h = Slice (kshape, zero_i, two_i)
+    s_dim = Slice (kshape, two_i, three_i)
+    d_dim = Slice (kshape, three_i, four_i)
+    flat_shape = Concat <axis: int = 0> (minus1, s_dim, d_dim)
+    flat = Reshape (kh, flat_shape)
+    flat_t = Transpose <perm: ints = [0, 2, 1]> (flat)
+    back_shape = Concat <axis: int = 0> (b_h, d_dim, s_dim)
+    kt = Reshape (flat_t, back_shape)
+    raw = MatMul (qh, kt)
+    s = Constant <value_float: float = {SCALE}> ()
+    sc = Mul (raw, s)
+    scores = Add (sc, mask)
+    probs = Softmax <axis: int = -1> (scores)
+"""
+
+
+def _feeds(mask: bool = True, seq: int = SIZE) -> dict:
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, seq, HIDDEN)).astype(np.float32)}
+    if mask:
+        m = np.zeros((2, 1, 1, seq), np.float32)
+        m[1, ..., 4:] = np.finfo(np.float32).min  # padding in the second row
+        feeds["mask"] = m
+    return feeds
+
+
+def _ops(model: ir.Model) -> dict:
+    counts: dict = {}
+    for node in model.graph:
+        counts[(node.domain, node.op_type)] = counts.get((node.domain, node.op_type), 0) + 1
+    return counts
+
+
+def _fuse_rule(manifest) -> dict:
+    return next(r for r in manifest["passes"] if r["name"] == "fuse-attention")["rules"]["attention"]
+
+
+@pytest.mark.parametrize("body,mask", [(EAGER, True), (SDPA, True), (NO_MASK, False), (SWAP_3D, True)],
+                         ids=["eager", "sdpa-split-scale-nan-guard", "no-mask", "dynamo-3d-key-swap"])
+def test_attention_forms_fuse(body, mask):
+    model = _model(body, mask=mask)
+    artifact = tfgraph.compile(model, "cpu-fp32", inputs=_feeds(mask))
+    assert _fuse_rule(artifact.manifest)["matches"] == 1
+    ops = _ops(artifact.model)
+    assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1
+    assert ("", "Softmax") not in ops
+    assert artifact.manifest["attention"] == {**artifact.manifest["attention"], "found": 1, "fused": 1, "unfused": 0}
+    mha = next(n for n in artifact.model.graph if n.op_type == "MultiHeadAttention")
+    assert mha.attributes.get_int("num_heads") == HEADS
+    assert mha.attributes.get_float("scale") == pytest.approx(SCALE, rel=1e-6)
+    assert (len(mha.inputs) > 5 and mha.inputs[5] is not None) == mask  # the mask travels as attention_bias
+    assert artifact.manifest["verification"]["passed"]
+
+
+def test_neutral_op_runs_unlowered():
+    """Without lowering, tfgraph.Attention runs as its ONNX function: same outputs as the input graph."""
+    from tfgraph.targets import get_target
+
+    base = get_target("cpu-fp32")
+    target = tfgraph.Target(
+        name="test-neutral", description="fusion only", providers=base.providers, precision="fp32",
+        passes=tuple(p for p in base.passes if p.name != "lower-attention"), tolerance=base.tolerance,
+    )
+    artifact = tfgraph.compile(_model(EAGER), target, inputs=_feeds())
+    assert _ops(artifact.model).get(("tfgraph", "Attention")) == 1
+    assert ("tfgraph", "Attention", "") in artifact.model.functions
+    assert artifact.manifest["verification"]["passed"]
+
+
+NEGATIVES = {
+    # Softmax over the query axis is not attention over keys.
+    "softmax-axis": (EAGER.replace("Softmax <axis: int = -1>", "Softmax <axis: int = 2>"), True, None),
+    # A NaN guard that fills with 1 changes fully-masked rows.
+    "nan-guard-fill-1": (SDPA.replace("value_floats: floats = [0.0]", "value_floats: floats = [1.0]"), True, "does not fill with 0"),
+    # Q·K instead of Q·Kᵀ (shapes only line up because the test sequence length equals the head size).
+    "key-not-transposed": (EAGER.replace("perm: ints = [0, 2, 3, 1]> (k4)", "perm: ints = [0, 2, 1, 3]> (k4)"), True, None),
+    # A scale that is a tensor, not a scalar.
+    "tensor-scale": (NO_MASK.replace(f"value_float: float = {SCALE}", "value_floats: floats = [" + ", ".join([str(SCALE)] * SIZE) + "]"), False, "not a constant non-zero scalar"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEGATIVES))
+def test_negative_twins_stay_unfused(name):
+    body, mask, reason = NEGATIVES[name]
+    model = _model(body, mask=mask)
+    artifact = tfgraph.compile(model, "cpu-fp32", inputs=_feeds(mask))
+    rule = _fuse_rule(artifact.manifest)
+    assert rule["matches"] == 0
+    assert "near_miss" in rule
+    if reason:
+        assert reason in rule["near_miss"]["reason"]
+    assert not any(op == "MultiHeadAttention" for _, op in _ops(artifact.model))
+    assert artifact.manifest["verification"]["passed"]
+
+
+def test_swap_rule_negative_twin():
+    """A 3-D reshape that does not swap the last two axes must not become a Transpose."""
+    body = SWAP_3D.replace("back_shape = Concat <axis: int = 0> (b_h, d_dim, s_dim)", "back_shape = Concat <axis: int = 0> (b_h, s_dim, d_dim)")
+    body = body.replace("flat_t = Transpose <perm: ints = [0, 2, 1]> (flat)", "flat_t = Transpose <perm: ints = [0, 1, 2]> (flat)")
+    model = _model(body)
+    artifact = tfgraph.compile(model, "cpu-fp32", inputs=_feeds(), verify=False)
+    swap = next(r for r in artifact.manifest["passes"] if r["name"] == "simplify-reshapes")["rules"]["swap-last-two-via-3d"]
+    assert swap["matches"] == 0
+
+
+def test_partial_fusion_warns_and_strict_fails(cli, tmp_path):
+    model = _model(NEGATIVES["key-not-transposed"][0])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = cli("compile", path, "-o", tmp_path / "out", "--quiet")
+    assert result.code == 0
+    assert "WARNING: partial attention fusion: 1 of 1 attention blocks left unfused" in " ".join(result.err.split())
+    result = cli("compile", path, "-o", tmp_path / "out2", "--strict")
+    assert result.code == 1 and "strict" in result.err
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(StrictError):
+        tfgraph.compile(model, "cpu-fp32", strict=True, verify=False)
