@@ -13,6 +13,7 @@ from tfgraph.passes.registry import PassSpec, available_passes, create_pass, get
 from tfgraph.passes import (  # noqa: E402
     attention_fusion,
     attention_lowering,
+    basic_simplify,
     constant_folding,
     cse,
     dead_code,
@@ -21,6 +22,7 @@ from tfgraph.passes import (  # noqa: E402
     lift_constants,
     reshape_simplify,
     shape_inference,
+    shape_sources,
 )  # noqa: E402,F401
 
 __all__ = ["PassSpec", "available_passes", "create_pass", "get_pass_class", "register_pass"]

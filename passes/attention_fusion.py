@@ -88,6 +88,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         super().__init__(name="attention")
         self._heads = 0
         self._scale = 1.0
+        self._reshape_after = False
 
     def pattern(self, op, q_in, k_in, v_in, q_shape, k_shape, v_shape, out_shape, k3_shape, k4_shape,
                 q_scale, k_scale, s_scale, bias, nan_fill):
@@ -110,9 +111,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         probs = pattern.OrValue([op.Where(op.IsNaN(probs), nan_fill, probs), probs], tag_var="nan_guard", tag_values=[True, False])
         v = op.Transpose(op.Reshape(v_in, v_shape, _outputs=["v_4d"]), perm=[0, 2, 1, 3])
         context = op.Transpose(op.MatMul(probs, v), perm=[0, 2, 1, 3])
-        return op.Reshape(context, out_shape)
+        return op.Reshape(context, out_shape, _outputs=["out"])
 
-    def check(self, context, q_in, k_in, v_in, q_4d, k_4d, v_4d, bias=None, has_bias=False, **bindings):
+    def check(self, context, q_in, k_in, v_in, q_4d, k_4d, v_4d, out, bias=None, has_bias=False, **bindings):
         result = pattern.MatchResult()
         dims = {}
         for name, inp, out in (("query", q_in, q_4d), ("key", k_in, k_4d), ("value", v_in, v_4d)):
@@ -140,20 +141,27 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             return result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
         if has_bias and (bias.shape is None or len(bias.shape) > 4):
             return result.fail("attention bias rank is unknown or above 4", bias)
+        # The merge Reshape may also flatten batch and sequence (GPT-2's Conv1D reads (B·S, D)):
+        # then the fused op is followed by the same Reshape.
+        merged = out.shape is not None and len(out.shape) == 3 and q_in.shape is not None and (
+            list(out.shape)[:2] == list(q_in.shape)[:2]
+        )
+        self._reshape_after = not merged
         self._heads = heads
         self._scale = scale
         return result
 
-    def rewrite(self, op, q_in, k_in, v_in, bias=None, has_bias=False, **_):
+    def rewrite(self, op, q_in, k_in, v_in, out_shape, bias=None, has_bias=False, **_):
         if not has_bias:
             dtype = q_in.dtype.numpy() if q_in.dtype is not None else np.float32
             bias = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
             kind = "none"
         else:
             kind = "bias"
-        return op.Attention(
+        fused = op.Attention(
             q_in, k_in, v_in, bias, num_heads=self._heads, scale=self._scale, mask_kind=kind, _domain=ops.DOMAIN
         )
+        return op.Reshape(fused, out_shape) if self._reshape_after else fused
 
 
 @register_pass("fuse-attention")

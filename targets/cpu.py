@@ -24,8 +24,12 @@ CLEANUP = (
 # to the neutral tfgraph.Attention, lowered to the op the CPU EP runs best.
 FUSION = (
     PassSpec("infer-shapes"),
+    PassSpec("shape-from-inputs"),
+    PassSpec("simplify-ops"),
     PassSpec("simplify-reshapes"),
     PassSpec("eliminate-identity"),
+    PassSpec("cse"),
+    PassSpec("fold-constants"),
     PassSpec("remove-dead"),
     PassSpec("fuse-attention"),
 )
