@@ -169,6 +169,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             exporter=args.exporter,
             export_batch=args.batch,
             export_seq=args.seq,
+            attention=args.attention,
             progress=progress,
         )
     if args.json:
@@ -191,7 +192,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BadInputError(f"{out.parent}: folder does not exist")
     with _Progress(enabled=not args.json and not args.quiet) as progress:
         progress(f"export {args.model} ({args.exporter})", 0, 1)
-        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq)
+        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq, attention=args.attention)
         progress(f"export {args.model} ({args.exporter})", 1, 1)
     info = {"output": str(path), "model": args.model, "exporter": args.exporter, "bytes": path.stat().st_size}
     if args.json:
@@ -209,7 +210,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from tfgraph.verify import generate_inputs, parse_shapes
 
     with contextlib.ExitStack() as stack, _Progress(enabled=not args.json) as progress:
-        model, source = resolve_model(args.model, stack, exporter=args.exporter, progress=progress)
+        model, source = resolve_model(
+            args.model, stack, exporter=args.exporter, export_batch=args.batch, export_seq=args.seq,
+            attention=args.attention, progress=progress,
+        )
         report: dict[str, Any] = {"source": source, **analysis.summarize(model)}
         if not args.no_flops:
             progress("estimate FLOPs", 0, 1)
@@ -289,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch exporter for built-in/HF models (default: dynamo)")
         p.add_argument("--batch", type=int, default=2, help="batch size of the example inputs used to export (axes stay dynamic)")
         p.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs used to export (axes stay dynamic)")
+        p.add_argument("--attention", choices=("sdpa", "eager"), default=None,
+                       help="attention implementation of Hugging Face models (minilm, HF folders); default sdpa, as transformers")
 
     p = sub.add_parser("compile", help="compile a model for a target and write a verified artifact")
     p.add_argument("model", help="an .onnx file, a built-in model name (see `tfgraph export --help`), or a local Hugging Face folder")
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="an .onnx file or a built-in model name")
     p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="shape for the FLOP estimate (default batch 2, sequence 16)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP estimate (it runs the model once)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    export_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 

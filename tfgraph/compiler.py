@@ -48,6 +48,7 @@ def resolve_model(
     exporter: str = "dynamo",
     export_batch: int = 2,
     export_seq: int = 16,
+    attention: str | None = None,
     progress: Progress | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Turn what the user gave into an onnx_ir model plus a description of its source for the manifest."""
@@ -78,11 +79,13 @@ def resolve_model(
     tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tfgraph-export-")))
     if progress:
         progress(f"export {model} ({exporter})", 0, 1)
-    onnx_path = export(str(model), tmp / "model.onnx", exporter=exporter, batch=export_batch, seq=export_seq)
+    onnx_path = export(
+        str(model), tmp / "model.onnx", exporter=exporter, batch=export_batch, seq=export_seq, attention=attention
+    )
     if progress:
         progress(f"export {model} ({exporter})", 1, 1)
     loaded = tir.load(onnx_path)
-    source.update({"exporter": exporter, "export_shape": {"batch": export_batch, "sequence": export_seq}})
+    source.update({"exporter": exporter, "attention": attention, "export_shape": {"batch": export_batch, "sequence": export_seq}})
     source.update({"sha256": loaded.input_hashes()["sha256"]})
     return loaded.model, source
 
@@ -103,13 +106,14 @@ def compile(  # noqa: A001 - the product's verb
     exporter: str = "dynamo",
     export_batch: int = 2,
     export_seq: int = 16,
+    attention: str | None = None,
     external_data_threshold: int = tir.DEFAULT_EXTERNAL_DATA_THRESHOLD,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` for ``target`` and return the :class:`Artifact` (written to ``output`` if given).
 
     ``model`` is an ``.onnx`` path, a built-in model name (exported first with
-    ``exporter``), a local Hugging Face folder, or an in-memory ``onnx_ir.Model`` /
+    ``exporter``; ``attention`` picks eager or SDPA attention for Hugging Face models), a local Hugging Face folder, or an in-memory ``onnx_ir.Model`` /
     ``onnx.ModelProto``. With ``verify`` (the default) every pass is checked
     numerically against the input model on ``inputs`` (an ``.npz`` path or a dict of
     arrays) or on inputs generated from the graph's signature at ``shapes``; the first
@@ -130,7 +134,13 @@ def compile(  # noqa: A001 - the product's verb
 
     with contextlib.ExitStack() as stack:
         model_ir, source = resolve_model(
-            model, stack, exporter=exporter, export_batch=export_batch, export_seq=export_seq, progress=progress
+            model,
+            stack,
+            exporter=exporter,
+            export_batch=export_batch,
+            export_seq=export_seq,
+            attention=attention,
+            progress=progress,
         )
         attention_before = analysis.attention_blocks(model_ir)
         nodes_before = count_nodes(model_ir)
