@@ -20,6 +20,7 @@ from tfgraph.passes import (  # noqa: E402
     dedup_initializers,
     identity,
     lift_constants,
+    ort_operator_fusion,
     reshape_simplify,
     shape_inference,
     shape_sources,

@@ -115,8 +115,11 @@ def fingerprint(model: ir.Model) -> str:
             h.update(f"w{vid(v)}:{name}:{getattr(t, 'shape', None)}:{getattr(t, 'dtype', None)}".encode())
         for node in graph:
             attrs = ";".join(_attr_key(k, a) for k, a in node.attributes.items())
+            inputs = list(node.inputs)
+            while inputs and inputs[-1] is None:  # trailing omitted optional inputs mean nothing
+                inputs.pop()
             h.update(
-                f"n{node.domain}:{node.op_type}:{','.join(vid(i) for i in node.inputs)}->"
+                f"n{node.domain}:{node.op_type}:{','.join(vid(i) for i in inputs)}->"
                 f"{','.join(vid(o) for o in node.outputs)}[{attrs}]".encode()
             )
         for v in graph.outputs:
