@@ -128,15 +128,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             return result.fail(f"key heads/size {dims['key']} differ from query's {(heads, head_size)}", k_4d)
         if dims["value"][0] != heads:
             return result.fail(f"value has {dims['value'][0]} heads, query {heads}", v_4d)
-        scale = 1.0
-        for tag, var in (("q_scaling", "q_scale"), ("k_scaling", "k_scale"), ("s_scaling", "s_scale")):
-            kind = bindings.get(tag, "None")
-            if kind == "None":
-                continue
-            factor = _scalar(bindings.get(var))
-            if factor is None or factor == 0.0:
-                return result.fail(f"{var} is not a constant non-zero scalar", bindings.get(var))
-            scale *= factor if kind == "Mul" else 1.0 / factor
+        scale = _combined_scale(bindings, result)
+        if scale is None:
+            return result
         if bindings.get("nan_guard") and _scalar(bindings.get("nan_fill")) != 0.0:
             return result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
         if has_bias and (bias.shape is None or len(bias.shape) > 4):
@@ -164,6 +158,71 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         return op.Reshape(fused, out_shape) if self._reshape_after else fused
 
 
+class AttentionBHSDFusion(pattern.RewriteRuleClassBase):
+    """Scaled dot-product attention on head-split tensors → ``tfgraph.AttentionBHSD``.
+
+    For blocks the full rule cannot take because Q/K/V are transformed after the head
+    split (rotary embeddings, repeated grouped K/V heads): anchors on Q, Kᵀ (a
+    ``Transpose(k, 0,1,3,2)``), optional scales, bias and NaN guard, Softmax and the
+    product with V. Runs after the full rule, so it only sees what that one left.
+    """
+
+    def __init__(self):
+        super().__init__(name="attention-bhsd")
+        self._scale = 1.0
+
+    def pattern(self, op, q, k, v, q_scale, k_scale, s_scale, bias, nan_fill):
+        k_t = op.Transpose(k, perm=[0, 1, 3, 2])
+        scores = op.MatMul(_scaled(op, q, q_scale, "q_scaling"), _scaled(op, k_t, k_scale, "k_scaling"))
+        scores = _scaled(op, scores, s_scale, "s_scaling")
+        scores = pattern.OrValue([op.Add(scores, bias), scores], tag_var="has_bias", tag_values=[True, False])
+        probs = op.Softmax(scores, axis=-1)
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), nan_fill, probs), probs], tag_var="nan_guard", tag_values=[True, False])
+        return op.MatMul(probs, v)
+
+    def check(self, context, q, k, v, bias=None, has_bias=False, **bindings):
+        result = pattern.MatchResult()
+        for name, value in (("query", q), ("key", k), ("value", v)):
+            if value.shape is None or len(value.shape) != 4:
+                return result.fail(f"{name} is not known to be rank 4 (batch, heads, sequence, size)", value)
+        heads = {d for d in (q.shape[1], k.shape[1], v.shape[1])}
+        if len(heads) != 1 or not isinstance(q.shape[1], int):
+            return result.fail(f"head counts differ or are not static: {q.shape[1]}, {k.shape[1]}, {v.shape[1]}", k)
+        if q.shape[3] != k.shape[3] or not isinstance(q.shape[3], int):
+            return result.fail("query and key head sizes differ or are not static", k)
+        scale = _combined_scale(bindings, result)
+        if scale is None:
+            return result
+        if bindings.get("nan_guard") and _scalar(bindings.get("nan_fill")) != 0.0:
+            return result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
+        if has_bias and (bias.shape is None or len(bias.shape) > 4):
+            return result.fail("attention bias rank is unknown or above 4", bias)
+        self._scale = scale
+        return result
+
+    def rewrite(self, op, q, k, v, bias=None, has_bias=False, **_):
+        kind = "bias" if has_bias else "none"
+        if not has_bias:
+            dtype = q.dtype.numpy() if q.dtype is not None else np.float32
+            bias = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
+        return op.AttentionBHSD(q, k, v, bias, scale=self._scale, mask_kind=kind, _domain=ops.DOMAIN)
+
+
+def _combined_scale(bindings: dict, result: pattern.MatchResult) -> float | None:
+    """Product of the matched scalings (Mul by s, or Div by s → 1/s); None (and a failure) if one is not a scalar."""
+    scale = 1.0
+    for tag, var in (("q_scaling", "q_scale"), ("k_scaling", "k_scale"), ("s_scaling", "s_scale")):
+        kind = bindings.get(tag, "None")
+        if kind == "None":
+            continue
+        factor = _scalar(bindings.get(var))
+        if factor is None or factor == 0.0:
+            result.fail(f"{var} is not a constant non-zero scalar", bindings.get(var))
+            return None
+        scale *= factor if kind == "Mul" else 1.0 / factor
+    return scale
+
+
 @register_pass("fuse-attention")
 class FuseAttentionPass(RuleSetPass):
     """Rewrite multi-head attention blocks to the neutral ``tfgraph.Attention`` operator.
@@ -172,10 +231,14 @@ class FuseAttentionPass(RuleSetPass):
     """
 
     def named_rules(self) -> Sequence[tuple[str, pattern.RewriteRule]]:
-        return [("attention", AttentionFusion.rule())]
+        return [("attention", AttentionFusion.rule()), ("attention-bhsd", AttentionBHSDFusion.rule())]
+
+    # Which neutral operator each rule emits (its function definition is added on use).
+    RULE_OPS = {"attention": "Attention", "attention-bhsd": "AttentionBHSD"}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
-        if result.modified:
-            ops.ensure_defined(model, "Attention")
+        for rule_name, op_name in self.RULE_OPS.items():
+            if self.report.get(rule_name, {}).get("matches"):
+                ops.ensure_defined(model, op_name)
         return result

@@ -1,4 +1,4 @@
-"""Lowering ``tfgraph.Attention`` to the operator a target runs best."""
+"""Lowering the neutral attention operators to the operator a target runs best."""
 
 from __future__ import annotations
 
@@ -13,60 +13,79 @@ LOWERINGS = ("com.microsoft.MultiHeadAttention", "function")
 
 
 def _same_dim(a, b) -> bool:
-    return a is not None and b is not None and (a == b) and (isinstance(a, int) or str(a) != "")
+    return a is not None and b is not None and a == b
 
 
-def _const(graph_nodes: list, array: np.ndarray) -> ir.Value:
+def _const(new: list[ir.Node], array: np.ndarray) -> ir.Value:
     node = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
-    graph_nodes.append(node)
+    new.append(node)
     return node.outputs[0]
 
 
-def _lower_to_mha(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
-    q, k, v, bias = node.inputs
-    heads = node.attributes.get_int("num_heads")
-    scale = node.attributes.get_float("scale")
-    kind = node.attributes.get_string("mask_kind", "bias")
+def _mha_bias(new: list[ir.Node], node: ir.Node, q: ir.Value, q_axis: int, k: ir.Value, k_axis: int) -> ir.Value | None:
+    """The additive mask as MultiHeadAttention's ``attention_bias``: (B|1, N|1, S, T), broadcast explicitly when needed."""
+    bias = node.inputs[3]
+    if node.attributes.get_string("mask_kind", "bias") == "none":
+        return None
+    if (
+        bias.shape is not None
+        and len(bias.shape) == 4
+        and q.shape is not None
+        and k.shape is not None
+        and _same_dim(bias.shape[2], q.shape[q_axis])
+        and _same_dim(bias.shape[3], k.shape[k_axis])
+    ):
+        return bias
+    sq = ir.node("Shape", [q], attributes={"start": q_axis, "end": q_axis + 1})
+    sk = ir.node("Shape", [k], attributes={"start": k_axis, "end": k_axis + 1})
+    ones = _const(new, np.array([1, 1], dtype=np.int64))
+    shape = ir.node("Concat", [ones, sq.outputs[0], sk.outputs[0]], attributes={"axis": 0})
+    expand = ir.node("Expand", [bias, shape.outputs[0]])
+    new += [sq, sk, shape, expand]
+    return expand.outputs[0]
+
+
+def _mha(node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, bias: ir.Value | None) -> ir.Node:
+    inputs = [q, k, v, None, None, bias] if bias is not None else [q, k, v]
+    attributes = {"num_heads": heads, "scale": node.attributes.get_float("scale")}
+    return ir.node("MultiHeadAttention", inputs, attributes=attributes, domain="com.microsoft", name=node.name)
+
+
+def _lower_bsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
+    q, k, v, _ = node.inputs
     new: list[ir.Node] = []
-    attention_bias = None
-    if kind != "none":
-        attention_bias = bias
-        full = (
-            bias.shape is not None
-            and len(bias.shape) == 4
-            and q.shape is not None
-            and k.shape is not None
-            and _same_dim(bias.shape[2], q.shape[1])
-            and _same_dim(bias.shape[3], k.shape[1])
-        )
-        if not full:
-            # MultiHeadAttention wants (B|1, N|1, S, T): broadcast query/key lengths in explicitly.
-            sq = ir.node("Shape", [q], attributes={"start": 1, "end": 2})
-            sk = ir.node("Shape", [k], attributes={"start": 1, "end": 2})
-            ones = _const(new, np.array([1, 1], dtype=np.int64))
-            shape = ir.node("Concat", [ones, sq.outputs[0], sk.outputs[0]], attributes={"axis": 0})
-            expand = ir.node("Expand", [bias, shape.outputs[0]])
-            new += [sq, sk, shape, expand]
-            attention_bias = expand.outputs[0]
-    inputs = [q, k, v, None, None, attention_bias] if attention_bias is not None else [q, k, v]
-    mha = ir.node(
-        "MultiHeadAttention",
-        inputs,
-        attributes={"num_heads": heads, "scale": scale},
-        domain="com.microsoft",
-        name=node.name,
-    )
+    bias = _mha_bias(new, node, q, 1, k, 1)
+    mha = _mha(node, q, k, v, node.attributes.get_int("num_heads"), bias)
     new.append(mha)
     return new, mha.outputs[0]
 
 
+def _lower_bhsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
+    """Query to (B, S, N·H); key/value stay (B, N, L, H), which MultiHeadAttention reads as is."""
+    q, k, v, _ = node.inputs
+    heads = q.shape[1]
+    new: list[ir.Node] = []
+    bias = _mha_bias(new, node, q, 2, k, 2)
+    q_t = ir.node("Transpose", [q], attributes={"perm": [0, 2, 1, 3]})
+    q_bsd = ir.node("Reshape", [q_t.outputs[0], _const(new, np.array([0, 0, -1], dtype=np.int64))])
+    mha = _mha(node, q_bsd.outputs[0], k, v, heads, bias)
+    split = ir.node("Reshape", [mha.outputs[0], _const(new, np.array([0, 0, heads, -1], dtype=np.int64))])
+    back = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
+    new += [q_t, q_bsd, mha, split, back]
+    return new, back.outputs[0]
+
+
+_TO_MHA = {"Attention": _lower_bsd, "AttentionBHSD": _lower_bhsd}
+
+
 @register_pass("lower-attention")
 class LowerAttentionPass(ir.passes.InPlacePass):
-    """Replace ``tfgraph.Attention`` with the target's operator.
+    """Replace the neutral ``tfgraph.Attention`` / ``tfgraph.AttentionBHSD`` with the target's operator.
 
     ``to="com.microsoft.MultiHeadAttention"``: onnxruntime's fused kernel (CPU and
-    CUDA), the exporter's additive mask passed as ``attention_bias``.
-    ``to="function"``: keep the neutral op; it runs as its standard-ONNX function body.
+    CUDA), the exporter's additive mask passed as ``attention_bias``; head-split
+    inputs keep K/V in (B, N, L, H), which the kernel accepts directly.
+    ``to="function"``: keep the neutral ops; they run as their standard-ONNX bodies.
     """
 
     def __init__(self, *, to: str = "com.microsoft.MultiHeadAttention"):
@@ -81,11 +100,12 @@ class LowerAttentionPass(ir.passes.InPlacePass):
         if self.to != "function":
             for graph in model.graphs():
                 for node in list(graph):
-                    if node.domain != ops.DOMAIN or node.op_type != "Attention":
+                    if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
                         continue
-                    new_nodes, output = _lower_to_mha(node)
-                    output.name, output.shape, output.type = node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
-                    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [output])
+                    new_nodes, output = _TO_MHA[node.op_type](node)
+                    old = node.outputs[0]
+                    output.name, output.shape, output.type = old.name, old.shape, old.type
+                    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [output])
                     count += 1
             if count:
                 model.opset_imports.setdefault("com.microsoft", 1)

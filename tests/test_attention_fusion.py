@@ -212,3 +212,35 @@ def test_partial_fusion_warns_and_strict_fails(cli, tmp_path):
     assert not (tmp_path / "out2").exists()
     with pytest.raises(StrictError):
         tfgraph.compile(model, "cpu-fp32", strict=True, verify=False)
+
+
+ROTARY_LIKE = f"""
+    cos = Constant <value_float: float = 0.8> ()
+    qr = Mul (qh, cos)
+    kh = Transpose <perm: ints = [0, 2, 1, 3]> (k4)
+    kr = Mul (kh, cos)
+    kt = Transpose <perm: ints = [0, 1, 3, 2]> (kr)
+    raw = MatMul (qr, kt)
+    s = Constant <value_float: float = {SCALE}> ()
+    sc = Mul (raw, s)
+    scores = Add (sc, mask)
+    probs = Softmax <axis: int = -1> (scores)
+"""
+
+
+def test_head_split_form_fuses():
+    """Q and K transformed after the head split (as rotary embeddings do) → AttentionBHSD → MHA."""
+    artifact = tfgraph.compile(_model(ROTARY_LIKE), "cpu-fp32", inputs=_feeds())
+    rules = next(r for r in artifact.manifest["passes"] if r["name"] == "fuse-attention")["rules"]
+    assert rules["attention"]["matches"] == 0 and rules["attention-bhsd"]["matches"] == 1
+    assert _ops(artifact.model).get(("com.microsoft", "MultiHeadAttention")) == 1
+    assert artifact.manifest["verification"]["passed"]
+
+
+def test_head_split_form_negative_twin():
+    """Softmax over the query axis in the head-split form stays unfused."""
+    body = ROTARY_LIKE.replace("Softmax <axis: int = -1>", "Softmax <axis: int = 2>")
+    artifact = tfgraph.compile(_model(body), "cpu-fp32", inputs=_feeds())
+    rules = next(r for r in artifact.manifest["passes"] if r["name"] == "fuse-attention")["rules"]
+    assert rules["attention-bhsd"]["matches"] == 0 and "near_miss" in rules["attention-bhsd"]
+    assert artifact.manifest["attention"]["unfused"] == 1

@@ -65,12 +65,10 @@ def test_builtin_models_compile(cli, tmp_path, name, exporter):
         # TorchScript output carries Identity nodes and shape chains the cleanup removes.
         assert manifest["summary"]["nodes_after"] < manifest["summary"]["nodes_before"]
     attention = manifest["attention"]
-    if name.endswith("-kv"):
-        # Attention over a past/present KV cache is not fused yet: reported, never silent.
-        assert attention["unfused"] == 2 and any("partial attention fusion" in w for w in manifest["warnings"])
-    else:
-        assert (attention["found"], attention["fused"], attention["unfused"]) == (2, 2, 0)
-        assert attention["fused_ops"] == {"com.microsoft::MultiHeadAttention": 2}
+    # Every layer fused, the KV-cache decoder included (keys/values concatenated with the past).
+    assert (attention["found"], attention["fused"], attention["unfused"]) == (2, 2, 0)
+    assert attention["fused_ops"] == {"com.microsoft::MultiHeadAttention": 2}
+    assert manifest["warnings"] == []
     if name.startswith("albert"):
         assert analysis.summarize(ir_load(out / "model.onnx").model)["duplicate_initializers"] == []
 

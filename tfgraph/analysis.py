@@ -29,6 +29,8 @@ FUSED_ATTENTION_OPS = frozenset(
         ("com.microsoft", "PackedAttention"),
         ("com.microsoft", "PackedMultiHeadAttention"),
         ("com.microsoft", "LongformerAttention"),
+        ("tfgraph", "Attention"),
+        ("tfgraph", "AttentionBHSD"),
     }
 )
 _MAX_WALK = 12

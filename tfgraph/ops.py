@@ -13,6 +13,13 @@ lowers nothing gets a correct standard-ONNX graph.
     ``attention_bias`` is additive and broadcasts to ``(batch, heads, q_len, kv_len)``
     (a scalar 0 when the attention has no mask). Attributes: ``num_heads`` (int),
     ``scale`` (float), ``mask_kind`` (``"none"`` or ``"bias"``; informs lowering).
+
+``tfgraph.AttentionBHSD(query, key, value, attention_bias)``
+    The same computation on tensors already split into heads,
+    ``(batch, heads, sequence, head_size)``, output in that layout too: the form
+    attention takes when something happens between the head split and the product
+    (rotary embeddings on Q and K, grouped K/V heads repeated to the query's count).
+    Attributes: ``scale``, ``mask_kind``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,20 @@ Attention <num_heads, scale, mask_kind> (query, key, value, attention_bias) => (
 }
 """
 
-_DEFINITIONS = {"Attention": _ATTENTION}
+_ATTENTION_BHSD = """
+<domain: "tfgraph", opset_import: ["" : 18]>
+AttentionBHSD <scale, mask_kind> (query, key, value, attention_bias) => (output) {
+    alpha = Constant <value_float: float = @scale> ()
+    kt = Transpose <perm: ints = [0, 1, 3, 2]> (key)
+    raw = MatMul (query, kt)
+    scaled = Mul (raw, alpha)
+    scores = Add (scaled, attention_bias)
+    probs = Softmax <axis: int = -1> (scores)
+    output = MatMul (probs, value)
+}
+"""
+
+_DEFINITIONS = {"Attention": _ATTENTION, "AttentionBHSD": _ATTENTION_BHSD}
 
 
 @functools.cache
