@@ -21,6 +21,7 @@ from tfgraph.passes import (  # noqa: E402
     identity,
     lift_constants,
     ort_operator_fusion,
+    pack_projections,
     reshape_simplify,
     shape_inference,
     shape_sources,
