@@ -41,6 +41,44 @@ def _scaled(op, value, scale, tag: str):
     )
 
 
+def _probs(op, q, k_t, q_scale, k_scale, s_scale, bias, nan_fill):
+    """The shared middle of both rules: scaled scores, optional bias, Softmax, optional NaN guard."""
+    scores = op.MatMul(_scaled(op, q, q_scale, "q_scaling"), _scaled(op, k_t, k_scale, "k_scaling"))
+    scores = _scaled(op, scores, s_scale, "s_scaling")
+    scores = pattern.OrValue([op.Add(scores, bias), scores], tag_var="has_bias", tag_values=[True, False])
+    probs = op.Softmax(scores, axis=-1)
+    return pattern.OrValue(
+        [op.Where(op.IsNaN(probs), nan_fill, probs), probs], tag_var="nan_guard", tag_values=[True, False]
+    )
+
+
+def _check_probs(bindings: dict, result: pattern.MatchResult) -> float | None:
+    """Checks of the shared middle; returns the combined scale, or None after recording the failure."""
+    scale = 1.0
+    for tag, var in (("q_scaling", "q_scale"), ("k_scaling", "k_scale"), ("s_scaling", "s_scale")):
+        kind = bindings.get(tag, "None")
+        if kind == "None":
+            continue
+        factor = _scalar(bindings.get(var))
+        if factor is None or factor == 0.0:
+            result.fail(f"{var} is not a constant non-zero scalar", bindings.get(var))
+            return None
+        scale *= factor if kind == "Mul" else 1.0 / factor
+    if bindings.get("nan_guard") and _scalar(bindings.get("nan_fill")) != 0.0:
+        result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
+        return None
+    bias = bindings.get("bias")
+    if bindings.get("has_bias") and (bias.shape is None or len(bias.shape) > 4):
+        result.fail("attention bias rank is unknown or above 4", bias)
+        return None
+    return scale
+
+
+def _zero_bias(op, like: ir.Value):
+    dtype = like.dtype.numpy() if like.dtype is not None else np.float32
+    return op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
+
+
 def _split_heads_dims(inp: ir.Value, out: ir.Value) -> tuple[int, int] | None:
     """``(heads, head_size)`` of ``Reshape(inp) -> out`` with ``out`` rank 4 (batch, seq, heads, size).
 
@@ -104,11 +142,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             tag_var="key_transpose",
             tag_values=["bshd", "bhsd", "3d"],
         )
-        scores = op.MatMul(_scaled(op, q, q_scale, "q_scaling"), _scaled(op, k_t, k_scale, "k_scaling"))
-        scores = _scaled(op, scores, s_scale, "s_scaling")
-        scores = pattern.OrValue([op.Add(scores, bias), scores], tag_var="has_bias", tag_values=[True, False])
-        probs = op.Softmax(scores, axis=-1)
-        probs = pattern.OrValue([op.Where(op.IsNaN(probs), nan_fill, probs), probs], tag_var="nan_guard", tag_values=[True, False])
+        probs = _probs(op, q, k_t, q_scale, k_scale, s_scale, bias, nan_fill)
         v = op.Transpose(op.Reshape(v_in, v_shape, _outputs=["v_4d"]), perm=[0, 2, 1, 3])
         context = op.Transpose(op.MatMul(probs, v), perm=[0, 2, 1, 3])
         return op.Reshape(context, out_shape, _outputs=["out"])
@@ -116,25 +150,21 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
     def check(self, context, q_in, k_in, v_in, q_4d, k_4d, v_4d, out, bias=None, has_bias=False, **bindings):
         result = pattern.MatchResult()
         dims = {}
-        for name, inp, out in (("query", q_in, q_4d), ("key", k_in, k_4d), ("value", v_in, v_4d)):
+        for name, inp, split_out in (("query", q_in, q_4d), ("key", k_in, k_4d), ("value", v_in, v_4d)):
             if inp.shape is None or len(inp.shape) != 3:
                 return result.fail(f"{name} input is not known to be rank 3 (batch, sequence, hidden)", inp)
-            split = _split_heads_dims(inp, out)
+            split = _split_heads_dims(inp, split_out)
             if split is None:
-                return result.fail(f"cannot determine heads and head size of the {name} reshape", out)
+                return result.fail(f"cannot determine heads and head size of the {name} reshape", split_out)
             dims[name] = split
         heads, head_size = dims["query"]
         if dims["key"] != (heads, head_size):
             return result.fail(f"key heads/size {dims['key']} differ from query's {(heads, head_size)}", k_4d)
         if dims["value"][0] != heads:
             return result.fail(f"value has {dims['value'][0]} heads, query {heads}", v_4d)
-        scale = _combined_scale(bindings, result)
+        scale = _check_probs({**bindings, "bias": bias, "has_bias": has_bias}, result)
         if scale is None:
             return result
-        if bindings.get("nan_guard") and _scalar(bindings.get("nan_fill")) != 0.0:
-            return result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
-        if has_bias and (bias.shape is None or len(bias.shape) > 4):
-            return result.fail("attention bias rank is unknown or above 4", bias)
         # The merge Reshape may also flatten batch and sequence (GPT-2's Conv1D reads (B·S, D)):
         # then the fused op is followed by the same Reshape.
         merged = out.shape is not None and len(out.shape) == 3 and q_in.shape is not None and (
@@ -146,12 +176,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, q_in, k_in, v_in, out_shape, bias=None, has_bias=False, **_):
+        kind = "bias" if has_bias else "none"
         if not has_bias:
-            dtype = q_in.dtype.numpy() if q_in.dtype is not None else np.float32
-            bias = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
-            kind = "none"
-        else:
-            kind = "bias"
+            bias = _zero_bias(op, q_in)
         fused = op.Attention(
             q_in, k_in, v_in, bias, num_heads=self._heads, scale=self._scale, mask_kind=kind, _domain=ops.DOMAIN
         )
@@ -172,12 +199,7 @@ class AttentionBHSDFusion(pattern.RewriteRuleClassBase):
         self._scale = 1.0
 
     def pattern(self, op, q, k, v, q_scale, k_scale, s_scale, bias, nan_fill):
-        k_t = op.Transpose(k, perm=[0, 1, 3, 2])
-        scores = op.MatMul(_scaled(op, q, q_scale, "q_scaling"), _scaled(op, k_t, k_scale, "k_scaling"))
-        scores = _scaled(op, scores, s_scale, "s_scaling")
-        scores = pattern.OrValue([op.Add(scores, bias), scores], tag_var="has_bias", tag_values=[True, False])
-        probs = op.Softmax(scores, axis=-1)
-        probs = pattern.OrValue([op.Where(op.IsNaN(probs), nan_fill, probs), probs], tag_var="nan_guard", tag_values=[True, False])
+        probs = _probs(op, q, op.Transpose(k, perm=[0, 1, 3, 2]), q_scale, k_scale, s_scale, bias, nan_fill)
         return op.MatMul(probs, v)
 
     def check(self, context, q, k, v, bias=None, has_bias=False, **bindings):
@@ -190,37 +212,17 @@ class AttentionBHSDFusion(pattern.RewriteRuleClassBase):
             return result.fail(f"head counts differ or are not static: {q.shape[1]}, {k.shape[1]}, {v.shape[1]}", k)
         if q.shape[3] != k.shape[3] or not isinstance(q.shape[3], int):
             return result.fail("query and key head sizes differ or are not static", k)
-        scale = _combined_scale(bindings, result)
+        scale = _check_probs({**bindings, "bias": bias, "has_bias": has_bias}, result)
         if scale is None:
             return result
-        if bindings.get("nan_guard") and _scalar(bindings.get("nan_fill")) != 0.0:
-            return result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
-        if has_bias and (bias.shape is None or len(bias.shape) > 4):
-            return result.fail("attention bias rank is unknown or above 4", bias)
         self._scale = scale
         return result
 
     def rewrite(self, op, q, k, v, bias=None, has_bias=False, **_):
         kind = "bias" if has_bias else "none"
         if not has_bias:
-            dtype = q.dtype.numpy() if q.dtype is not None else np.float32
-            bias = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
+            bias = _zero_bias(op, q)
         return op.AttentionBHSD(q, k, v, bias, scale=self._scale, mask_kind=kind, _domain=ops.DOMAIN)
-
-
-def _combined_scale(bindings: dict, result: pattern.MatchResult) -> float | None:
-    """Product of the matched scalings (Mul by s, or Div by s → 1/s); None (and a failure) if one is not a scalar."""
-    scale = 1.0
-    for tag, var in (("q_scaling", "q_scale"), ("k_scaling", "k_scale"), ("s_scaling", "s_scale")):
-        kind = bindings.get(tag, "None")
-        if kind == "None":
-            continue
-        factor = _scalar(bindings.get(var))
-        if factor is None or factor == 0.0:
-            result.fail(f"{var} is not a constant non-zero scalar", bindings.get(var))
-            return None
-        scale *= factor if kind == "Mul" else 1.0 / factor
-    return scale
 
 
 @register_pass("fuse-attention")
