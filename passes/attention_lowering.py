@@ -9,7 +9,7 @@ from tfgraph import ops
 from tfgraph.errors import BadInputError
 from tfgraph.passes.registry import register_pass
 
-LOWERINGS = ("com.microsoft.MultiHeadAttention", "function")
+LOWERINGS = ("com.microsoft.Attention", "com.microsoft.MultiHeadAttention", "function")
 
 
 def _same_dim(a, b) -> bool:
@@ -78,6 +78,78 @@ def _lower_bhsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
 _TO_MHA = {"Attention": _lower_bsd, "AttentionBHSD": _lower_bhsd}
 
 
+def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
+    """``x·W + b`` (or ``x·W``) with constant 2-D ``W``: returns (x, W, b), b None when absent."""
+    node = value.producer()
+    bias = None
+    if node is not None and node.op_type == "Add" and node.domain == "":
+        for i in (0, 1):
+            other = node.inputs[1 - i]
+            if other is not None and other.const_value is not None and len(other.const_value.shape) == 1:
+                bias, node = other.const_value.numpy(), node.inputs[i].producer()
+                break
+        else:
+            return None
+    if node is None or node.op_type != "MatMul" or node.domain != "":
+        return None
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    return node.inputs[0], weight.const_value.numpy(), bias
+
+
+def _packed_projection(q: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
+    """Q, K, V as the three outputs of ``Split(x·W + b)`` (see pack-projections), or three projections of one x."""
+    split = q.producer()
+    if (
+        split is not None
+        and split.op_type == "Split"
+        and len(split.outputs) == 3
+        and list(split.outputs) == [q, k, v]
+    ):
+        packed = _projection(split.inputs[0])
+        if packed is not None and packed[1].shape[1] == sum(
+            int(o.shape[-1]) for o in split.outputs if o.shape is not None and isinstance(o.shape[-1], int)
+        ):
+            return packed
+    parts = [_projection(t) for t in (q, k, v)]
+    if any(p is None for p in parts) or len({id(p[0]) for p in parts}) != 1:
+        return None
+    weight = np.concatenate([p[1] for p in parts], axis=1)
+    if all(p[2] is None for p in parts):
+        return parts[0][0], weight, None
+    biases = [p[2] if p[2] is not None else np.zeros(p[1].shape[1], dtype=p[1].dtype) for p in parts]
+    return parts[0][0], weight, np.concatenate(biases)
+
+
+def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Value] | None:
+    """com.microsoft.Attention: the Q/K/V projections inside the op (one GEMM on packed weights)."""
+    q, k, v, _ = node.inputs
+    packed = _packed_projection(q, k, v)
+    if packed is None:
+        return None
+    x, weight, bias = packed
+    new: list[ir.Node] = []
+    stem = node.outputs[0].name
+    w_value = ir.Value(name=f"{stem}.qkv_weight", const_value=ir.tensor(weight))
+    graph.register_initializer(w_value)
+    b_value = None
+    if bias is not None:
+        b_value = ir.Value(name=f"{stem}.qkv_bias", const_value=ir.tensor(bias))
+        graph.register_initializer(b_value)
+    # Lengths read off x (self-attention: queries and keys both come from it), so nothing
+    # keeps the old projections alive and their weights are dropped with them.
+    attention_bias = _mha_bias(new, node, x, 1, x, 1)
+    inputs = [x, w_value, b_value] + ([None, None, attention_bias] if attention_bias is not None else [])
+    widths = [int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])]
+    attributes = {"num_heads": node.attributes.get_int("num_heads"), "scale": node.attributes.get_float("scale")}
+    if len(set(widths)) != 1:
+        attributes["qkv_hidden_sizes"] = widths
+    fused = ir.node("Attention", inputs, attributes=attributes, domain="com.microsoft", name=node.name)
+    new.append(fused)
+    return new, fused.outputs[0]
+
+
 @register_pass("lower-attention")
 class LowerAttentionPass(ir.passes.InPlacePass):
     """Replace the neutral ``tfgraph.Attention`` / ``tfgraph.AttentionBHSD`` with the target's operator.
@@ -85,6 +157,9 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     ``to="com.microsoft.MultiHeadAttention"``: onnxruntime's fused kernel (CPU and
     CUDA), the exporter's additive mask passed as ``attention_bias``; head-split
     inputs keep K/V in (B, N, L, H), which the kernel accepts directly.
+    ``to="com.microsoft.Attention"``: where Q, K and V are projections of one tensor
+    with constant weights, the projections move into the op (packed weights, one
+    GEMM); other blocks fall back to MultiHeadAttention.
     ``to="function"``: keep the neutral ops; they run as their standard-ONNX bodies.
     """
 
@@ -102,7 +177,10 @@ class LowerAttentionPass(ir.passes.InPlacePass):
                 for node in list(graph):
                     if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
                         continue
-                    new_nodes, output = _TO_MHA[node.op_type](node)
+                    lowered = None
+                    if self.to == "com.microsoft.Attention" and node.op_type == "Attention":
+                        lowered = _lower_packed(graph, node)
+                    new_nodes, output = lowered if lowered is not None else _TO_MHA[node.op_type](node)
                     old = node.outputs[0]
                     output.name, output.shape, output.type = old.name, old.shape, old.type
                     ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [output])

@@ -26,7 +26,9 @@ def _bias_of(matmul: ir.Node, width: int) -> tuple[ir.Node, ir.Value] | None:
     if add.op_type != "Add" or add.domain != "" or add.outputs[0].is_graph_output():
         return None
     other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
-    if other is None or other.const_value is None or other.is_graph_input() or len(other.uses()) != 1:
+    # A bias may be shared (exporters' zero biases are deduplicated into one): packing copies
+    # only its 1-D values; the original stays for its other users.
+    if other is None or other.const_value is None or other.is_graph_input():
         return None
     if list(other.const_value.shape) != [width]:
         return None
@@ -77,8 +79,9 @@ class PackProjectionsPass(ir.passes.InPlacePass):
         biases = [_bias_of(m, w) for m, w in zip(members, widths)]
         with_bias = all(b is not None for b in biases)
         x = members[0].inputs[0]
+        stem = members[0].outputs[0].name  # value names are unique in a graph
         packed_w = ir.Value(
-            name=f"{members[0].inputs[1].name}.packed",
+            name=f"{stem}.packed_weight",
             const_value=ir.tensor(np.concatenate([w.numpy() for w in weights], axis=1)),
         )
         graph.register_initializer(packed_w)
@@ -88,13 +91,13 @@ class PackProjectionsPass(ir.passes.InPlacePass):
         out = new_nodes[-1].outputs[0]
         if with_bias:
             packed_b = ir.Value(
-                name=f"{biases[0][1].name}.packed",
+                name=f"{stem}.packed_bias",
                 const_value=ir.tensor(np.concatenate([b[1].const_value.numpy() for b in biases])),
             )
             graph.register_initializer(packed_b)
             new_nodes.append(ir.node("Add", [out, packed_b]))
             out = new_nodes[-1].outputs[0]
-        sizes = ir.Value(name=f"{packed_w.name}.split", const_value=ir.tensor(np.array(widths, dtype=np.int64)))
+        sizes = ir.Value(name=f"{stem}.split_sizes", const_value=ir.tensor(np.array(widths, dtype=np.int64)))
         graph.register_initializer(sizes)
         split = ir.node("Split", [out, sizes], attributes={"axis": -1}, num_outputs=len(members))
         new_nodes.append(split)

@@ -246,3 +246,38 @@ def test_head_split_form_negative_twin():
     rules = next(r for r in artifact.manifest["passes"] if r["name"] == "fuse-attention")["rules"]
     assert rules["attention-bhsd"]["matches"] == 0 and "near_miss" in rules["attention-bhsd"]
     assert artifact.manifest["attention"]["unfused"] == 1
+
+
+def _target_lowering(*passes: str) -> tfgraph.Target:
+    from tfgraph.passes import PassSpec
+    from tfgraph.targets import get_target
+
+    base = get_target("cpu-fp32")
+    pipeline = tuple(p for p in base.passes if p.name != "lower-attention")
+    pipeline = pipeline[:-1] + tuple(PassSpec.parse(p) for p in passes) + pipeline[-1:]
+    return tfgraph.Target(
+        name="test-lowering", description="", providers=base.providers, precision="fp32",
+        passes=pipeline, tolerance=base.tolerance, session_options=base.session_options,
+    )
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["separate-projections", "packed-projections"])
+def test_lowering_to_packed_attention(pack):
+    passes = (["pack-projections"] if pack else []) + ["lower-attention:to=com.microsoft.Attention"]
+    artifact = tfgraph.compile(_model(EAGER), _target_lowering(*passes), inputs=_feeds())
+    ops = _ops(artifact.model)
+    # The projections moved into the op: no MatMul, no Split left behind, no weight stored twice.
+    assert ops.get(("com.microsoft", "Attention")) == 1
+    assert ("", "MatMul") not in ops and ("", "Split") not in ops
+    summary = artifact.manifest["summary"]
+    assert summary["bytes_after"] <= summary["bytes_before"] + 64
+    assert artifact.manifest["verification"]["passed"]
+
+
+def test_packed_lowering_falls_back_to_mha():
+    """Head-split blocks (Q/K transformed after the split) cannot take packed weights: MultiHeadAttention."""
+    target = _target_lowering("lower-attention:to=com.microsoft.Attention")
+    artifact = tfgraph.compile(_model(ROTARY_LIKE), target, inputs=_feeds())
+    ops = _ops(artifact.model)
+    assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1 and ("com.microsoft", "Attention") not in ops
+    assert artifact.manifest["verification"]["passed"]
