@@ -1,9 +1,12 @@
 """Ablation: latency of a target's artifact with and without extra passes, measured side by side.
 
     python benchmarks/ablation.py MODEL --pass pack-projections [--pass ...] --shape batch=1 --shape sequence=128
+    python benchmarks/ablation.py minilm --drop lower-attention --pass pack-projections \
+        --pass lower-attention:to=com.microsoft.Attention --shape batch=1 --shape sequence=512
 
-MODEL is anything ``tfgraph compile`` takes. Variants: the raw model, the target's
-artifact, and the artifact with the extra passes appended. Sessions use 2 intra-op
+MODEL is anything ``tfgraph compile`` takes. Variants: the target's artifact, and the
+artifact of a variant pipeline: the target's passes without those named by ``--drop``,
+with the ``--pass`` passes inserted before its final cleanup pass. Sessions use 2 intra-op
 threads; after warm-up, rounds run every variant once in rotating order; medians and
 ratios are printed (and written as JSON with ``--json-out``).
 """
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--target", default="cpu-fp32")
     parser.add_argument("--pass", dest="passes", action="append", required=True)
+    parser.add_argument("--drop", action="append", default=[], help="pass names to remove from the variant's pipeline")
     parser.add_argument("--shape", action="append")
     parser.add_argument("--exporter", default="dynamo")
     parser.add_argument("--rounds", type=int, default=20)
@@ -44,14 +48,27 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = tfgraph.compile(args.model, args.target, output=f"{tmp}/base", exporter=args.exporter)
-        extra = tfgraph.compile(
-            args.model, args.target, output=f"{tmp}/extra", exporter=args.exporter, extra_passes=args.passes
+        from tfgraph.passes import PassSpec
+
+        target = tfgraph.get_target(args.target)
+        kept = tuple(p for p in target.passes if p.name not in args.drop)
+        variant = tfgraph.Target(
+            name=f"{target.name}-variant",
+            description="ablation variant",
+            providers=target.providers,
+            precision=target.precision,
+            passes=kept[:-1] + tuple(PassSpec.parse(p) for p in args.passes) + kept[-1:],
+            tolerance=target.tolerance,
+            session_options=target.session_options,
         )
+        base = tfgraph.compile(args.model, target, output=f"{tmp}/base", exporter=args.exporter)
+        tfgraph.compile(args.model, variant, output=f"{tmp}/extra", exporter=args.exporter)
         feeds = generate_inputs(base.model, parse_shapes(args.shape))
         variants = {
             args.target: _session(f"{tmp}/base/model.onnx", args.threads),
-            f"{args.target} + {' + '.join(args.passes)}": _session(f"{tmp}/extra/model.onnx", args.threads),
+            f"{args.target} {' '.join('-' + d for d in args.drop)} + {' + '.join(args.passes)}": _session(
+                f"{tmp}/extra/model.onnx", args.threads
+            ),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)

@@ -139,15 +139,23 @@ def test_attention_forms_fuse(body, mask):
     artifact = tfgraph.compile(model, "cpu-fp32", inputs=_feeds(mask))
     assert _fuse_rule(artifact.manifest)["matches"] == 1
     ops = _ops(artifact.model)
-    assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1
-    assert ("", "Softmax") not in ops
+    # cpu-fp32 lowers to the packed com.microsoft.Attention: projections inside the op.
+    assert ops.get(("com.microsoft", "Attention")) == 1
+    assert ("", "Softmax") not in ops and ("", "MatMul") not in ops
     # The (B, S, H·d) output needs no Reshape after the fused op.
     assert ("", "Reshape") not in ops
     assert artifact.manifest["attention"] == {**artifact.manifest["attention"], "found": 1, "fused": 1, "unfused": 0}
-    mha = next(n for n in artifact.model.graph if n.op_type == "MultiHeadAttention")
+    mha = next(n for n in artifact.model.graph if n.op_type == "Attention")
     assert mha.attributes.get_int("num_heads") == HEADS
     assert mha.attributes.get_float("scale") == pytest.approx(SCALE, rel=1e-6)
     assert (len(mha.inputs) > 5 and mha.inputs[5] is not None) == mask  # the mask travels as attention_bias
+    assert artifact.manifest["verification"]["passed"]
+
+
+def test_lowering_to_mha():
+    artifact = tfgraph.compile(_model(SDPA), _target_lowering("lower-attention:to=com.microsoft.MultiHeadAttention"), inputs=_feeds())
+    ops = _ops(artifact.model)
+    assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1 and ops.get(("", "MatMul")) == 3
     assert artifact.manifest["verification"]["passed"]
 
 
@@ -158,7 +166,7 @@ def test_neutral_op_runs_unlowered():
     base = get_target("cpu-fp32")
     target = tfgraph.Target(
         name="test-neutral", description="fusion only", providers=base.providers, precision="fp32",
-        passes=tuple(p for p in base.passes if p.name != "lower-attention"), tolerance=base.tolerance,
+        passes=tuple(p for p in base.passes if p.name not in ("lower-attention", "pack-projections")), tolerance=base.tolerance,
     )
     artifact = tfgraph.compile(_model(EAGER), target, inputs=_feeds())
     assert _ops(artifact.model).get(("tfgraph", "Attention")) == 1
@@ -253,7 +261,7 @@ def _target_lowering(*passes: str) -> tfgraph.Target:
     from tfgraph.targets import get_target
 
     base = get_target("cpu-fp32")
-    pipeline = tuple(p for p in base.passes if p.name != "lower-attention")
+    pipeline = tuple(p for p in base.passes if p.name not in ("lower-attention", "pack-projections"))
     pipeline = pipeline[:-1] + tuple(PassSpec.parse(p) for p in passes) + pipeline[-1:]
     return tfgraph.Target(
         name="test-lowering", description="", providers=base.providers, precision="fp32",
