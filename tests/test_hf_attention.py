@@ -6,10 +6,8 @@ than the traced one and compared to the torch model; the SDPA and eager exports
 must differ in structure, which proves ``attention=`` reaches transformers.
 
 The dynamo exporter needs 7-16 s per tiny model on two CPU cores (torch.export
-tracing and decompositions, not the model size). The default run covers the
-full matrix of bert, albert, gpt2 and llama (about 2 minutes); Mistral, the
-extra kind, runs with TorchScript by default and with dynamo (about 30 s more)
-when ``TFGRAPH_HF_FULL=1`` is set.
+tracing and decompositions, not the model size); the full matrix of bert, albert,
+gpt2, llama and mistral runs in about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -38,10 +36,6 @@ KINDS = ("bert", "albert", "gpt2", "llama", "mistral")
 ATTENTIONS = ("eager", "sdpa")
 EXPORTERS = ("torchscript", "dynamo")
 TOLERANCE = 1e-4
-FULL = os.environ.get("TFGRAPH_HF_FULL") == "1"
-#: Dynamo exports left out of the default run (13-16 s each on two cores).
-HEAVY = {("mistral", "eager", "dynamo"), ("mistral", "sdpa", "dynamo")}
-HEAVY_REASON = "heavy dynamo export kept out of the default run to stay under 3 minutes on 2 cores; set TFGRAPH_HF_FULL=1"
 CAUSAL = {"gpt2", "llama", "mistral"}
 
 
@@ -50,8 +44,6 @@ def _matrix():
         for attention in ATTENTIONS:
             for exporter in EXPORTERS:
                 marks = [pytest.mark.slow] if exporter == "dynamo" else []
-                if (kind, attention, exporter) in HEAVY:
-                    marks.append(pytest.mark.skipif(not FULL, reason=HEAVY_REASON))
                 yield pytest.param(kind, attention, exporter, id=f"{kind}-{attention}-{exporter}", marks=marks)
 
 
