@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from tfgraph.errors import BadInputError
+from tfgraph.errors import BadInputError, first_line
 
 #: Inputs an exported Hugging Face model may take, in this order.
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -170,7 +170,7 @@ def _load(path: Path, causal: bool, attention: str) -> nn.Module:
                 str(path), local_files_only=True, attn_implementation=attention, dtype=torch.float32
             )
     except Exception as error:  # transformers raises many types for bad folders
-        raise BadInputError(f"cannot load the Hugging Face checkpoint in {path}: {_first_line(error)}") from error
+        raise BadInputError(f"cannot load the Hugging Face checkpoint in {path}: {first_line(error)}") from error
     actual = getattr(model.config, "_attn_implementation", attention)
     if actual != attention:  # never silently export another attention form than asked for
         raise BadInputError(f"{path}: transformers loaded {actual!r} attention instead of {attention!r}")
@@ -198,7 +198,7 @@ def checkpoint_model_class(path: Path, causal: bool) -> type:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as error:  # unknown model_type, malformed config, ...
-        raise BadInputError(f"cannot read the Hugging Face config in {path}: {_first_line(error)}") from error
+        raise BadInputError(f"cannot read the Hugging Face config in {path}: {first_line(error)}") from error
     mapping = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING if causal else modeling_auto.MODEL_MAPPING
     try:
         model_class = mapping[type(config)]
@@ -213,11 +213,6 @@ def checkpoint_model_class(path: Path, causal: bool) -> type:
 def checkpoint_input_names(path: Path, causal: bool) -> tuple[str, ...]:
     """The inputs of the checkpoint in ``path``, found from its model class without loading weights."""
     return forward_inputs(checkpoint_model_class(path, causal), causal)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def build_checkpoint(path: Path, causal: bool, attention: str = "sdpa") -> HFWrapper:

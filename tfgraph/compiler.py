@@ -18,7 +18,7 @@ from tfgraph import ir as tir
 from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, check_output_dir
 from tfgraph import analysis
-from tfgraph.errors import BadInputError, StrictError, VerificationError
+from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
 from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
@@ -162,7 +162,7 @@ def compile(  # noqa: A001 - the product's verb
             try:
                 reference = run(model_ir, feeds, options=UNOPTIMIZED)
             except Exception as e:
-                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                message = first_line(e)
                 raise BadInputError(f"the input model does not run on onnxruntime CPU: {message}") from None
             all_instruments.append(
                 NumericDiffInstrument(feeds, reference, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
@@ -185,7 +185,7 @@ def compile(  # noqa: A001 - the product's verb
             try:
                 final = run(model_ir, feeds, providers=providers, options=profile.session_options)
             except Exception as e:
-                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                message = first_line(e)
                 raise VerificationError(f"the compiled model does not load with the target's session: {message}") from None
             diffs = compare(reference, final, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
             verification = {

@@ -7,6 +7,12 @@ one-line message that says what is wrong and, where possible, what to do.
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class TfgraphError(Exception):
     """Base class of tfgraph's errors."""
 

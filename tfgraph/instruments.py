@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tfgraph.errors import VerificationError
+from tfgraph.errors import VerificationError, first_line
 from tfgraph.ir import PROTOBUF_LIMIT, model_bytes, parameter_count, to_proto
 from tfgraph.verify import UNOPTIMIZED, compare, run
 
@@ -158,7 +158,7 @@ class CheckerInstrument(Instrument):
             if self.shape_inference:
                 onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
         except Exception as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = first_line(e)
             raise VerificationError(
                 f"after pass '{record.name}' the model fails the ONNX checker: {message}", pass_name=record.name
             ) from None
@@ -183,7 +183,7 @@ class NumericDiffInstrument(Instrument):
         try:
             outputs = run(model, self.feeds, options=UNOPTIMIZED)
         except Exception as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = first_line(e)
             raise VerificationError(
                 f"after pass '{record.name}' the model no longer runs on onnxruntime: {message}", pass_name=record.name
             ) from None

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from tfgraph.errors import BadInputError
+from tfgraph.errors import BadInputError, first_line
 
 # Protobuf refuses to serialize messages of 2 GiB or more; stay well below it.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -149,7 +149,7 @@ def load(path: os.PathLike | str) -> LoadedModel:
         # Checking by path lets the checker handle models over 2 GB with external data.
         onnx.checker.check_model(str(model_path))
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BadInputError(f"{model_path}: fails the ONNX checker: {first}") from None
     except Exception as e:
         raise BadInputError(f"{model_path}: fails the ONNX checker: {type(e).__name__}: {e}") from None
