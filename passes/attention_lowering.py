@@ -150,6 +150,82 @@ def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Val
     return new, fused.outputs[0]
 
 
+CAUSAL_KINDS = ("causal", "causal_bias", "window", "window_bias")
+CAUSAL_LOWERINGS = ("com.microsoft.GroupQueryAttention",)
+GQA_HEAD_SIZE_MULTIPLE = 8
+
+
+def _gqa_applies(node: ir.Node, seq_axis: int) -> bool:
+    """A causal (or left-windowed) block without cached keys: queries and keys have the same length."""
+    kind = node.attributes.get_string("mask_kind", "bias")
+    if kind not in CAUSAL_KINDS or node.attributes.get_int("window_right", 0) != 0:
+        return False
+    q, k = node.inputs[0], node.inputs[1]
+    if q.shape is None or k.shape is None or not _same_dim(q.shape[seq_axis], k.shape[seq_axis]):
+        return False
+    # The kernel needs head sizes that are multiples of 8.
+    if node.op_type == "AttentionBHSD":
+        head_size = q.shape[3]
+    else:
+        width, heads = q.shape[2], node.attributes.get_int("num_heads")
+        head_size = width // heads if isinstance(width, int) and width % heads == 0 else None
+    return isinstance(head_size, int) and head_size % GQA_HEAD_SIZE_MULTIPLE == 0
+
+
+def _lower_gqa(node: ir.Node, seq_axis: int) -> tuple[list[ir.Node], ir.Value]:
+    """com.microsoft.GroupQueryAttention as a prompt without past: ``seqlens_k = S - 1`` per batch row,
+    ``total_sequence_length = S``; the kernel applies the causal mask (and the window,
+    ``local_window_size = left + 1``: it counts the current key), the exporter's mask rides
+    along as ``attention_bias`` unless it is exactly the causal/window structure."""
+    q, k, v, _ = node.inputs
+    new: list[ir.Node] = []
+    bhsd = node.op_type == "AttentionBHSD"
+    if bhsd:
+        heads, head_size = q.shape[1], q.shape[3]
+        merge = _const(new, np.array([0, 0, -1], dtype=np.int64))
+        flat = []
+        for x in (q, k, v):
+            t = ir.node("Transpose", [x], attributes={"perm": [0, 2, 1, 3]})
+            r = ir.node("Reshape", [t.outputs[0], merge])
+            new += [t, r]
+            flat.append(r.outputs[0])
+        q_in, k_in, v_in = flat
+        kv_heads = k.shape[1]
+    else:
+        heads = node.attributes.get_int("num_heads")
+        q_in, k_in, v_in = q, k, v
+        kv_heads = heads
+    shape = ir.node("Shape", [q_in])
+    batch = ir.node("Gather", [shape.outputs[0], _const(new, np.array([0], dtype=np.int64))])
+    seq = ir.node("Gather", [shape.outputs[0], _const(new, np.array(1, dtype=np.int64))])
+    total = ir.node("Cast", [seq.outputs[0]], attributes={"to": ir.DataType.INT32})
+    last = ir.node("Sub", [total.outputs[0], _const(new, np.array(1, dtype=np.int32))])
+    seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
+    new += [shape, batch, seq, total, last, seqlens]
+    kind = node.attributes.get_string("mask_kind")
+    bias = _mha_bias(new, node, q_in, 1, k_in, 1) if kind.endswith("_bias") else None
+    attributes = {
+        "num_heads": heads,
+        "kv_num_heads": kv_heads,
+        "scale": node.attributes.get_float("scale"),
+    }
+    if kind.startswith("window"):
+        attributes["local_window_size"] = node.attributes.get_int("window_left") + 1
+    inputs = [q_in, k_in, v_in, None, None, seqlens.outputs[0], total.outputs[0]]
+    if bias is not None:
+        inputs += [None, None, None, bias]
+    gqa = ir.node(
+        "GroupQueryAttention", inputs, attributes=attributes, domain="com.microsoft", num_outputs=3, name=node.name
+    )
+    new.append(gqa)
+    if not bhsd:
+        return new, gqa.outputs[0]
+    split = ir.node("Reshape", [gqa.outputs[0], _const(new, np.array([0, 0, heads, head_size], dtype=np.int64))])
+    back = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
+    new += [split, back]
+    return new, back.outputs[0]
+
+
 @register_pass("lower-attention")
 class LowerAttentionPass(ir.passes.InPlacePass):
     """Replace the neutral ``tfgraph.Attention`` / ``tfgraph.AttentionBHSD`` with the target's operator.
@@ -161,24 +237,37 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     with constant weights, the projections move into the op (packed weights, one
     GEMM); other blocks fall back to MultiHeadAttention.
     ``to="function"``: keep the neutral ops; they run as their standard-ONNX bodies.
+
+    ``causal_to="com.microsoft.GroupQueryAttention"``: blocks that
+    ``classify-attention-masks`` found causal or left-windowed (queries and keys of one
+    length) go to GroupQueryAttention instead, whose kernel skips the masked triangle.
     """
 
-    def __init__(self, *, to: str = "com.microsoft.MultiHeadAttention"):
+    def __init__(self, *, to: str = "com.microsoft.MultiHeadAttention", causal_to: str | None = None):
         super().__init__()
         if to not in LOWERINGS:
             raise BadInputError(f"unknown attention lowering '{to}'; choose one of {', '.join(LOWERINGS)}")
+        if causal_to is not None and causal_to not in CAUSAL_LOWERINGS:
+            raise BadInputError(
+                f"unknown causal attention lowering '{causal_to}'; choose one of {', '.join(CAUSAL_LOWERINGS)}"
+            )
         self.to = to
+        self.causal_to = causal_to
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = 0
+        count = causal = 0
         if self.to != "function":
             for graph in model.graphs():
                 for node in list(graph):
                     if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
                         continue
                     lowered = None
-                    if self.to == "com.microsoft.Attention" and node.op_type == "Attention":
+                    seq_axis = 1 if node.op_type == "Attention" else 2
+                    if self.causal_to is not None and _gqa_applies(node, seq_axis):
+                        lowered = _lower_gqa(node, seq_axis)
+                        causal += 1
+                    elif self.to == "com.microsoft.Attention" and node.op_type == "Attention":
                         lowered = _lower_packed(graph, node)
                     new_nodes, output = lowered if lowered is not None else _TO_MHA[node.op_type](node)
                     old = node.outputs[0]
@@ -187,5 +276,7 @@ class LowerAttentionPass(ir.passes.InPlacePass):
                     count += 1
             if count:
                 model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {self.to: {"matches": count}}
+        self.report = {self.to: {"matches": count - causal}}
+        if self.causal_to is not None:
+            self.report[self.causal_to] = {"matches": causal}
         return ir.passes.PassResult(model, count > 0)

@@ -12,14 +12,18 @@ lowers nothing gets a correct standard-ONNX graph.
     layout: ``softmax(Q·Kᵀ·scale + attention_bias)·V`` per head, heads merged back.
     ``attention_bias`` is additive and broadcasts to ``(batch, heads, q_len, kv_len)``
     (a scalar 0 when the attention has no mask). Attributes: ``num_heads`` (int),
-    ``scale`` (float), ``mask_kind`` (``"none"`` or ``"bias"``; informs lowering).
+    ``scale`` (float), ``mask_kind`` (``"none"``, ``"bias"``, or what
+    ``classify-attention-masks`` found: ``"causal"``, ``"causal_bias"``, ``"window"``,
+    ``"window_bias"``, the last two with ``window_left``/``window_right``; informs
+    lowering only: the bias always holds the whole mask). A query row whose keys are all
+    masked with ``-inf`` gives 0 (the NaN guard transformers' SDPA exports carry), not NaN.
 
 ``tfgraph.AttentionBHSD(query, key, value, attention_bias)``
     The same computation on tensors already split into heads,
     ``(batch, heads, sequence, head_size)``, output in that layout too: the form
     attention takes when something happens between the head split and the product
     (rotary embeddings on Q and K, grouped K/V heads repeated to the query's count).
-    Attributes: ``scale``, ``mask_kind``.
+    Attributes: ``scale``, ``mask_kind`` (and window sizes), as above.
 """
 
 from __future__ import annotations
@@ -52,7 +56,11 @@ Attention <num_heads, scale, mask_kind> (query, key, value, attention_bias) => (
     raw = MatMul (q, kt)
     scaled = Mul (raw, alpha)
     scores = Add (scaled, attention_bias)
-    probs = Softmax <axis: int = -1> (scores)
+    raw_probs = Softmax <axis: int = -1> (scores)
+    nan = IsNaN (raw_probs)
+    zero = Constant <value_float: float = 0.0> ()
+    zero_t = CastLike (zero, raw_probs)
+    probs = Where (nan, zero_t, raw_probs)
     ctx = MatMul (probs, v)
     ctx_t = Transpose <perm: ints = [0, 2, 1, 3]> (ctx)
     output = Reshape (ctx_t, merge_shape)
@@ -67,7 +75,11 @@ AttentionBHSD <scale, mask_kind> (query, key, value, attention_bias) => (output)
     raw = MatMul (query, kt)
     scaled = Mul (raw, alpha)
     scores = Add (scaled, attention_bias)
-    probs = Softmax <axis: int = -1> (scores)
+    raw_probs = Softmax <axis: int = -1> (scores)
+    nan = IsNaN (raw_probs)
+    zero = Constant <value_float: float = 0.0> ()
+    zero_t = CastLike (zero, raw_probs)
+    probs = Where (nan, zero_t, raw_probs)
     output = MatMul (probs, value)
 }
 """
@@ -75,23 +87,39 @@ AttentionBHSD <scale, mask_kind> (query, key, value, attention_bias) => (output)
 _DEFINITIONS = {"Attention": _ATTENTION, "AttentionBHSD": _ATTENTION_BHSD}
 
 
+_GUARD = """    nan = IsNaN (raw_probs)
+    zero = Constant <value_float: float = 0.0> ()
+    zero_t = CastLike (zero, raw_probs)
+    probs = Where (nan, zero_t, raw_probs)
+"""
+GUARD_MIN_OPSET = 15  # CastLike
+
+
 @functools.cache
-def _function_proto(name: str) -> onnx.FunctionProto:
-    return onnx.parser.parse_function(_DEFINITIONS[name])
+def _function_proto(name: str, guard: bool) -> onnx.FunctionProto:
+    text = _DEFINITIONS[name]
+    if not guard:
+        text = text.replace(_GUARD, "    probs = Identity (raw_probs)\n")
+    return onnx.parser.parse_function(text)
 
 
-def function(name: str) -> ir.Function:
-    """A fresh onnx_ir function for the neutral operator ``name``."""
-    return ir.serde.deserialize_function(_function_proto(name))
+def function(name: str, *, opset: int = 18) -> ir.Function:
+    """A fresh onnx_ir function for the neutral operator ``name``, importing ai.onnx ``opset``.
+
+    Below opset 15 (no CastLike) the body has no NaN guard: a query row whose keys are
+    all ``-inf`` then gives NaN, as an unguarded exporter graph does."""
+    fn = ir.serde.deserialize_function(_function_proto(name, opset >= GUARD_MIN_OPSET))
+    fn.opset_imports[""] = opset
+    return fn
 
 
 def ensure_defined(model: ir.Model, name: str) -> bool:
     """Add the function for ``tfgraph.<name>`` and the ``tfgraph`` opset import if missing."""
     changed = False
     if (DOMAIN, name, "") not in model.functions:
-        fn = function(name)
-        # The body uses ops unchanged since opset 13; import the model's own version (required to match).
-        fn.opset_imports[""] = model.opset_imports.get("", fn.opset_imports[""])
+        # The body uses ops unchanged since opset 13 (15 with the guard); it imports the
+        # model's own version (required to match).
+        fn = function(name, opset=model.opset_imports.get("", 18))
         model.functions[fn.identifier()] = fn
         changed = True
     if DOMAIN not in model.opset_imports:

@@ -1,0 +1,235 @@
+"""What the additive mask of each fused attention block means: causal, windowed, or a general bias.
+
+``fuse-attention`` keeps the exporter's own additive mask, so fusion is exact whatever
+the mask is. A target can run a causal or windowed block much faster when it knows the
+structure (GroupQueryAttention skips the upper triangle; a windowed block can be
+computed in O(n)), but exporters build the same mask in many graph shapes (Range and
+comparisons, Trilu, constant tables, ``finfo.min`` or ``-inf`` fills, combined with the
+padding mask or not). Instead of matching those graphs, this pass *evaluates* each
+mask: the subgraph computing it is cut out and run on onnxruntime for a few probe
+sizes and padding patterns, and the result is compared with the structures below.
+
+Kinds written to the node's ``mask_kind`` attribute (relative to the bottom-right
+aligned diagonal ``j - i <= T - S``, so cached keys count as visible):
+
+* ``causal``: the mask is exactly the causal mask (0 where visible, a large negative
+  value elsewhere) for every probe, whatever the padding — it does not depend on any
+  input's values, so a target may drop it and use its causal kernel alone.
+* ``causal_bias``: every future position is masked, plus more (typically padding): a
+  causal kernel that also takes the bias is exact.
+* ``window``: exactly a band, ``-left <= j - i - (T - S) <= right`` (``window_left``,
+  ``window_right`` attributes; ``right == 0`` is causal with a sliding window).
+* ``window_bias``: the band is masked as above, plus more (padding).
+* ``bias``: anything else; stays a general additive bias.
+
+A value counts as masked when it is ``<= -1e4`` (exporters use ``finfo.min``, ``-inf``
+or ``-10000``); a structural kind also needs every visible entry to be exactly 0 (or,
+for the ``*_bias`` kinds, anything finite). Probes cover two sizes, right and left
+padding; a mask that only looks causal at other sizes still runs correctly, because
+the fused op keeps the bias and the numeric-diff instrument checks the lowering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from tfgraph import ops, verify
+from tfgraph.passes.registry import register_pass
+
+MASKED = -1e4
+MAX_PROBE = 4096  # longest probe sequence; a larger integer constant in a mask keeps the mask as a bias
+_NEUTRAL = {"Attention": 1, "AttentionBHSD": 2}  # op → axis of the query's sequence dim
+
+
+def _slice_model(model: ir.Model, values: list[ir.Value]) -> ir.Model:
+    """A copy of ``model`` whose outputs are ``values`` (by name), with everything else removed."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    by_name = {v.name: v for v in _all_values(copy.graph)}
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(by_name[v.name] for v in values)
+    ir.passes.common.RemoveUnusedNodesPass()(copy)
+    used = {v.name for n in copy.graph for v in n.inputs if v is not None} | {v.name for v in copy.graph.outputs}
+    copy.graph.inputs[:] = [v for v in copy.graph.inputs if v.name in used]
+    copy.functions.clear()
+    return copy
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def _integer_constants(model: ir.Model) -> set[int]:
+    found = set()
+    for value in _all_values(model.graph):
+        tensor = value.const_value
+        if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+            attr = value.producer().attributes.get("value")
+            tensor = attr.as_tensor() if attr is not None else None
+        if tensor is not None and tensor.size == 1 and tensor.dtype.is_integer():
+            found.add(int(np.asarray(tensor.numpy()).reshape(())))
+    return found
+
+
+def _probe_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]], bool]:
+    """Feeds for the probes: default sizes with right padding, a small size with left
+    padding, and, when the mask's subgraph holds an integer constant that could be a
+    window size beyond the default sequence length, a size just above it (batch 1)."""
+    symbols = {d for info in verify.input_signature(model) for d in info.shape if isinstance(d, str)}
+    default = verify.generate_inputs(model, {}, seed=1)
+    seq_default = max((v.shape[-1] for k, v in default.items() if v.ndim >= 2), default=16)
+    small = {s: (3 if "batch" in s.lower() else 7) for s in symbols}
+    plans = [({}, False), (small, True)]
+    constants = _integer_constants(model)
+    window = max((c for c in constants if seq_default <= c <= MAX_PROBE), default=None)
+    unprobed = any(MAX_PROBE < c < 2**31 - 1 for c in constants)
+    if window is not None:
+        plans.append(({s: (1 if "batch" in s.lower() else window + 2) for s in symbols}, False))
+    probes = []
+    for sizes, flip in plans:
+        feeds = verify.generate_inputs(model, sizes, seed=1)
+        if flip:
+            feeds = {k: (v[..., ::-1].copy() if "mask" in k.lower() and v.ndim >= 2 else v) for k, v in feeds.items()}
+        probes.append(feeds)
+    return probes, unprobed
+
+
+def _broadcast_bias(bias: np.ndarray) -> np.ndarray:
+    while bias.ndim < 4:
+        bias = bias[None]
+    return bias
+
+
+def _band(s: int, t: int, left: int | None, right: int) -> np.ndarray:
+    """Visible positions (S, T): ``-left <= j - i - (t - s) <= right`` (``left=None``: unbounded)."""
+    offset = np.arange(t)[None, :] - np.arange(s)[:, None] - (t - s)
+    visible = offset <= right
+    if left is not None:
+        visible &= offset >= -left
+    return visible
+
+
+def _extent(visible: np.ndarray, s: int, t: int) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """For a visible set (S, T): the intervals of left and right window sizes it is consistent with.
+
+    A size is exact when the band ends inside the plane; when it reaches the plane's
+    corner (the first key from the last query, the last key from the first query), any
+    larger size fits too.
+    """
+    if not visible.any():
+        return None
+    offset = np.arange(t)[None, :] - np.arange(s)[:, None] - (t - s)
+    hi, lo = int(offset[visible].max()), int(offset[visible].min())
+    left = (t - 1, np.inf) if lo <= -(t - 1) else (-lo, -lo)
+    right = (s - 1, np.inf) if hi >= s - 1 else (hi, hi)
+    return left, right
+
+
+def _meet(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return max(a[0], b[0]), min(a[1], b[1])
+
+
+def classify(biases: list[np.ndarray]) -> dict:
+    """The kind of mask shown by ``biases`` (one array per probe, each broadcastable to (B, N, S, T))."""
+    everything = (-np.inf, np.inf)
+    exact: tuple | None = (everything, everything)  # (left, right) intervals all probes agree on
+    union_left, union_right = everything, everything
+    for raw in biases:
+        bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
+        s, t = bias.shape[-2:]
+        if np.isnan(bias).any():
+            return {"kind": "bias"}
+        masked = bias <= MASKED
+        planes = masked.reshape(-1, s, t)
+        # Exact structure: every plane the same band, visible entries exactly 0.
+        extent = _extent(~planes[0], s, t)
+        if exact is not None and extent is not None and (planes == planes[0]).all() and np.all(bias[~masked] == 0):
+            left, right = extent
+            band = _band(s, t, None if left[1] == np.inf else int(left[0]), int(right[0]))
+            if right[1] == np.inf:
+                band = _band(s, t, None if left[1] == np.inf else int(left[0]), s - 1)
+            exact = (_meet(exact[0], left), _meet(exact[1], right)) if np.array_equal(~planes[0], band) else None
+        else:
+            exact = None
+        # Containment: the band that the union of visible entries stays inside.
+        union = _extent(~planes.all(axis=0), s, t)
+        if union is None:
+            return {"kind": "bias"}
+        union_left = (max(union_left[0], union[0][0]), union_left[1] if union[0][1] == np.inf else union[0][0])
+        union_right = (max(union_right[0], union[1][0]), union_right[1] if union[1][1] == np.inf else union[1][0])
+    if exact is not None and all(lo <= hi for lo, hi in exact):
+        (left_lo, left_hi), (right_lo, right_hi) = exact
+        if right_hi != np.inf and right_lo == right_hi:
+            if left_hi == np.inf and right_lo == 0:
+                return {"kind": "causal"}
+            if left_hi != np.inf and left_lo == left_hi:
+                return {"kind": "window", "window_left": int(left_lo), "window_right": int(right_lo)}
+        return {"kind": "bias"}
+    # Containment needs the largest bound seen (a bound that some probe showed; inf if none did).
+    left = union_left[0] if union_left[1] != np.inf else np.inf
+    right = union_right[0] if union_right[1] != np.inf else np.inf
+    if right == 0:
+        if left == np.inf:
+            return {"kind": "causal_bias"}
+        return {"kind": "window_bias", "window_left": int(left), "window_right": 0}
+    if right != np.inf and left != np.inf:
+        return {"kind": "window_bias", "window_left": int(left), "window_right": int(right)}
+    return {"kind": "bias"}
+
+
+@register_pass("classify-attention-masks")
+class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
+    """Set ``mask_kind`` (and window sizes) of neutral attention ops by evaluating their masks.
+
+    Only blocks with ``mask_kind="bias"`` are examined. The masks of all blocks are
+    computed in one onnxruntime run per probe. A mask that cannot be evaluated (an
+    input the probes cannot generate) stays ``bias``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.report: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes = [
+            n
+            for n in model.graph
+            if n.domain == ops.DOMAIN and n.op_type in _NEUTRAL and n.attributes.get_string("mask_kind", "bias") == "bias"
+        ]
+        self.report = {}
+        if not nodes:
+            return ir.passes.PassResult(model, False)
+        values = list({id(n.inputs[3]): n.inputs[3] for n in nodes}.values())
+        sliced = _slice_model(model, values)
+        results: list[list[np.ndarray]] = [[] for _ in values]
+        probes, unprobed = _probe_feeds(sliced)
+        for feeds in probes:
+            try:
+                outputs = verify.run(sliced, feeds)
+            except Exception:  # noqa: BLE001 - e.g. a probe longer than a precomputed mask table
+                unprobed = True
+                continue
+            for i, value in enumerate(values):
+                results[i].append(outputs[value.name])
+        kinds = {id(v): classify(r) if r else {"kind": "bias"} for v, r in zip(values, results)}
+        if unprobed:  # structure not confirmed at every size the model may run: keep the bias in the op
+            for kind in kinds.values():
+                if kind["kind"] in ("causal", "window"):
+                    kind["kind"] += "_bias"
+        counts: dict[str, int] = {}
+        modified = False
+        for node in nodes:
+            kind = kinds[id(node.inputs[3])]
+            counts[kind["kind"]] = counts.get(kind["kind"], 0) + 1
+            if kind["kind"] == "bias":
+                continue
+            node.attributes["mask_kind"] = ir.AttrString("mask_kind", kind["kind"])
+            for key in ("window_left", "window_right"):
+                if key in kind:
+                    node.attributes[key] = ir.AttrInt64(key, kind[key])
+            modified = True
+        self.report = {kind: {"matches": n} for kind, n in sorted(counts.items())}
+        return ir.passes.PassResult(model, modified)
