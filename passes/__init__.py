@@ -17,14 +17,18 @@ from tfgraph.passes import (  # noqa: E402
     constant_folding,
     cse,
     dead_code,
+    dedup_derived,
     dedup_initializers,
     identity,
     lift_constants,
     ort_operator_fusion,
     pack_projections,
+    prune_magnitude,
+    prune_structured,
     reshape_simplify,
     shape_inference,
     shape_sources,
+    shrink_pruned,
 )  # noqa: E402,F401
 
 __all__ = ["PassSpec", "available_passes", "create_pass", "get_pass_class", "register_pass"]
