@@ -32,6 +32,7 @@ FUSION = (
     PassSpec("fold-constants"),
     PassSpec("remove-dead"),
     PassSpec("fuse-attention"),
+    PassSpec("shrink-pruned"),
 )
 
 # Lowering, chosen by measured latency (benchmarks/ablation.py, 2 threads, 20 interleaved
@@ -45,6 +46,7 @@ CPU_LOWERING = (
     PassSpec("pack-projections"),
     PassSpec("lower-attention", {"to": "com.microsoft.Attention"}),
     PassSpec("dedup-initializers"),
+    PassSpec("dedup-derived"),
     PassSpec("remove-dead"),
 )
 

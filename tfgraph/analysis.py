@@ -205,3 +205,23 @@ def summarize(model: ir.Model) -> dict[str, Any]:
         "duplicate_initializers": [g.to_json() for g in dups],
         "duplicate_bytes": sum(g.nbytes * (len(g.names) - 1) for g in dups),
     }
+
+
+def stored_duplicates(model: ir.Model) -> list[DuplicateGroup]:
+    """Byte-identical initializer groups that could be stored once (graph inputs and outputs, which a
+    user may override or read, excluded): what a finished compile must not contain."""
+    groups = []
+    for graph in model.graphs():
+        for values in duplicate_groups(graph):
+            values = [v for v in values if not v.is_graph_input() and not v.is_graph_output()]
+            if len(values) >= 2:
+                tensor = values[0].const_value
+                groups.append(DuplicateGroup([v.name for v in values], list(tensor.shape), str(tensor.dtype), tensor.nbytes))
+    return groups
+
+
+def weights_report(model: ir.Model, bytes_before: int) -> dict[str, int]:
+    """Initializer bytes before/after compiling, and how many of them are unique (stored once)."""
+    after = model_bytes(model)
+    duplicate = sum(g.nbytes * (len(g.names) - 1) for g in duplicate_initializers(model))
+    return {"bytes_before": bytes_before, "bytes_after": after, "unique_bytes": after - duplicate, "duplicate_bytes": duplicate}

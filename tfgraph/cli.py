@@ -138,6 +138,12 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
         f"nodes {_fmt_int(s['nodes_before'])} → {_fmt_int(s['nodes_after'])}, parameters {_fmt_int(s['params_before'])} → "
         f"{_fmt_int(s['params_after'])}, weights {_fmt_bytes(s['bytes_before'])} → {_fmt_bytes(s['bytes_after'])}"
     )
+    weights = manifest.get("weights")
+    if weights:
+        console.print(
+            f"weights stored: {_fmt_bytes(weights['bytes_before'])} → {_fmt_bytes(weights['bytes_after'])} "
+            f"({weights['bytes_after'] / max(weights['bytes_before'], 1):.2f}x), unique {_fmt_bytes(weights['unique_bytes'])}"
+        )
     ver = manifest["verification"]
     if ver.get("skipped"):
         console.print("[yellow]verification skipped (--no-verify)[/yellow]")
@@ -248,6 +254,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Zero the least important heads/neurons (structured) or weights (magnitude) and write the model."""
+    import contextlib
+
+    from tfgraph import prune
+    from tfgraph import ir as tir
+    from tfgraph.compiler import resolve_model
+    from tfgraph.errors import BadInputError
+    from tfgraph.verify import load_inputs, parse_shapes
+
+    out = pathlib.Path(args.output)
+    if out.exists() and not args.force:
+        raise BadInputError(f"{out}: exists; choose another path or pass --force to replace it")
+    if not out.parent.exists():
+        raise BadInputError(f"{out.parent}: folder does not exist")
+    with contextlib.ExitStack() as stack, _Progress(enabled=not args.json and not args.quiet) as progress:
+        model, source = resolve_model(
+            args.model, stack, exporter=args.exporter, export_batch=args.batch, export_seq=args.seq,
+            attention=args.attention, progress=progress,
+        )
+        progress("prune", 0, 1)
+        report: dict[str, Any] = {"output": str(out), "source": source}
+        if args.heads or args.neurons:
+            calibration = load_inputs(args.inputs, model) if args.inputs else None
+            report["structured"] = prune.prune_structured(
+                model, heads=args.heads, neurons=args.neurons, score=args.score, schedule=args.schedule,
+                scope=args.scope, calibration=calibration, shapes=parse_shapes(args.shape), seed=args.seed,
+            )
+        if args.sparsity:
+            report["magnitude"] = prune.magnitude_prune(model, args.sparsity)
+        if "structured" not in report and "magnitude" not in report:
+            raise BadInputError("nothing to prune: give --heads, --neurons and/or --sparsity")
+        tir.save(model, out)
+        progress("prune", 1, 1)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    elif not args.quiet:
+        console = _stdout_console()
+        s = report.get("structured")
+        if s:
+            console.print(
+                f"pruned {s['heads_pruned']} of {s['heads_total']} attention heads ({s['attention_blocks']} blocks) and "
+                f"{s['neurons_pruned']} of {s['neurons_total']} FFN neurons ({s['ffn_blocks']} blocks), score {s['score']}, "
+                f"{len(s['schedule'])} step(s)"
+            )
+        m = report.get("magnitude")
+        if m:
+            console.print(f"magnitude: {m['parameters']:,} weights, sparsity {m['sparsity_before']:.1%} → {m['sparsity_after']:.1%} ({m['note']})")
+        console.print(f"zeroed model → {out}; `tfgraph compile {out} -o DIR` removes the zeroed heads/neurons")
+    return EXIT_OK
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from tfgraph.targets import list_targets
 
@@ -329,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     export_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("prune", help="zero the least important attention heads / FFN neurons (or weights) of a model")
+    p.add_argument("model", help="an .onnx file, a built-in model name, or a local Hugging Face folder")
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write (the input with pruned parts zeroed)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to prune (e.g. 0.3)")
+    p.add_argument("--neurons", type=float, default=0.0, help="fraction of FFN neurons to prune (e.g. 0.3)")
+    p.add_argument("--score", choices=("l1", "l2", "activation"), default="l2", help="importance score (default l2 of the weights)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="rank across all layers or within each layer")
+    p.add_argument("--schedule", default=None, help="gradual: a step (0.1 → 10%%, 20%%, … target) or fractions (0.1,0.2,0.3)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="unstructured magnitude pruning to this sparsity (report only)")
+    p.add_argument("--inputs", help=".npz calibration inputs for --score activation (default: generated)")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="shape of generated calibration inputs; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated calibration inputs")
+    export_options(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("targets", help="list the registered targets")
     p.add_argument("--json", action="store_true")

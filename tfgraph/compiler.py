@@ -22,6 +22,7 @@ from tfgraph.errors import BadInputError, StrictError, VerificationError, first_
 from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
+from tfgraph.prune import RebaselineInstrument
 from tfgraph.targets import Target, get_target
 from tfgraph.verify import UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, run
 
@@ -164,9 +165,9 @@ def compile(  # noqa: A001 - the product's verb
             except Exception as e:
                 message = first_line(e)
                 raise BadInputError(f"the input model does not run on onnxruntime CPU: {message}") from None
-            all_instruments.append(
-                NumericDiffInstrument(feeds, reference, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
-            )
+            numeric = NumericDiffInstrument(feeds, reference, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
+            # Pruning passes change the outputs on purpose: later passes are verified against the pruned model.
+            all_instruments += [RebaselineInstrument(numeric, feeds), numeric]
         all_instruments.extend(instruments)
 
         def pass_progress(done: int, total: int, name: str) -> None:
@@ -175,6 +176,15 @@ def compile(  # noqa: A001 - the product's verb
 
         manager = PassManager(pipeline, instruments=all_instruments, progress=pass_progress)
         model_ir = manager.run(model_ir).model
+        if verify:
+            reference = numeric.reference
+        left = analysis.stored_duplicates(model_ir)
+        if left:
+            raise VerificationError(
+                f"the compiled model stores {len(left)} initializer(s) more than once "
+                f"({', '.join('/'.join(g.names[:3]) for g in left[:3])}): a pass left duplicates behind "
+                "(add dedup-initializers to the target)"
+            )
 
         verification: dict[str, Any] = {"passed": None, "skipped": True}
         if verify:
@@ -250,6 +260,7 @@ def compile(  # noqa: A001 - the product's verb
                 "bytes_before": bytes_before,
                 "bytes_after": tir.model_bytes(model_ir),
             },
+            "weights": analysis.weights_report(model_ir, bytes_before),
             "versions": _versions(),
         }
         artifact = Artifact(model_ir, manifest)

@@ -347,7 +347,8 @@ def normalized_copy(model: ir.Model) -> ir.Model:
 
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     for spec in CLEANUP + FUSION:
-        spec.create()(copy)
+        if spec.name != "shrink-pruned":  # zeroed weights must stay findable in the original
+            spec.create()(copy)
     return copy
 
 
@@ -721,3 +722,32 @@ def magnitude_prune(model: ir.Model, sparsity: float, *, min_size: int = 1024) -
         "sparsity_after": zeros_after / total if total else 0.0,
         "note": "unstructured: weights are zeroed, dense kernels keep their size and speed",
     }
+
+
+class RebaselineInstrument:
+    """For passes that change the outputs on purpose (``changes_outputs = True``: pruning): record how
+    much they changed, then make the pruned model the reference the following passes are verified
+    against. Placed before the numeric-diff instrument it rebaselines."""
+
+    def __init__(self, numeric, feeds: Mapping[str, np.ndarray]):
+        self.numeric = numeric
+        self.feeds = dict(feeds)
+
+    def before_pipeline(self, model):
+        pass
+
+    def before_pass(self, pass_, record, model):
+        pass
+
+    def after_pass(self, pass_, record, model):
+        if not record.modified or not getattr(pass_, "changes_outputs", False):
+            return
+        from tfgraph.verify import UNOPTIMIZED, compare, run
+
+        outputs = run(model, self.feeds, options=UNOPTIMIZED)
+        diffs = compare(self.numeric.reference, outputs, atol=self.numeric.atol, rtol=self.numeric.rtol)
+        record.extra["output_change"] = {d.name: d.to_json() for d in diffs}
+        self.numeric.reference = outputs
+
+    def after_pipeline(self, model):
+        pass
