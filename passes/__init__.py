@@ -13,6 +13,7 @@ from tfgraph.passes.registry import PassSpec, available_passes, create_pass, get
 from tfgraph.passes import (  # noqa: E402
     attention_fusion,
     attention_lowering,
+    attention_masks,
     basic_simplify,
     constant_folding,
     cse,
@@ -21,6 +22,7 @@ from tfgraph.passes import (  # noqa: E402
     dedup_initializers,
     identity,
     lift_constants,
+    norm_fusion,
     ort_operator_fusion,
     pack_projections,
     prune_magnitude,

@@ -13,18 +13,45 @@ from collections.abc import Sequence
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu, skip_normalization
 
+from tfgraph import ops
 from tfgraph.passes.registry import register_pass
 from tfgraph.passes.rules import RuleSetPass
+
+
+class SkipRMSNormalization(pattern.RewriteRuleClassBase):
+    """``tfgraph.RMSNormalization(a + b)`` → SkipSimplifiedLayerNormalization(a, b), whose
+    fourth output is the sum (the residual stream that later layers add to)."""
+
+    def __init__(self):
+        super().__init__(name="skip-rms-norm")
+
+    def pattern(self, op, a, b, gamma):
+        total = op.Add(a, b)
+        return op.RMSNormalization(total, gamma, _domain=ops.DOMAIN, _outputs=["normed"]), total
+
+    def check(self, context, a, b, gamma, normed, **_):
+        result = pattern.MatchResult()
+        if a.shape is None or b.shape is None or list(a.shape) != list(b.shape) or len(a.shape) != 3:
+            return result.fail("the residual Add's operands are not both (batch, sequence, hidden)", a)
+        return result
+
+    def rewrite(self, op, a, b, gamma, normed, **_):
+        epsilon = normed.producer().attributes.get_float("epsilon")
+        y, _mean, _inv_std, total = op.SkipSimplifiedLayerNormalization(
+            a, b, gamma, epsilon=epsilon, _domain="com.microsoft", _outputs=4
+        )
+        return y, total
 
 
 @register_pass("fuse-ort-operators")
 class FuseOrtOperatorsPass(RuleSetPass):
     """Gelu (erf form) → Gelu, Gelu (tanh form) → FastGelu, Add+Gelu → BiasGelu,
-    Add(+bias)+LayerNormalization → SkipLayerNormalization.
+    Add(+bias)+LayerNormalization → SkipLayerNormalization, Add+``tfgraph.RMSNormalization``
+    (from ``fuse-normalization``) → SkipSimplifiedLayerNormalization.
 
-    (onnxscript's RMSNorm rules emit ``SimplifiedLayerNormalization`` in the ai.onnx
-    domain, which the ONNX checker rejects; RMSNorm fusion is left out until it targets
-    opset-23 ``RMSNormalization`` or a tfgraph neutral op.)"""
+    (onnxscript's own RMSNorm rules emit ``SimplifiedLayerNormalization`` in the ai.onnx
+    domain, which the ONNX checker rejects; tfgraph fuses RMSNorm to its neutral op
+    instead, and plain RMSNorm stays that op's body, which onnxruntime fuses at load.)"""
 
     commute = False  # onnxscript's rule sets list their operand orders themselves
 
@@ -34,4 +61,5 @@ class FuseOrtOperatorsPass(RuleSetPass):
             ("gelu-tanh", [gelu._tanh_rule]),
             ("bias-gelu", list(bias_gelu.bias_gelu_rules.rules)),
             ("skip-layer-norm", list(skip_normalization.skip_layer_normalization_ruleset.rules)),
+            ("skip-rms-norm", [SkipRMSNormalization.rule()]),
         ]

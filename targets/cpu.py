@@ -21,7 +21,8 @@ CLEANUP = (
 )
 
 # Fusion: shapes first (rules read them), then the reshape normal form, then attention
-# to the neutral tfgraph.Attention, lowered to the op the CPU EP runs best.
+# to the neutral tfgraph.Attention (its mask classified: causal / windowed / bias),
+# decomposed LayerNorm/RMSNorm to single ops; then lowered to the op the CPU EP runs best.
 FUSION = (
     PassSpec("infer-shapes"),
     PassSpec("shape-from-inputs"),
@@ -32,6 +33,8 @@ FUSION = (
     PassSpec("fold-constants"),
     PassSpec("remove-dead"),
     PassSpec("fuse-attention"),
+    PassSpec("classify-attention-masks"),
+    PassSpec("fuse-normalization"),
     PassSpec("shrink-pruned"),
 )
 

@@ -24,6 +24,12 @@ lowers nothing gets a correct standard-ONNX graph.
     attention takes when something happens between the head split and the product
     (rotary embeddings on Q and K, grouped K/V heads repeated to the query's count).
     Attributes: ``scale``, ``mask_kind`` (and window sizes), as above.
+
+``tfgraph.RMSNormalization(x, scale)``
+    ``x / sqrt(mean(x², last axis) + epsilon) · scale`` (Llama-style RMSNorm; ai.onnx has
+    it only from opset 23, and onnxruntime's ``SimplifiedLayerNormalization`` sits in the
+    ai.onnx domain, where the ONNX checker rejects it). Attribute: ``epsilon`` (float).
+    The body needs opset 18 (ReduceMean with axes as an input).
 """
 
 from __future__ import annotations
@@ -84,7 +90,26 @@ AttentionBHSD <scale, mask_kind> (query, key, value, attention_bias) => (output)
 }
 """
 
-_DEFINITIONS = {"Attention": _ATTENTION, "AttentionBHSD": _ATTENTION_BHSD}
+# RMS normalization over the last axis, written as onnxruntime's own load-time fusion
+# expects it (Pow, ReduceMean, Add, Sqrt, Div, Mul), so an inlined body is fused again.
+_RMS_NORMALIZATION = """
+<domain: "tfgraph", opset_import: ["" : 18]>
+RMSNormalization <epsilon> (x, scale) => (y) {
+    two = Constant <value_float: float = 2.0> ()
+    two_t = CastLike (two, x)
+    eps = Constant <value_float: float = @epsilon> ()
+    eps_t = CastLike (eps, x)
+    last = Constant <value_ints: ints = [-1]> ()
+    squared = Pow (x, two_t)
+    mean = ReduceMean <keepdims: int = 1> (squared, last)
+    shifted = Add (mean, eps_t)
+    rms = Sqrt (shifted)
+    normed = Div (x, rms)
+    y = Mul (normed, scale)
+}
+"""
+
+_DEFINITIONS = {"Attention": _ATTENTION, "AttentionBHSD": _ATTENTION_BHSD, "RMSNormalization": _RMS_NORMALIZATION}
 
 
 _GUARD = """    nan = IsNaN (raw_probs)
