@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
 from tfgraph import ops
 from tfgraph.errors import BadInputError
+from tfgraph.passes import blocked_attention as blocked
 from tfgraph.passes.registry import register_pass
 
 LOWERINGS = ("com.microsoft.Attention", "com.microsoft.MultiHeadAttention", "function")
@@ -203,7 +206,8 @@ def _lower_gqa(node: ir.Node, seq_axis: int) -> tuple[list[ir.Node], ir.Value]:
     seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
     new += [shape, batch, seq, total, last, seqlens]
     kind = node.attributes.get_string("mask_kind")
-    bias = _mha_bias(new, node, q_in, 1, k_in, 1) if kind.endswith("_bias") else None
+    padded = kind.endswith("_bias") or node.attributes.get_string("key_padding") is not None
+    bias = _mha_bias(new, node, q_in, 1, k_in, 1) if padded else None
     attributes = {
         "num_heads": heads,
         "kv_num_heads": kv_heads,
@@ -226,6 +230,129 @@ def _lower_gqa(node: ir.Node, seq_axis: int) -> tuple[list[ir.Node], ir.Value]:
     return new, back.outputs[0]
 
 
+WINDOW_LOWERINGS = ("blocked", "auto")
+
+
+def _window_applies(node: ir.Node) -> bool:
+    """An exactly banded block (``classify-attention-masks`` kind ``window``) with static heads and head size."""
+    if node.attributes.get_string("mask_kind", "bias") != "window":
+        return False
+    q = node.inputs[0]
+    return _heads_and_size(node) is not None and q.shape is not None
+
+
+def _heads_and_size(node: ir.Node) -> tuple[int, int] | None:
+    q = node.inputs[0]
+    if q.shape is None:
+        return None
+    if node.op_type == "AttentionBHSD":
+        heads, size = q.shape[1], q.shape[3]
+    else:
+        heads, width = node.attributes.get_int("num_heads"), q.shape[2]
+        size = width // heads if isinstance(width, int) and width % heads == 0 else None
+    return (heads, size) if isinstance(heads, int) and isinstance(size, int) else None
+
+
+def _key_padding(graph: ir.Graph, node: ir.Node) -> ir.Value | None:
+    name = node.attributes.get_string("key_padding")
+    if name is None:
+        return None
+    return next((v for v in graph.inputs if v.name == name), None)
+
+
+def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads: int,
+                  size: int, left: int, right: int, padding: ir.Value | None) -> ir.Value:
+    """The short-sequence form, on (B, N, S, H) tensors: GroupQueryAttention with
+    ``local_window_size = left + 1`` (it counts the current key) for causal windows,
+    else MultiHeadAttention; the mask, when one is needed, built densely from the band and
+    the padding input (not the exporter's tensor, which would be computed at every length)."""
+    prefix = f"{node.name or 'attention'}/short"
+    b = blocked._Builder(nodes, prefix)
+    merge = b.i64(0, 0, -1)
+    q_bsd = b("Reshape", b("Transpose", q, perm=[0, 2, 1, 3]), merge)
+    if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0:
+        k_bsd = b("Reshape", b("Transpose", k, perm=[0, 2, 1, 3]), merge)
+        v_bsd = b("Reshape", b("Transpose", v, perm=[0, 2, 1, 3]), merge)
+        shape = b("Shape", q_bsd)
+        total = b("Cast", b("Gather", shape, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
+        seqlens = b("Expand", b("Sub", total, b.const(np.array(1, np.int32))), b("Gather", shape, b.i64(0)))
+        inputs = [q_bsd, k_bsd, v_bsd, None, None, seqlens, total]
+        if padding is not None:
+            inputs += [None, None, None,
+                       blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding, prefix=prefix)]
+        out = ir.node("GroupQueryAttention", inputs, domain="com.microsoft", num_outputs=3, attributes={
+            "num_heads": heads, "kv_num_heads": heads, "scale": node.attributes.get_float("scale"),
+            "local_window_size": left + 1})
+        nodes.append(out)
+        for i, value in enumerate(out.outputs):
+            value.name = f"{prefix}/GroupQueryAttention:{i}"
+        context = out.outputs[0]
+    else:
+        mask = blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding, prefix=prefix)
+        mha = ir.node("MultiHeadAttention", [q_bsd, k, v, None, None, mask], domain="com.microsoft",
+                      attributes={"num_heads": heads, "scale": node.attributes.get_float("scale")})
+        nodes.append(mha)
+        mha.outputs[0].name = f"{prefix}/MultiHeadAttention"
+        context = mha.outputs[0]
+    return b("Transpose", b("Reshape", context, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
+
+
+def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, block: int | None
+                  ) -> tuple[list[ir.Node], ir.Value, str]:
+    """A banded block: the blocked form (O(S·window)) when the sequence is at least
+    ``threshold`` long, the fused kernel below; decided from the static length, or at
+    run time with an ``If`` on it. Returns the nodes, the output and the form chosen."""
+    q, k, v, _ = node.inputs
+    heads, size = _heads_and_size(node)
+    left, right = node.attributes.get_int("window_left"), node.attributes.get_int("window_right")
+    block = block or default_block(left, right)
+    padding = _key_padding(graph, node)
+    new: list[ir.Node] = []
+    stem = node.name or node.outputs[0].name
+    b = blocked._Builder(new, stem)
+    bsd = node.op_type == "Attention"
+    if bsd:  # to (B, N, S, H)
+        split = b.i64(0, 0, heads, size)
+        q, k, v = (b("Transpose", b("Reshape", x, split), perm=[0, 2, 1, 3]) for x in (q, k, v))
+    scale = node.attributes.get_float("scale")
+
+    def long_form(nodes):
+        return blocked.blocked_attention(nodes, q, k, v, scale=scale, left=left, right=right, block=block,
+                                         head_size=size, key_padding=padding, prefix=f"{stem}/blocked")
+
+    def short_form(nodes):
+        return _window_small(nodes, node, q, k, v, heads, size, left, right, padding)
+
+    length = q.shape[2]
+    if mode == "blocked" or (isinstance(length, int) and length >= threshold):
+        out, form = long_form(new), "blocked"
+    elif isinstance(length, int):
+        out, form = short_form(new), "fused"
+    else:
+        branches = {}
+        for name, build in (("then_branch", long_form), ("else_branch", short_form)):
+            nodes: list[ir.Node] = []
+            result = build(nodes)
+            result.type = ir.TensorType(ir.DataType.FLOAT)
+            branches[name] = ir.Graph([], [result], nodes=nodes, name=f"{node.name or 'attention'}_{name}")
+        long_enough = b("GreaterOrEqual", b("Shape", q, start=2, end=3), b.i64(threshold))
+        cond = b("Squeeze", long_enough, b.i64(0))
+        choose = ir.node("If", [cond], attributes=branches)
+        choose.outputs[0].name = f"{stem}/If"
+        new.append(choose)
+        out, form = choose.outputs[0], "if"
+    if bsd:
+        out = b("Reshape", b("Transpose", out, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
+    return new, out, form
+
+
+def default_block(left: int, right: int) -> int:
+    """Half the wider side of the window, rounded up to a multiple of 8 (at least 8): keys per
+    query row are then window + block instead of 2 × window with block = window."""
+    side = max(left, right, 1)
+    return max(8, int(math.ceil(side / 2 / 8)) * 8)
+
+
 @register_pass("lower-attention")
 class LowerAttentionPass(ir.passes.InPlacePass):
     """Replace the neutral ``tfgraph.Attention`` / ``tfgraph.AttentionBHSD`` with the target's operator.
@@ -241,9 +368,24 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     ``causal_to="com.microsoft.GroupQueryAttention"``: blocks that
     ``classify-attention-masks`` found causal or left-windowed (queries and keys of one
     length) go to GroupQueryAttention instead, whose kernel skips the masked triangle.
+
+    ``window_to``: exactly banded blocks (kind ``window``, e.g. a sliding window) go to
+    the blocked standard-ONNX form (``"blocked"``), or (``"auto"``) to it when the
+    sequence is at least ``blocked_min_sequence`` long and to the fused kernel below
+    (GroupQueryAttention's ``local_window_size`` for causal windows, else
+    MultiHeadAttention) — from the static length, or at run time with an ``If``.
+    ``block``: the blocked form's query block (default: half the window, multiple of 8).
     """
 
-    def __init__(self, *, to: str = "com.microsoft.MultiHeadAttention", causal_to: str | None = None):
+    def __init__(
+        self,
+        *,
+        to: str = "com.microsoft.MultiHeadAttention",
+        causal_to: str | None = None,
+        window_to: str | None = None,
+        blocked_min_sequence: int = 1024,
+        block: int | None = None,
+    ):
         super().__init__()
         if to not in LOWERINGS:
             raise BadInputError(f"unknown attention lowering '{to}'; choose one of {', '.join(LOWERINGS)}")
@@ -251,12 +393,20 @@ class LowerAttentionPass(ir.passes.InPlacePass):
             raise BadInputError(
                 f"unknown causal attention lowering '{causal_to}'; choose one of {', '.join(CAUSAL_LOWERINGS)}"
             )
+        if window_to is not None and window_to not in WINDOW_LOWERINGS:
+            raise BadInputError(f"unknown window lowering '{window_to}'; choose one of {', '.join(WINDOW_LOWERINGS)}")
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise BadInputError(f"block must be a positive integer, got {block!r}")
         self.to = to
         self.causal_to = causal_to
+        self.window_to = window_to
+        self.blocked_min_sequence = blocked_min_sequence
+        self.block = block
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = causal = 0
+        windows: dict[str, int] = {}
         if self.to != "function":
             for graph in model.graphs():
                 for node in list(graph):
@@ -264,7 +414,13 @@ class LowerAttentionPass(ir.passes.InPlacePass):
                         continue
                     lowered = None
                     seq_axis = 1 if node.op_type == "Attention" else 2
-                    if self.causal_to is not None and _gqa_applies(node, seq_axis):
+                    if self.window_to is not None and _window_applies(node):
+                        new_nodes, output, form = _lower_window(
+                            graph, node, self.window_to, self.blocked_min_sequence, self.block
+                        )
+                        lowered = (new_nodes, output)
+                        windows[form] = windows.get(form, 0) + 1
+                    elif self.causal_to is not None and _gqa_applies(node, seq_axis):
                         lowered = _lower_gqa(node, seq_axis)
                         causal += 1
                     elif self.to == "com.microsoft.Attention" and node.op_type == "Attention":
@@ -276,7 +432,9 @@ class LowerAttentionPass(ir.passes.InPlacePass):
                     count += 1
             if count:
                 model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {self.to: {"matches": count - causal}}
+        self.report = {self.to: {"matches": count - causal - sum(windows.values())}}
         if self.causal_to is not None:
             self.report[self.causal_to] = {"matches": causal}
+        for form, n in windows.items():
+            self.report[f"window:{form}"] = {"matches": n}
         return ir.passes.PassResult(model, count > 0)

@@ -22,6 +22,11 @@ aligned diagonal ``j - i <= T - S``, so cached keys count as visible):
 * ``window_bias``: the band is masked as above, plus more (padding).
 * ``bias``: anything else; stays a general additive bias.
 
+When the extra masking of a ``*_bias`` kind is exactly the zeros of a ``(batch, keys)``
+mask input (the usual ``attention_mask``), the kind becomes ``causal``/``window`` with a
+``key_padding`` attribute naming that input: a target can then build the mask in O(S)
+from the structure and that input instead of reading the exporter's (B, 1, S, T) tensor.
+
 A value counts as masked when it is ``<= -1e4`` (exporters use ``finfo.min``, ``-inf``
 or ``-10000``); a structural kind also needs every visible entry to be exactly 0 (or,
 for the ``*_bias`` kinds, anything finite). Probes cover two sizes, right and left
@@ -180,6 +185,34 @@ def classify(biases: list[np.ndarray]) -> dict:
     return {"kind": "bias"}
 
 
+def explain_padding(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]], kind: dict) -> str | None:
+    """The name of the (batch, keys) input whose zeros, combined with ``kind``'s band, are
+    exactly the masked entries of every probe's bias (visible entries exactly 0); or None."""
+    if kind["kind"] not in ("causal_bias", "window_bias"):
+        return None
+    left = kind.get("window_left")
+    right = kind.get("window_right", 0)
+    names = set.intersection(*(set(p) for p in paddings)) if paddings else set()
+    for name in sorted(names):
+        for raw, pads in zip(biases, paddings):
+            bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
+            keys = np.asarray(pads[name]) != 0
+            s, t = bias.shape[-2:]
+            if keys.ndim != 2 or keys.shape[1] != t or bias.shape[0] not in (1, keys.shape[0]):
+                break
+            band = _band(s, t, left, right)
+            expected = ~(band[None, None] & keys[:, None, None, :])
+            masked = bias <= MASKED
+            shape = np.broadcast_shapes(masked.shape, expected.shape)
+            if not np.array_equal(np.broadcast_to(masked, shape), np.broadcast_to(expected, shape)):
+                break
+            if not np.all(bias[~masked] == 0):
+                break
+        else:
+            return name
+    return None
+
+
 @register_pass("classify-attention-masks")
 class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
     """Set ``mask_kind`` (and window sizes) of neutral attention ops by evaluating their masks.
@@ -205,6 +238,7 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
         values = list({id(n.inputs[3]): n.inputs[3] for n in nodes}.values())
         sliced = _slice_model(model, values)
         results: list[list[np.ndarray]] = [[] for _ in values]
+        paddings: list[dict[str, np.ndarray]] = []
         probes, unprobed = _probe_feeds(sliced)
         for feeds in probes:
             try:
@@ -214,22 +248,33 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
                 continue
             for i, value in enumerate(values):
                 results[i].append(outputs[value.name])
-        kinds = {id(v): classify(r) if r else {"kind": "bias"} for v, r in zip(values, results)}
+            paddings.append({k: v for k, v in feeds.items() if v.ndim == 2 and "mask" in k.lower()})
+        kinds = {}
+        for value, result in zip(values, results):
+            kind = classify(result) if result else {"kind": "bias"}
+            padding = explain_padding(result, paddings, kind)
+            if padding is not None:  # structure + the key padding of a (batch, keys) input, exactly
+                kind = {**kind, "kind": kind["kind"].removesuffix("_bias"), "key_padding": padding}
+            kinds[id(value)] = kind
         if unprobed:  # structure not confirmed at every size the model may run: keep the bias in the op
             for kind in kinds.values():
                 if kind["kind"] in ("causal", "window"):
                     kind["kind"] += "_bias"
+                    kind.pop("key_padding", None)
         counts: dict[str, int] = {}
         modified = False
         for node in nodes:
             kind = kinds[id(node.inputs[3])]
-            counts[kind["kind"]] = counts.get(kind["kind"], 0) + 1
+            label = kind["kind"] + (f"+padding({kind['key_padding']})" if "key_padding" in kind else "")
+            counts[label] = counts.get(label, 0) + 1
             if kind["kind"] == "bias":
                 continue
             node.attributes["mask_kind"] = ir.AttrString("mask_kind", kind["kind"])
             for key in ("window_left", "window_right"):
                 if key in kind:
                     node.attributes[key] = ir.AttrInt64(key, kind[key])
+            if "key_padding" in kind:
+                node.attributes["key_padding"] = ir.AttrString("key_padding", kind["key_padding"])
             modified = True
         self.report = {kind: {"matches": n} for kind, n in sorted(counts.items())}
         return ir.passes.PassResult(model, modified)

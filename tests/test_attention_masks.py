@@ -151,8 +151,11 @@ def _decoder(padding: str) -> ir.Model:
     return model
 
 
-@pytest.mark.parametrize("padding, kind", [(NO_PADDING, "causal"), (WITH_PADDING, "causal_bias")])
-def test_pass_classifies_and_gqa_is_exact(padding, kind):
+@pytest.mark.parametrize(
+    "padding, kind, label",
+    [(NO_PADDING, "causal", "causal"), (WITH_PADDING, "causal", "causal+padding(attention_mask)")],
+)
+def test_pass_classifies_and_gqa_is_exact(padding, kind, label):
     model = _decoder(padding)
     feeds = verify.generate_inputs(model, {"B": 3, "S": 10}, seed=0)
     want = verify.run(model, feeds)["y"]
@@ -160,14 +163,14 @@ def test_pass_classifies_and_gqa_is_exact(padding, kind):
     assert classify_pass(model).modified
     (node,) = [n for n in model.graph if n.domain == ops.DOMAIN]
     assert node.attributes.get_string("mask_kind") == kind
-    assert classify_pass.report == {kind: {"matches": 1}}
+    assert classify_pass.report == {label: {"matches": 1}}
     assert not ClassifyAttentionMasksPass()(model).modified  # classified blocks are not examined again
     lower = LowerAttentionPass(to="com.microsoft.MultiHeadAttention", causal_to="com.microsoft.GroupQueryAttention")
     assert lower(model).modified
     histogram = collections.Counter(n.op_type for n in model.graph)
     assert histogram["GroupQueryAttention"] == 1 and histogram["MultiHeadAttention"] == 0
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
-    assert len(gqa.inputs) == (11 if kind == "causal_bias" else 7)  # the bias rides along only when needed
+    assert len(gqa.inputs) == (11 if padding == WITH_PADDING else 7)  # the bias rides along only when needed
     assert lower.report == {
         "com.microsoft.MultiHeadAttention": {"matches": 0},
         "com.microsoft.GroupQueryAttention": {"matches": 1},

@@ -24,7 +24,7 @@ from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
 from tfgraph.prune import RebaselineInstrument
 from tfgraph.targets import Target, get_target
-from tfgraph.verify import UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, run
+from tfgraph.verify import UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, padded_positions, run
 
 Progress = Callable[[str, int, int], None]
 
@@ -197,13 +197,17 @@ def compile(  # noqa: A001 - the product's verb
             except Exception as e:
                 message = first_line(e)
                 raise VerificationError(f"the compiled model does not load with the target's session: {message}") from None
-            diffs = compare(reference, final, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
+            diffs = compare(
+                reference, final, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol, padded=padded_positions(feeds)
+            )
             verification = {
                 "passed": all(d.ok for d in diffs),
                 "atol": profile.tolerance.atol,
                 "rtol": profile.tolerance.rtol,
                 "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
                 "inputs_source": "generated" if inputs is None else "user",
+                # Positions where the mask input is 0 carry no defined value (see verify.compare).
+                "padded_positions_excluded": int(np.count_nonzero(padded_positions(feeds) is not None and padded_positions(feeds))),
                 "outputs": {d.name: d.to_json() for d in diffs},
                 "session": {"providers": [p[0] for p in providers], "options": dict(profile.session_options)},
             }

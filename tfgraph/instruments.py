@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from tfgraph.errors import VerificationError, first_line
 from tfgraph.ir import PROTOBUF_LIMIT, model_bytes, parameter_count, to_proto
-from tfgraph.verify import UNOPTIMIZED, compare, run
+from tfgraph.verify import UNOPTIMIZED, compare, padded_positions, run
 
 
 @dataclasses.dataclass
@@ -187,7 +187,7 @@ class NumericDiffInstrument(Instrument):
             raise VerificationError(
                 f"after pass '{record.name}' the model no longer runs on onnxruntime: {message}", pass_name=record.name
             ) from None
-        diffs = compare(self.reference, outputs, atol=self.atol, rtol=self.rtol)
+        diffs = compare(self.reference, outputs, atol=self.atol, rtol=self.rtol, padded=padded_positions(self.feeds))
         record.extra["verification"] = {d.name: d.to_json() for d in diffs}
         bad = [d for d in diffs if not d.ok]
         if bad:

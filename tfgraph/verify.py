@@ -231,16 +231,44 @@ class OutputDiff:
     max_rel: float
     ok: bool
     reason: str = ""
+    padded_max_abs: float | None = None  # at padded positions, which are not compared
 
     def to_json(self) -> dict:
         d = {"max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok}
         if self.reason:
             d["reason"] = self.reason
+        if self.padded_max_abs is not None:
+            d["padded_max_abs"] = self.padded_max_abs
         return d
 
 
-def compare(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], *, atol: float, rtol: float) -> list[OutputDiff]:
-    """Element-wise ``|a - e| <= atol + rtol * |e|`` per output; NaN must match NaN, shapes must match."""
+def padded_positions(feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """(batch, sequence) positions that are padding in every 2-D mask-like input (zeros), or None."""
+    padded = None
+    for name, value in feeds.items():
+        value = np.asarray(value)
+        if "mask" in name.lower() and value.ndim == 2 and (value.dtype == np.bool_ or np.issubdtype(value.dtype, np.number)):
+            here = value == 0
+            padded = here if padded is None else (padded & here if padded.shape == here.shape else padded)
+    return padded if padded is not None and padded.any() else None
+
+
+def compare(
+    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    *,
+    atol: float,
+    rtol: float,
+    padded: np.ndarray | None = None,
+) -> list[OutputDiff]:
+    """Element-wise ``|a - e| <= atol + rtol * |e|`` per output; NaN must match NaN, shapes must match.
+
+    ``padded`` ((batch, sequence) booleans, see :func:`padded_positions`): in outputs that
+    start with those two axes, the padded positions are left out of the check and their
+    largest difference is reported separately. A padded query position that sees no
+    key at all has no defined value: exporters disagree (0 behind a NaN guard, or the
+    mean over every key), and so do fused kernels.
+    """
     diffs = []
     for name, e in expected.items():
         if name not in actual:
@@ -258,6 +286,12 @@ def compare(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]
             continue
         a64 = a.astype(np.float64)
         e64 = e.astype(np.float64)
+        padded_max = None
+        if padded is not None and e64.ndim >= 2 and e64.shape[:2] == padded.shape:
+            where = np.broadcast_to(padded.reshape(padded.shape + (1,) * (e64.ndim - 2)), e64.shape)
+            gap = np.abs(a64[where] - e64[where])
+            padded_max = float(np.nanmax(gap)) if gap.size and not np.isnan(gap).all() else 0.0
+            a64 = np.where(where, e64, a64)
         nan_mismatch = np.isnan(a64) != np.isnan(e64)
         both_nan = np.isnan(a64) & np.isnan(e64)
         same_inf = np.isinf(e64) & (a64 == e64)
@@ -268,5 +302,5 @@ def compare(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]
         max_rel = float((diff / np.maximum(scale, 1e-12)).max()) if diff.size else 0.0
         ok = bool(np.all(diff <= atol + rtol * np.nan_to_num(scale, posinf=0.0)))
         reason = "" if ok else ("NaN where the reference has a number" if nan_mismatch.any() else "")
-        diffs.append(OutputDiff(name, max_abs, max_rel, ok, reason))
+        diffs.append(OutputDiff(name, max_abs, max_rel, ok, reason, padded_max))
     return diffs
