@@ -262,42 +262,34 @@ def _key_padding(graph: ir.Graph, node: ir.Node) -> ir.Value | None:
 
 def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads: int,
                   size: int, left: int, right: int, padding: ir.Value | None) -> ir.Value:
-    """The short-sequence form, on (B, N, S, H) tensors: GroupQueryAttention with
+    """The short-sequence form, on (B, S, N·H) tensors: GroupQueryAttention with
     ``local_window_size = left + 1`` (it counts the current key) for causal windows,
     else MultiHeadAttention; the mask, when one is needed, built densely from the band and
     the padding input (not the exporter's tensor, which would be computed at every length)."""
-    prefix = f"{node.name or 'attention'}/short"
+    prefix = f"{node.name or node.outputs[0].name}/short"
     b = blocked._Builder(nodes, prefix)
-    merge = b.i64(0, 0, -1)
-    q_bsd = b("Reshape", b("Transpose", q, perm=[0, 2, 1, 3]), merge)
+    scale = node.attributes.get_float("scale")
     if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0:
-        k_bsd = b("Reshape", b("Transpose", k, perm=[0, 2, 1, 3]), merge)
-        v_bsd = b("Reshape", b("Transpose", v, perm=[0, 2, 1, 3]), merge)
-        shape = b("Shape", q_bsd)
+        shape = b("Shape", q)
         total = b("Cast", b("Gather", shape, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
         seqlens = b("Expand", b("Sub", total, b.const(np.array(1, np.int32))), b("Gather", shape, b.i64(0)))
-        inputs = [q_bsd, k_bsd, v_bsd, None, None, seqlens, total]
+        inputs = [q, k, v, None, None, seqlens, total]
         if padding is not None:
             inputs += [None, None, None,
                        blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding, prefix=prefix)]
-        out = ir.node("GroupQueryAttention", inputs, domain="com.microsoft", num_outputs=3, attributes={
-            "num_heads": heads, "kv_num_heads": heads, "scale": node.attributes.get_float("scale"),
-            "local_window_size": left + 1})
-        nodes.append(out)
-        for i, value in enumerate(out.outputs):
-            value.name = f"{prefix}/GroupQueryAttention:{i}"
-        context = out.outputs[0]
+        op = ir.node("GroupQueryAttention", inputs, domain="com.microsoft", num_outputs=3, attributes={
+            "num_heads": heads, "kv_num_heads": heads, "scale": scale, "local_window_size": left + 1})
     else:
         mask = blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding, prefix=prefix)
-        mha = ir.node("MultiHeadAttention", [q_bsd, k, v, None, None, mask], domain="com.microsoft",
-                      attributes={"num_heads": heads, "scale": node.attributes.get_float("scale")})
-        nodes.append(mha)
-        mha.outputs[0].name = f"{prefix}/MultiHeadAttention"
-        context = mha.outputs[0]
-    return b("Transpose", b("Reshape", context, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
+        op = ir.node("MultiHeadAttention", [q, k, v, None, None, mask], domain="com.microsoft",
+                     attributes={"num_heads": heads, "scale": scale})
+    for i, value in enumerate(op.outputs):
+        value.name = f"{prefix}/{op.op_type}:{i}"
+    nodes.append(op)
+    return op.outputs[0]
 
 
-def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, block: int | None
+def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, block: int | None, kernel: str
                   ) -> tuple[list[ir.Node], ir.Value, str]:
     """A banded block: the blocked form (O(S·window)) when the sequence is at least
     ``threshold`` long, the fused kernel below; decided from the static length, or at
@@ -310,20 +302,21 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     new: list[ir.Node] = []
     stem = node.name or node.outputs[0].name
     b = blocked._Builder(new, stem)
-    bsd = node.op_type == "Attention"
-    if bsd:  # to (B, N, S, H)
-        split = b.i64(0, 0, heads, size)
-        q, k, v = (b("Transpose", b("Reshape", x, split), perm=[0, 2, 1, 3]) for x in (q, k, v))
+    bhsd = node.op_type == "AttentionBHSD"
+    length = q.shape[2] if bhsd else q.shape[1]
+    if bhsd:  # to (B, S, N·H)
+        merge = b.i64(0, 0, -1)
+        q, k, v = (b("Reshape", b("Transpose", x, perm=[0, 2, 1, 3]), merge) for x in (q, k, v))
     scale = node.attributes.get_float("scale")
 
     def long_form(nodes):
         return blocked.blocked_attention(nodes, q, k, v, scale=scale, left=left, right=right, block=block,
-                                         head_size=size, key_padding=padding, prefix=f"{stem}/blocked")
+                                         heads=heads, head_size=size, key_padding=padding, kernel=kernel,
+                                         prefix=f"{stem}/blocked")
 
     def short_form(nodes):
         return _window_small(nodes, node, q, k, v, heads, size, left, right, padding)
 
-    length = q.shape[2]
     if mode == "blocked" or (isinstance(length, int) and length >= threshold):
         out, form = long_form(new), "blocked"
     elif isinstance(length, int):
@@ -334,15 +327,14 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
             nodes: list[ir.Node] = []
             result = build(nodes)
             result.type = ir.TensorType(ir.DataType.FLOAT)
-            branches[name] = ir.Graph([], [result], nodes=nodes, name=f"{node.name or 'attention'}_{name}")
-        long_enough = b("GreaterOrEqual", b("Shape", q, start=2, end=3), b.i64(threshold))
-        cond = b("Squeeze", long_enough, b.i64(0))
-        choose = ir.node("If", [cond], attributes=branches)
+            branches[name] = ir.Graph([], [result], nodes=nodes, name=f"{stem}/{name}")
+        long_enough = b("GreaterOrEqual", b("Shape", q, start=1, end=2), b.i64(threshold))
+        choose = ir.node("If", [b("Squeeze", long_enough, b.i64(0))], attributes=branches)
         choose.outputs[0].name = f"{stem}/If"
         new.append(choose)
         out, form = choose.outputs[0], "if"
-    if bsd:
-        out = b("Reshape", b("Transpose", out, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
+    if bhsd:
+        out = b("Transpose", b("Reshape", out, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
     return new, out, form
 
 
@@ -374,7 +366,9 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     sequence is at least ``blocked_min_sequence`` long and to the fused kernel below
     (GroupQueryAttention's ``local_window_size`` for causal windows, else
     MultiHeadAttention) — from the static length, or at run time with an ``If``.
-    ``block``: the blocked form's query block (default: half the window, multiple of 8).
+    ``block``: the blocked form's query block (default: half the window, multiple of 8);
+    ``window_kernel``: how its tiles are computed (``"standard"`` ONNX ops, or onnxruntime's
+    ``"com.microsoft.MultiHeadAttention"`` over the batch of tiles).
     """
 
     def __init__(
@@ -385,6 +379,7 @@ class LowerAttentionPass(ir.passes.InPlacePass):
         window_to: str | None = None,
         blocked_min_sequence: int = 1024,
         block: int | None = None,
+        window_kernel: str = "standard",
     ):
         super().__init__()
         if to not in LOWERINGS:
@@ -402,6 +397,9 @@ class LowerAttentionPass(ir.passes.InPlacePass):
         self.window_to = window_to
         self.blocked_min_sequence = blocked_min_sequence
         self.block = block
+        if window_kernel not in blocked.KERNELS:
+            raise BadInputError(f"unknown window kernel '{window_kernel}'; choose one of {', '.join(blocked.KERNELS)}")
+        self.window_kernel = window_kernel
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -416,7 +414,7 @@ class LowerAttentionPass(ir.passes.InPlacePass):
                     seq_axis = 1 if node.op_type == "Attention" else 2
                     if self.window_to is not None and _window_applies(node):
                         new_nodes, output, form = _lower_window(
-                            graph, node, self.window_to, self.blocked_min_sequence, self.block
+                            graph, node, self.window_to, self.blocked_min_sequence, self.block, self.window_kernel
                         )
                         lowered = (new_nodes, output)
                         windows[form] = windows.get(form, 0) + 1

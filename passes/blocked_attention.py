@@ -2,9 +2,8 @@
 
 The sequence is cut into blocks of ``block`` queries. A query at ``i`` sees keys ``j`` with
 ``-left <= j - i <= right``, so query block ``t`` needs only key blocks ``t - c … t + r``
-(``c = ceil(left / block)``, ``r = ceil(right / block)``): keys and values are padded by
-``c`` blocks in front and ``r`` behind, and ``c + 1 + r`` shifted slices, each reshaped to
-(B, N, blocks, block, H), are concatenated into per-block key windows. Scores are a
+(``c = ceil(left / block)``, ``r = ceil(right / block)``): one Gather per tensor builds
+the (B, blocks, (c + 1 + r)·block, N·H) key and value windows. Scores are a
 batched MatMul of (block × window) tiles; on top come the exact band (a constant
 (block, window) table, since ``j - i`` depends only on the positions inside the tile)
 and the key mask: keys outside ``[0, S)`` and, when the model has one, the zeros of its
@@ -55,30 +54,21 @@ class _Builder:
         return self.const(np.array(values, dtype=np.int64))
 
 
-def _sequence_length(b: _Builder, x: ir.Value) -> ir.Value:
-    """S of a (B, N, S, H) tensor as a 1-element int64 vector."""
-    return b("Shape", x, start=2, end=3)
+def _positions(b: _Builder, sequence: ir.Value, blocks: ir.Value, block: int, before: int, count: int):
+    """Key positions of every block's window, (blocks, count·block): ``t·block + s - before·block``,
+    clipped into [0, S) for gathering, and whether each lies inside the sequence."""
+    last = b("Sub", sequence, b.i64(1))
+    start = b("Mul", b("Range", b.const(np.array(0, np.int64)), b("Squeeze", blocks, b.i64(0)),
+                       b.const(np.array(1, np.int64))), b.const(np.array(block, np.int64)))
+    slots = np.arange(count * block, dtype=np.int64)[None, :] - before * block
+    positions = b("Add", b("Unsqueeze", start, b.i64(1)), b.const(slots))
+    valid = b("And", b("GreaterOrEqual", positions, b.const(np.array(0, np.int64))),
+              b("LessOrEqual", positions, b("Squeeze", last, b.i64(0))))
+    clipped = b("Min", b("Max", positions, b.const(np.array(0, np.int64))), b("Squeeze", last, b.i64(0)))
+    return clipped, valid
 
 
-def _windows(b: _Builder, x: ir.Value, axis: int, front: int, back_extra: int, count: int, block: int,
-             padded_length: ir.Value, sequence: ir.Value, tail: list[int]) -> ir.Value:
-    """Pad ``x`` along ``axis`` (``front`` in front; behind, up to ``padded_length`` plus
-    ``back_extra``), then concatenate ``count`` slices shifted by one block each, every slice
-    reshaped to (…, blocks, block, *tail): the per-block windows, concatenated on the block axis."""
-    rank = axis + 1 + len(tail)
-    back = b("Add", b("Sub", padded_length, sequence), b.i64(back_extra))
-    zeros_before = b.i64(*([0] * axis))
-    zeros_after = b.i64(*([0] * (rank - axis - 1)))
-    pads = b("Concat", zeros_before, b.i64(front), zeros_after, zeros_before, back, zeros_after, axis=0)
-    padded = b("Pad", x, pads)
-    shape = b.i64(*([0] * axis), -1, block, *tail)
-    parts = []
-    for m in range(count):
-        start = b.i64(m * block)
-        end = b("Add", padded_length, start)
-        piece = b("Slice", padded, start, end, b.i64(axis))
-        parts.append(b("Reshape", piece, shape))
-    return parts[0] if count == 1 else b("Concat", *parts, axis=axis + 1)
+KERNELS = ("standard", "com.microsoft.MultiHeadAttention")
 
 
 def blocked_attention(
@@ -91,59 +81,88 @@ def blocked_attention(
     left: int,
     right: int,
     block: int,
+    heads: int,
     head_size: int,
     key_padding: ir.Value | None = None,
+    kernel: str = "standard",
     prefix: str = "blocked",
 ) -> ir.Value:
-    """Attention of (B, N, S, H) ``q``/``k``/``v`` under the band ``-left <= j - i <= right``
-    (and ``key_padding``, (B, S), nonzero = visible), output (B, N, S, H)."""
+    """Attention of (B, S, N·H) ``q``/``k``/``v`` under the band ``-left <= j - i <= right``
+    (and ``key_padding``, (B, S), nonzero = visible), output (B, S, N·H).
+
+    ``kernel="standard"``: the tiles' products and Softmax in standard ONNX ops (any
+    runtime). ``kernel="com.microsoft.MultiHeadAttention"``: the tiles become the batch of
+    one MultiHeadAttention call, (B·blocks, block, N·H) queries against (B·blocks,
+    window, N·H) keys, the tile mask as its ``attention_bias`` — onnxruntime's fused
+    kernel scales, masks and normalizes in one pass over the scores.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown blocked-attention kernel {kernel!r}")
     b = _Builder(nodes, prefix)
     before = math.ceil(left / block)
     after = math.ceil(right / block)
     count = before + 1 + after
     width = count * block
+    hidden = heads * head_size
 
-    sequence = _sequence_length(b, q)
+    sequence = b("Shape", q, start=1, end=2)
     blocks = b("Div", b("Add", sequence, b.i64(block - 1)), b.i64(block))
-    padded_length = b("Mul", blocks, b.i64(block))
 
-    q_blocks = _windows(b, q, 2, 0, 0, 1, block, padded_length, sequence, [head_size])
-    k_windows = _windows(b, k, 2, before * block, after * block, count, block, padded_length, sequence, [head_size])
-    v_windows = _windows(b, v, 2, before * block, after * block, count, block, padded_length, sequence, [head_size])
+    # One Gather per tensor (no padding copies): (B, blocks, block, D) query tiles (rows past
+    # the end repeat the last query and are cut off at the end) and (B, blocks, width, D)
+    # key/value windows (positions outside the sequence repeat an edge key and are masked).
+    q_rows, _ = _positions(b, sequence, blocks, block, 0, 1)
+    q_tiles = b("Gather", q, q_rows, axis=1)
+    keys, valid = _positions(b, sequence, blocks, block, before, count)
+    k_windows = b("Gather", k, keys, axis=1)
+    v_windows = b("Gather", v, keys, axis=1)
 
-    scores = b("MatMul", q_blocks, b("Transpose", k_windows, perm=[0, 1, 2, 4, 3]))
-    scores = b("Mul", scores, b.const(np.array(scale, dtype=np.float32)))
-
-    # The band inside a tile: query u of the block, window slot s: j - i = s - before·block - u.
+    # The tile mask, (B|1, blocks, block, width), head-independent: the band (query u of
+    # the tile, window slot s: j - i = s - before·block - u) plus keys outside [0, S) and
+    # padded keys (the (B, S) padding row gathered like the keys).
     offset = np.arange(width)[None, :] - before * block - np.arange(block)[:, None]
     band = np.where((offset >= -left) & (offset <= right), 0.0, _HALF_MIN).astype(np.float32)
-    scores = b("Add", scores, b.const(band))
-
-    # Keys outside [0, S) and padded keys: a (B|1, S) visibility row, windowed like the keys.
+    visible = b("Unsqueeze", valid, b.i64(0))  # (1, blocks, width)
     if key_padding is not None:
-        visible = b("Cast", key_padding, to=ir.DataType.FLOAT)
-    else:
-        visible = b("ConstantOfShape", b("Concat", b.i64(1), sequence, axis=0),
-                    value=ir.tensor(np.array([1.0], dtype=np.float32)))
-    visible_windows = _windows(b, visible, 1, before * block, after * block, count, block, padded_length, sequence, [])
-    key_bias = b("Where", b("Greater", visible_windows, b.const(np.array(0.0, np.float32))),
-                 b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
-    key_bias = b("Unsqueeze", key_bias, b.i64(1, 3))  # (B|1, 1, blocks, 1, width)
-    scores = b("Add", scores, key_bias)
+        padding = b("Gather", b("Cast", key_padding, to=ir.DataType.BOOL), keys, axis=1)
+        visible = b("And", visible, padding)
+    key_bias = b("Where", visible, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
+    mask = b("Add", b("Unsqueeze", key_bias, b.i64(2)), b.const(band))  # (B|1, blocks, block, width)
 
-    probs = b("Softmax", scores, axis=-1)
-    context = b("MatMul", probs, v_windows)  # (B, N, blocks, block, H)
-    context = b("Reshape", context, b.i64(0, 0, -1, head_size))
-    return b("Slice", context, b.i64(0), sequence, b.i64(2))
+    if kernel == "standard":
+        split = b.i64(0, 0, 0, heads, head_size)
+        q_h = b("Transpose", b("Reshape", q_tiles, split), perm=[0, 1, 3, 2, 4])  # (B, blocks, N, block, H)
+        q_h = b("Mul", q_h, b.const(np.array(scale, dtype=np.float32)))
+        k_t = b("Transpose", b("Reshape", k_windows, split), perm=[0, 1, 3, 4, 2])  # (B, blocks, N, H, width)
+        v_h = b("Transpose", b("Reshape", v_windows, split), perm=[0, 1, 3, 2, 4])  # (B, blocks, N, width, H)
+        scores = b("Add", b("MatMul", q_h, k_t), b("Unsqueeze", mask, b.i64(2)))
+        context = b("MatMul", b("Softmax", scores, axis=-1), v_h)  # (B, blocks, N, block, H)
+        context = b("Reshape", b("Transpose", context, perm=[0, 1, 3, 2, 4]), b.i64(0, -1, hidden))
+    else:
+        flat = b.i64(-1, block, hidden)
+        q_flat = b("Reshape", q_tiles, flat)
+        k_flat = b("Reshape", k_windows, b.i64(-1, width, hidden))
+        v_flat = b("Reshape", v_windows, b.i64(-1, width, hidden))
+        batch = b("Shape", q, start=0, end=1)
+        full = b("Concat", batch, blocks, b.i64(block, width), axis=0)
+        bias = b("Reshape", b("Expand", mask, full), b.i64(-1, 1, block, width))
+        node = ir.node("MultiHeadAttention", [q_flat, k_flat, v_flat, None, None, bias], domain="com.microsoft",
+                       attributes={"num_heads": heads, "scale": scale})
+        node.outputs[0].name = f"{prefix}/MultiHeadAttention"
+        nodes.append(node)
+        batch_first = b("Concat", batch, b.i64(-1, hidden), axis=0)
+        context = b("Reshape", node.outputs[0], batch_first)
+    return b("Slice", context, b.i64(0), sequence, b.i64(1))
+
 
 
 def dense_mask(
     nodes: list[ir.Node], q: ir.Value, *, left: int | None, right: int, key_padding: ir.Value | None,
     prefix: str = "mask",
 ) -> ir.Value:
-    """The additive (B|1, 1, S, S) mask of the band (``left=None``: unbounded) and key padding, for (B, N, S, H) ``q``."""
+    """The additive (B|1, 1, S, S) mask of the band (``left=None``: unbounded) and key padding, for (B, S, D) ``q``."""
     b = _Builder(nodes, prefix)
-    sequence = _sequence_length(b, q)
+    sequence = b("Shape", q, start=1, end=2)
     length = b("Squeeze", sequence, b.i64(0))
     positions = b("Range", b.const(np.array(0, np.int64)), length, b.const(np.array(1, np.int64)))
     offset = b("Sub", b("Unsqueeze", positions, b.i64(0)), b("Unsqueeze", positions, b.i64(1)))  # j - i
