@@ -16,6 +16,8 @@ Kinds (:data:`HF_KINDS`):
   4 query heads sharing 2 key/value heads).
 * ``mistral``: ``MistralForCausalLM`` (as llama, plus a sliding window of 8
   tokens, shorter than the sequences the tests use, so the window matters).
+* ``gpt_neo``: ``GPTNeoForCausalLM`` (alternating global and local layers, the local
+  ones attending a window of 8 tokens; eager attention only in transformers).
 
 Importing this module does not import torch; :func:`make_hf_checkpoint` does.
 """
@@ -30,7 +32,7 @@ from tfgraph.errors import BadInputError
 __all__ = ["HF_KINDS", "SEED", "make_hf_checkpoint", "hf_config"]
 
 #: The kinds :func:`make_hf_checkpoint` builds.
-HF_KINDS = ("bert", "albert", "gpt2", "llama", "mistral")
+HF_KINDS = ("bert", "albert", "gpt2", "llama", "mistral", "gpt_neo")
 #: The torch seed every checkpoint is initialized with.
 SEED = 0
 
@@ -120,6 +122,22 @@ _KINDS: dict[str, tuple[str, str, dict]] = {
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
+        ),
+    ),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        dict(
+            vocab_size=_VOCAB,
+            hidden_size=_HIDDEN,
+            num_layers=_LAYERS,
+            num_heads=_HEADS,
+            attention_types=[[["global", "local"], _LAYERS // 2]],
+            window_size=8,
+            intermediate_size=_INTERMEDIATE,
+            max_position_embeddings=_POSITIONS,
+            bos_token_id=0,
+            eos_token_id=0,
         ),
     ),
 }

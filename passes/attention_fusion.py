@@ -41,10 +41,14 @@ def _scaled(op, value, scale, tag: str):
     )
 
 
-def _probs(op, q, k_t, q_scale, k_scale, s_scale, bias, nan_fill):
-    """The shared middle of both rules: scaled scores, optional bias, Softmax, optional NaN guard."""
+def _probs(op, q, k_t, q_scale, k_scale, s_scale, bias, nan_fill, mask_cond, mask_fill):
+    """The shared middle of both rules: scaled scores, optional ``Where(mask, scores, fill)``
+    (GPT-Neo's eager attention), optional bias, Softmax, optional NaN guard."""
     scores = op.MatMul(_scaled(op, q, q_scale, "q_scaling"), _scaled(op, k_t, k_scale, "k_scaling"))
     scores = _scaled(op, scores, s_scale, "s_scaling")
+    scores = pattern.OrValue(
+        [op.Where(mask_cond, scores, mask_fill), scores], tag_var="where_mask", tag_values=[True, False]
+    )
     scores = pattern.OrValue([op.Add(scores, bias), scores], tag_var="has_bias", tag_values=[True, False])
     probs = op.Softmax(scores, axis=-1)
     return pattern.OrValue(
@@ -67,11 +71,34 @@ def _check_probs(bindings: dict, result: pattern.MatchResult) -> float | None:
     if bindings.get("nan_guard") and _scalar(bindings.get("nan_fill")) != 0.0:
         result.fail("the NaN guard after Softmax does not fill with 0", bindings.get("nan_fill"))
         return None
+    if bindings.get("where_mask"):
+        fill = _scalar(bindings.get("mask_fill"))
+        if fill is None or fill > MASK_FILL_LIMIT:
+            result.fail(f"Where(mask, scores, fill) with a fill that is not a constant <= {MASK_FILL_LIMIT:g}",
+                        bindings.get("mask_fill"))
+            return None
     bias = bindings.get("bias")
     if bindings.get("has_bias") and (bias.shape is None or len(bias.shape) > 4):
         result.fail("attention bias rank is unknown or above 4", bias)
         return None
     return scale
+
+
+# Where(mask, scores, fill) equals scores + Where(mask, 0, fill) after Softmax when the fill
+# is this low: fill + score rounds to about fill, and exp of either is 0.
+MASK_FILL_LIMIT = -1e4
+
+
+def _mask_bias(op, like: ir.Value, bias, has_bias: bool, where_mask: bool, mask_cond=None, mask_fill=None):
+    """The fused op's additive bias: the exporter's bias, plus ``Where(mask, 0, fill)`` for a Where mask."""
+    if where_mask:
+        dtype = mask_fill.dtype.numpy() if mask_fill.dtype is not None else np.float32
+        zero = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
+        from_where = op.Where(mask_cond, zero, mask_fill)
+        return (op.Add(from_where, bias) if has_bias else from_where), "bias"
+    if has_bias:
+        return bias, "bias"
+    return _zero_bias(op, like), "none"
 
 
 def _zero_bias(op, like: ir.Value):
@@ -129,7 +156,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._reshape_after = False
 
     def pattern(self, op, q_in, k_in, v_in, q_shape, k_shape, v_shape, out_shape, k3_shape, k4_shape,
-                q_scale, k_scale, s_scale, bias, nan_fill):
+                q_scale, k_scale, s_scale, bias, nan_fill, mask_cond, mask_fill):
         q = op.Transpose(op.Reshape(q_in, q_shape, _outputs=["q_4d"]), perm=[0, 2, 1, 3])
         k_4d = op.Reshape(k_in, k_shape, _outputs=["k_4d"])
         k_bhsd = op.Transpose(k_4d, perm=[0, 2, 1, 3])
@@ -142,7 +169,7 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
             tag_var="key_transpose",
             tag_values=["bshd", "bhsd", "3d"],
         )
-        probs = _probs(op, q, k_t, q_scale, k_scale, s_scale, bias, nan_fill)
+        probs = _probs(op, q, k_t, q_scale, k_scale, s_scale, bias, nan_fill, mask_cond, mask_fill)
         v = op.Transpose(op.Reshape(v_in, v_shape, _outputs=["v_4d"]), perm=[0, 2, 1, 3])
         context = op.Transpose(op.MatMul(probs, v), perm=[0, 2, 1, 3])
         return op.Reshape(context, out_shape, _outputs=["out"])
@@ -175,10 +202,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         self._scale = scale
         return result
 
-    def rewrite(self, op, q_in, k_in, v_in, out_shape, bias=None, has_bias=False, **_):
-        kind = "bias" if has_bias else "none"
-        if not has_bias:
-            bias = _zero_bias(op, q_in)
+    def rewrite(self, op, q_in, k_in, v_in, out_shape, bias=None, has_bias=False, where_mask=False, mask_cond=None,
+                mask_fill=None, **_):
+        bias, kind = _mask_bias(op, q_in, bias, has_bias, where_mask, mask_cond, mask_fill)
         fused = op.Attention(
             q_in, k_in, v_in, bias, num_heads=self._heads, scale=self._scale, mask_kind=kind, _domain=ops.DOMAIN
         )
@@ -198,8 +224,9 @@ class AttentionBHSDFusion(pattern.RewriteRuleClassBase):
         super().__init__(name="attention-bhsd")
         self._scale = 1.0
 
-    def pattern(self, op, q, k, v, q_scale, k_scale, s_scale, bias, nan_fill):
-        probs = _probs(op, q, op.Transpose(k, perm=[0, 1, 3, 2]), q_scale, k_scale, s_scale, bias, nan_fill)
+    def pattern(self, op, q, k, v, q_scale, k_scale, s_scale, bias, nan_fill, mask_cond, mask_fill):
+        probs = _probs(op, q, op.Transpose(k, perm=[0, 1, 3, 2]), q_scale, k_scale, s_scale, bias, nan_fill,
+                       mask_cond, mask_fill)
         return op.MatMul(probs, v)
 
     def check(self, context, q, k, v, bias=None, has_bias=False, **bindings):
@@ -218,10 +245,8 @@ class AttentionBHSDFusion(pattern.RewriteRuleClassBase):
         self._scale = scale
         return result
 
-    def rewrite(self, op, q, k, v, bias=None, has_bias=False, **_):
-        kind = "bias" if has_bias else "none"
-        if not has_bias:
-            bias = _zero_bias(op, q)
+    def rewrite(self, op, q, k, v, bias=None, has_bias=False, where_mask=False, mask_cond=None, mask_fill=None, **_):
+        bias, kind = _mask_bias(op, q, bias, has_bias, where_mask, mask_cond, mask_fill)
         return op.AttentionBHSD(q, k, v, bias, scale=self._scale, mask_kind=kind, _domain=ops.DOMAIN)
 
 

@@ -25,6 +25,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.analysis import BLOCKED_ATTENTION_MARK
+
 # Each of the two additive parts uses half of the lowest float, so their sum stays finite.
 _HALF_MIN = float(np.finfo(np.float32).min) / 2
 
@@ -136,7 +138,9 @@ def blocked_attention(
         k_t = b("Transpose", b("Reshape", k_windows, split), perm=[0, 1, 3, 4, 2])  # (B, blocks, N, H, width)
         v_h = b("Transpose", b("Reshape", v_windows, split), perm=[0, 1, 3, 2, 4])  # (B, blocks, N, width, H)
         scores = b("Add", b("MatMul", q_h, k_t), b("Unsqueeze", mask, b.i64(2)))
-        context = b("MatMul", b("Softmax", scores, axis=-1), v_h)  # (B, blocks, N, block, H)
+        probs = b("Softmax", scores, axis=-1)
+        probs.producer().name = f"{prefix}/{BLOCKED_ATTENTION_MARK}/Softmax"  # counted as fused by analysis
+        context = b("MatMul", probs, v_h)  # (B, blocks, N, block, H)
         context = b("Reshape", b("Transpose", context, perm=[0, 1, 3, 2, 4]), b.i64(0, -1, hidden))
     else:
         flat = b.i64(-1, block, hidden)

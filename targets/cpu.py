@@ -16,6 +16,7 @@ CLEANUP = (
     PassSpec("fold-constants"),
     PassSpec("cse"),
     PassSpec("fold-constants"),
+    PassSpec("shrink-pruned"),
     PassSpec("dedup-initializers"),
     PassSpec("remove-dead"),
 )
@@ -45,9 +46,23 @@ FUSION = (
 # (rotary embeddings, grouped KV, Conv1D Gemm) fall back to MultiHeadAttention.
 # Packing a shared layer's weights (ALBERT) builds the same packed tensor per use: the
 # dedup that follows stores it once.
+# Banded (sliding-window) attention: the blocked form, its tiles run as one
+# MultiHeadAttention batch, from WINDOW_CROSSOVER tokens on (an If on the sequence
+# length when it is dynamic); GroupQueryAttention's local_window_size below, which does
+# the full causal work on CPU (benchmarks/bench_window.py).
+WINDOW_CROSSOVER = 1024
+
 CPU_LOWERING = (
     PassSpec("pack-projections"),
-    PassSpec("lower-attention", {"to": "com.microsoft.Attention"}),
+    PassSpec(
+        "lower-attention",
+        {
+            "to": "com.microsoft.Attention",
+            "window_to": "auto",
+            "window_kernel": "com.microsoft.MultiHeadAttention",
+            "blocked_min_sequence": WINDOW_CROSSOVER,
+        },
+    ),
     PassSpec("dedup-initializers"),
     PassSpec("dedup-derived"),
     PassSpec("remove-dead"),

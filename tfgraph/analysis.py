@@ -72,17 +72,37 @@ def _reaches_matmul_downstream(value: ir.Value, depth: int = 0) -> bool:
     return False
 
 
+BLOCKED_ATTENTION_MARK = "tfgraph.blocked_attention"  # in the names of the blocked form's Softmax nodes
+
+
+def _scan_attention(graph: ir.Graph) -> tuple[collections.Counter, list[str]]:
+    fused: collections.Counter = collections.Counter()
+    softmax_blocks: list[str] = []
+    for node in graph:
+        if (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
+            fused[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
+        elif node.op_type == "Softmax" and node.domain == "" and BLOCKED_ATTENTION_MARK in (node.name or ""):
+            fused["tfgraph::BlockedAttention"] += 1
+        elif node.op_type == "Softmax" and node.domain == "":
+            if _reaches_matmul_upstream(node.inputs[0]) and _reaches_matmul_downstream(node.outputs[0]):
+                softmax_blocks.append(node.name or "")
+        elif node.op_type == "If" and node.domain == "":
+            # One attention block that picks its form at run time: counted once, as "If[then|else]".
+            branches = [_scan_attention(attr.value) for attr in node.attributes.values() if attr.type == ir.AttributeType.GRAPH]
+            if any(f for f, _ in branches):
+                forms = "|".join("+".join(sorted(f)) or "-" for f, _ in branches)
+                fused[f"If[{forms}]"] += max(sum(f.values()) for f, _ in branches)
+            for _, unfused in branches[:1]:
+                softmax_blocks.extend(unfused)
+    return fused, softmax_blocks
+
+
 def attention_blocks(model: ir.Model) -> dict[str, Any]:
-    """Softmax-based attention subgraphs (a MatMul before the Softmax, one after) and fused attention ops."""
-    softmax_blocks = []
-    fused = collections.Counter()
-    for graph in model.graphs():
-        for node in graph:
-            if (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
-                fused[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
-            if node.op_type == "Softmax" and node.domain == "":
-                if _reaches_matmul_upstream(node.inputs[0]) and _reaches_matmul_downstream(node.outputs[0]):
-                    softmax_blocks.append(node.name or "")
+    """Softmax-based attention subgraphs (a MatMul before the Softmax, one after) and fused attention ops.
+
+    The blocked windowed form counts as fused (``tfgraph::BlockedAttention``), and an ``If``
+    that picks between two forms of one block at run time counts once."""
+    fused, softmax_blocks = _scan_attention(model.graph)
     return {"unfused": len(softmax_blocks), "fused": sum(fused.values()), "fused_ops": dict(fused), "softmax_nodes": softmax_blocks}
 
 
