@@ -153,6 +153,230 @@ def _shrink_ffn(editor: _Editor, unit: prune.FFNUnit, dead: list[int]) -> None:
         _set_last_dim(value, unit.width - len(dead))
 
 
+# --- heads of unfused attention ---------------------------------------------------------------
+
+
+def _maybe_pruned(graph: ir.Graph) -> bool:
+    """Cheap pre-check: some constant 2-D MatMul weight has an all-zero column or row."""
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain == "":
+            data = prune._const(node.inputs[1])
+            if data is not None and data.ndim == 2 and (
+                not np.all(np.any(data, axis=0)) or not np.all(np.any(data, axis=1))
+            ):
+                return True
+    return False
+
+
+def _shape_entries(value: ir.Value, shapes: dict | None = None) -> list[tuple[int | None, tuple[int, int] | None]] | None:
+    """Entries of a Reshape target: (constant or None when computed, (Concat input index, position) or None)."""
+    data = prune._const(value)
+    if data is not None:
+        return [(int(e), None) for e in data.reshape(-1)]
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or node.domain != "":
+        return None
+    entries: list = []
+    for i, inp in enumerate(node.inputs):
+        part = prune._const(inp)
+        if part is not None:
+            entries += [(int(e), (i, j)) for j, e in enumerate(part.reshape(-1))]
+        else:
+            shape = inp.shape if inp is not None and inp.shape is not None else (shapes or {}).get(getattr(inp, "name", None))
+            if shape is None and inp is not None and _unsqueezed_scalar(inp):
+                shape = [1]
+            if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+                return None
+            entries += [(None, ("dynamic", i))] * shape[0]
+    return entries
+
+
+def _unsqueezed_scalar(value: ir.Value) -> bool:
+    """``Unsqueeze(Gather(shape, scalar index), [0])``: the exporters' way of writing one shape entry."""
+    node = value.producer()
+    if node is None or node.op_type != "Unsqueeze" or len(node.inputs) < 2:
+        return False
+    axes = prune._const(node.inputs[1])
+    gather = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if axes is None or axes.size != 1 or gather is None or gather.op_type != "Gather":
+        return False
+    index = prune._const(gather.inputs[1])
+    return index is not None and index.ndim == 0
+
+
+def _read_from(value: ir.Value, inside: set[int], depth: int = 0) -> bool:
+    """``value`` is computed from the shape of a tensor inside the block only (Shape → Gather/Slice/…)."""
+    node = value.producer() if value is not None else None
+    if node is None or depth > 8:
+        return False
+    if node.op_type == "Shape":
+        return id(node.inputs[0]) in inside
+    if node.op_type in ("Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Identity", "Concat"):
+        dynamic = [v for v in node.inputs if v is not None and prune._const(v) is None]
+        return bool(dynamic) and all(_read_from(v, inside, depth + 1) for v in dynamic)
+    return False
+
+
+def _reshape_edits(reshape: ir.Node, heads: int, head_dim: int, width: int, shapes: dict, inside: set[int]) -> dict[int, str] | None:
+    """Which entries of this head split/merge Reshape encode the head count ('heads') or the width
+    ('width'); None when the shape cannot be read safely."""
+    entries = _shape_entries(reshape.inputs[1], shapes)
+    if entries is None:
+        return None
+    edits: dict[int, str] = {}
+    rank = len(entries)
+    for pos, (const, where) in enumerate(entries):
+        from_end = rank - pos
+        if const is None and ((rank == 4 and from_end == 2) or (rank == 3 and from_end == 1)):
+            # A computed head count / width must be read off a tensor of the block (it then follows the shrink).
+            source = reshape.inputs[1].producer().inputs[where[1]] if where is not None else reshape.inputs[1]
+            if not _read_from(source, inside):
+                return None
+        if const is None or const in (-1, 0):
+            continue
+        if rank == 4 and from_end == 2 and const == heads:
+            edits[pos] = "heads"
+        elif rank == 4 and from_end == 1 and const == head_dim:
+            continue
+        elif rank == 4 and from_end > 2:
+            continue  # batch / sequence written as constants
+        elif rank == 3 and from_end == 1 and const == width:
+            edits[pos] = "width"
+        elif rank == 3 and from_end == 1 and const == head_dim:
+            continue
+        else:
+            return None
+    return edits
+
+
+def _unfused_units(model: ir.Model, graph: ir.Graph) -> list[tuple[prune.AttentionUnit, list[tuple[ir.Node, dict]]]]:
+    """Attention blocks of the unfused ``graph``, located by fusing a copy and mapping its
+    projections back by value name; with the Reshapes whose shapes carry the head count."""
+    if graph is not model.graph or not any(n.op_type == "Softmax" for n in graph) or not _maybe_pruned(graph):
+        return []
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    from tfgraph.targets.cpu import FUSION
+
+    for spec in FUSION:
+        if spec.name != "shrink-pruned":
+            spec.create()(copy)
+    producers = {o.name: n for n in graph for o in n.outputs if o is not None}
+    # Lengths of shape pieces, from the copy (shape inference ran there).
+    shapes = {o.name: o.shape for n in copy.graph for o in n.outputs if o is not None and o.shape is not None}
+    found = []
+    for unit in prune.attention_units(copy):
+        if (unit.node.domain, unit.node.op_type) != ("tfgraph", "Attention"):
+            continue
+        blocks = []
+        for b in (unit.q, unit.k, unit.v):
+            if b.split is not None or b.offset != 0:
+                break
+            mm = producers.get(b.weight[0].outputs[0].name)
+            if mm is None or mm.op_type != "MatMul" or prune._const(mm.inputs[1]) is None:
+                break
+            if mm.inputs[1].const_value.shape != b.weight[0].inputs[1].const_value.shape:
+                break
+            values = [mm.outputs[0]]
+            bias = None
+            if b.bias is not None:
+                add = producers.get(b.bias[0].outputs[0].name)
+                if add is None or add.op_type != "Add" or mm.outputs[0] not in add.inputs:
+                    break
+                index = 1 if add.inputs[0] is mm.outputs[0] else 0
+                if prune._const(add.inputs[index]) is None or len(mm.outputs[0].uses()) != 1:
+                    break
+                bias = (add, index)
+                values.insert(0, add.outputs[0])
+            blocks.append(prune.Block((mm, 1), bias, 0, b.width, values))
+        else:
+            out = producers.get(unit.out.outputs[0].name)
+            if out is None or out.op_type != "MatMul" or prune._const(out.inputs[1]) is None:
+                continue
+            region = _region([b.values[0] for b in blocks], out)
+            if region is None:
+                continue
+            reshapes = []
+            width = blocks[2].width
+            inside = {id(o) for n in region for o in n.outputs} | {id(b.values[0]) for b in blocks}
+            for node in region:
+                if node.op_type == "Reshape":
+                    edits = _reshape_edits(node, unit.num_heads, unit.qk_dim, width, shapes, inside)
+                    if edits is None:
+                        break
+                    if edits:
+                        reshapes.append((node, edits, _shape_entries(node.inputs[1], shapes)))
+            else:
+                original = prune.AttentionUnit(None, unit.num_heads, *blocks, out, unit.name)  # type: ignore[arg-type]
+                original.region = region  # type: ignore[attr-defined]
+                found.append((original, reshapes))
+    return found
+
+
+def _region(starts: list[ir.Value], out: ir.Node, limit: int = 96) -> list[ir.Node] | None:
+    """Nodes between the Q/K/V projections and the output projection (exclusive); None if it leaks."""
+    seen: dict[int, ir.Node] = {}
+    stack = list(starts)
+    while stack:
+        value = stack.pop()
+        if value.is_graph_output():
+            return None
+        for node, _ in value.uses():
+            if node is out or id(node) in seen:
+                continue
+            seen[id(node)] = node
+            if len(seen) > limit:
+                return None
+            stack.extend(o for o in node.outputs if o is not None)
+    if out.inputs[0] is None or out.inputs[0].producer() is None or id(out.inputs[0].producer()) not in seen:
+        return None
+    return list(seen.values())
+
+
+def _fix_reshapes(graph: ir.Graph, editor: _Editor, reshapes, heads: int, width: int) -> None:
+    for reshape, edits, entries in reshapes:
+        shape = reshape.inputs[1]
+        if prune._const(shape) is not None:
+            data = shape.const_value.numpy().copy()
+            for pos, kind in edits.items():
+                data[pos] = heads if kind == "heads" else width
+            editor.replace(reshape, 1, data)
+            continue
+        concat = shape.producer()
+        inputs = list(concat.inputs)
+        for pos, kind in edits.items():
+            index, j = entries[pos][1]
+            data = inputs[index].const_value.numpy().copy()
+            data.reshape(-1)[j] = heads if kind == "heads" else width
+            value = ir.Value(name=editor._unique(inputs[index].name), const_value=ir.tensor(data))
+            graph.register_initializer(value)
+            inputs[index] = value
+        new = ir.node("Concat", inputs, attributes={"axis": 0})
+        new.outputs[0].shape, new.outputs[0].type = shape.shape, shape.type
+        graph.insert_before(reshape, new)
+        reshape.replace_input_with(1, new.outputs[0])
+
+
+def _shrink_unfused(graph: ir.Graph, editor: _Editor, unit: prune.AttentionUnit, reshapes, dead: list[int]) -> None:
+    blocks = ((unit.q, unit.qk_dim), (unit.k, unit.qk_dim), (unit.v, unit.v_dim))
+    for block, d in blocks:
+        cols = [h * d + i for h in dead for i in range(d)]
+        node, i = block.weight
+        editor.remove(node, i, 1, cols)
+        if block.bias is not None:
+            node, i = block.bias
+            editor.remove(node, i, 0, cols)
+        for value in block.values:
+            _set_last_dim(value, block.width - len(cols))
+    editor.remove(unit.out, 1, 0, [h * unit.v_dim + i for h in dead for i in range(unit.v_dim)])
+    heads = unit.num_heads - len(dead)
+    _fix_reshapes(graph, editor, reshapes, heads, heads * unit.v_dim)
+    # Shapes inside the block change (head axis, widths): let shape inference recompute them.
+    for node in unit.region:  # type: ignore[attr-defined]
+        for value in node.outputs:
+            if value is not None and not value.is_graph_output():
+                value.shape = None
+
+
 @register_pass("shrink-pruned")
 class ShrinkPrunedPass(ir.passes.InPlacePass):
     """Remove zeroed attention heads and FFN neurons: slice Q/K/V columns, biases and output-projection rows,
@@ -174,6 +398,14 @@ class ShrinkPrunedPass(ir.passes.InPlacePass):
         removed_heads = removed_neurons = blocks = 0
         for graph in model.graphs():
             if self.heads:
+                editor = _Editor(graph)
+                for unit, reshapes in _unfused_units(model, graph):
+                    dead = _dead_heads(unit)
+                    if dead:
+                        _shrink_unfused(graph, editor, unit, reshapes, dead)
+                        removed_heads += len(dead)
+                        blocks += 1
+                editor.apply()
                 editor = _Editor(graph)
                 units = [u for u in prune.attention_units(model) if u.node.graph is graph]
                 plan = [(u, _dead_heads(u)) for u in units]
