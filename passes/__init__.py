@@ -14,6 +14,7 @@ from tfgraph.passes import (  # noqa: E402
     attention_fusion,
     attention_lowering,
     attention_masks,
+    attention_window_approximation,
     basic_simplify,
     constant_folding,
     cse,

@@ -261,7 +261,7 @@ def _key_padding(graph: ir.Graph, node: ir.Node) -> ir.Value | None:
 
 
 def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads: int,
-                  size: int, left: int, right: int, padding: ir.Value | None) -> ir.Value:
+                  size: int, left: int, right: int, padding: ir.Value | None, global_tokens: int) -> ir.Value:
     """The short-sequence form, on (B, S, N·H) tensors: GroupQueryAttention with
     ``local_window_size = left + 1`` (it counts the current key) for causal windows,
     else MultiHeadAttention; the mask, when one is needed, built densely from the band and
@@ -269,7 +269,7 @@ def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value,
     prefix = f"{node.name or node.outputs[0].name}/short"
     b = blocked._Builder(nodes, prefix)
     scale = node.attributes.get_float("scale")
-    if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0:
+    if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0 and not global_tokens:
         shape = b("Shape", q)
         total = b("Cast", b("Gather", shape, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
         seqlens = b("Expand", b("Sub", total, b.const(np.array(1, np.int32))), b("Gather", shape, b.i64(0)))
@@ -280,7 +280,8 @@ def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value,
         op = ir.node("GroupQueryAttention", inputs, domain="com.microsoft", num_outputs=3, attributes={
             "num_heads": heads, "kv_num_heads": heads, "scale": scale, "local_window_size": left + 1})
     else:
-        mask = blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding, prefix=prefix)
+        mask = blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding,
+                                  global_tokens=global_tokens, prefix=prefix)
         op = ir.node("MultiHeadAttention", [q, k, v, None, None, mask], domain="com.microsoft",
                      attributes={"num_heads": heads, "scale": scale})
     for i, value in enumerate(op.outputs):
@@ -297,6 +298,7 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     q, k, v, _ = node.inputs
     heads, size = _heads_and_size(node)
     left, right = node.attributes.get_int("window_left"), node.attributes.get_int("window_right")
+    global_tokens = node.attributes.get_int("global_tokens", 0)
     block = block or default_block(left, right)
     padding = _key_padding(graph, node)
     new: list[ir.Node] = []
@@ -312,10 +314,10 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     def long_form(nodes):
         return blocked.blocked_attention(nodes, q, k, v, scale=scale, left=left, right=right, block=block,
                                          heads=heads, head_size=size, key_padding=padding, kernel=kernel,
-                                         prefix=f"{stem}/blocked")
+                                         global_tokens=global_tokens, prefix=f"{stem}/blocked")
 
     def short_form(nodes):
-        return _window_small(nodes, node, q, k, v, heads, size, left, right, padding)
+        return _window_small(nodes, node, q, k, v, heads, size, left, right, padding, global_tokens)
 
     if mode == "blocked" or (isinstance(length, int) and length >= threshold):
         out, form = long_form(new), "blocked"

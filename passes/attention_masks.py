@@ -24,7 +24,8 @@ aligned diagonal ``j - i <= T - S``, so cached keys count as visible):
 
 When the extra masking of a ``*_bias`` kind is exactly the zeros of a ``(batch, keys)``
 mask input (the usual ``attention_mask``), the kind becomes ``causal``/``window`` with a
-``key_padding`` attribute naming that input: a target can then build the mask in O(S)
+``key_padding`` attribute naming that input (and a ``bias`` that is nothing but such
+padding becomes ``padding``): a target can then build the mask in O(S)
 from the structure and that input instead of reading the exporter's (B, 1, S, T) tensor.
 
 A value counts as masked when it is ``<= -1e4`` (exporters use ``finfo.min``, ``-inf``
@@ -188,10 +189,10 @@ def classify(biases: list[np.ndarray]) -> dict:
 def explain_padding(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]], kind: dict) -> str | None:
     """The name of the (batch, keys) input whose zeros, combined with ``kind``'s band, are
     exactly the masked entries of every probe's bias (visible entries exactly 0); or None."""
-    if kind["kind"] not in ("causal_bias", "window_bias"):
+    if kind["kind"] not in ("causal_bias", "window_bias", "bias"):
         return None
     left = kind.get("window_left")
-    right = kind.get("window_right", 0)
+    right = kind.get("window_right", 0) if kind["kind"] != "bias" else None
     names = set.intersection(*(set(p) for p in paddings)) if paddings else set()
     for name in sorted(names):
         for raw, pads in zip(biases, paddings):
@@ -200,7 +201,7 @@ def explain_padding(biases: list[np.ndarray], paddings: list[dict[str, np.ndarra
             s, t = bias.shape[-2:]
             if keys.ndim != 2 or keys.shape[1] != t or bias.shape[0] not in (1, keys.shape[0]):
                 break
-            band = _band(s, t, left, right)
+            band = _band(s, t, left, right) if right is not None else np.ones((s, t), bool)
             expected = ~(band[None, None] & keys[:, None, None, :])
             masked = bias <= MASKED
             shape = np.broadcast_shapes(masked.shape, expected.shape)
@@ -254,12 +255,13 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
             kind = classify(result) if result else {"kind": "bias"}
             padding = explain_padding(result, paddings, kind)
             if padding is not None:  # structure + the key padding of a (batch, keys) input, exactly
-                kind = {**kind, "kind": kind["kind"].removesuffix("_bias"), "key_padding": padding}
+                base = "padding" if kind["kind"] == "bias" else kind["kind"].removesuffix("_bias")
+                kind = {**kind, "kind": base, "key_padding": padding}
             kinds[id(value)] = kind
         if unprobed:  # structure not confirmed at every size the model may run: keep the bias in the op
             for kind in kinds.values():
-                if kind["kind"] in ("causal", "window"):
-                    kind["kind"] += "_bias"
+                if kind["kind"] in ("causal", "window", "padding"):
+                    kind["kind"] = "bias" if kind["kind"] == "padding" else kind["kind"] + "_bias"
                     kind.pop("key_padding", None)
         counts: dict[str, int] = {}
         modified = False

@@ -86,11 +86,18 @@ def blocked_attention(
     heads: int,
     head_size: int,
     key_padding: ir.Value | None = None,
+    global_tokens: int = 0,
     kernel: str = "standard",
     prefix: str = "blocked",
 ) -> ir.Value:
     """Attention of (B, S, N·H) ``q``/``k``/``v`` under the band ``-left <= j - i <= right``
     (and ``key_padding``, (B, S), nonzero = visible), output (B, S, N·H).
+
+    ``global_tokens=g`` (Longformer/BigBird-style): the first ``g`` keys are visible to
+    every query (to every later one when the band is causal, ``right == 0``); they join
+    each tile's window as ``g`` extra slots (and are masked inside the window, so none is
+    counted twice). With a two-sided band the first ``g`` queries also see every key: their
+    rows are computed densely and replace the blocked ones.
 
     ``kernel="standard"``: the tiles' products and Softmax in standard ONNX ops (any
     runtime). ``kernel="com.microsoft.MultiHeadAttention"``: the tiles become the batch of
@@ -128,8 +135,34 @@ def blocked_attention(
     if key_padding is not None:
         padding = b("Gather", b("Cast", key_padding, to=ir.DataType.BOOL), keys, axis=1)
         visible = b("And", visible, padding)
+    if global_tokens:
+        # Window slots holding a global key are masked: the global slots below carry it.
+        visible = b("And", visible, b("Unsqueeze", b("GreaterOrEqual", keys, b.const(np.array(global_tokens, np.int64))), b.i64(0)))
     key_bias = b("Where", visible, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
     mask = b("Add", b("Unsqueeze", key_bias, b.i64(2)), b.const(band))  # (B|1, blocks, block, width)
+    if global_tokens:
+        g = global_tokens
+        first = b.const(np.arange(g, dtype=np.int64))
+        present = b("Less", first, b("Squeeze", sequence, b.i64(0)))  # (g,): sequences shorter than g
+        global_idx = b("Min", first, b("Squeeze", b("Sub", sequence, b.i64(1)), b.i64(0)))
+        shape_kv = b("Concat", b("Shape", q, start=0, end=1), blocks, b.i64(g, hidden), axis=0)
+        k_windows = b("Concat", k_windows, b("Expand", b("Unsqueeze", b("Gather", k, global_idx, axis=1), b.i64(1)), shape_kv), axis=2)
+        v_windows = b("Concat", v_windows, b("Expand", b("Unsqueeze", b("Gather", v, global_idx, axis=1), b.i64(1)), shape_kv), axis=2)
+        # Global slot j for tile row i (position t·block + u): visible if j < S, j is not
+        # padding, and (two-sided band, or j <= i).
+        seen = b("Unsqueeze", present, b.i64(0))  # (1, g)
+        if key_padding is not None:
+            seen = b("And", seen, b("Gather", b("Cast", key_padding, to=ir.DataType.BOOL), global_idx, axis=1))
+        seen = b("Unsqueeze", b("Unsqueeze", seen, b.i64(1)), b.i64(1))  # (B|1, 1, 1, g)
+        if right == 0:
+            rows = b("Unsqueeze", b("Unsqueeze", q_rows, b.i64(0)), b.i64(3))  # (1, blocks, block, 1)
+            seen = b("And", seen, b("LessOrEqual", b("Unsqueeze", first, b.i64(0, 1, 2)), rows))
+        global_bias = b("Where", seen, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
+        batch = b("Max", b("Shape", mask, start=0, end=1), b("Shape", global_bias, start=0, end=1))
+        lead = b("Concat", batch, blocks, b.i64(block), axis=0)
+        mask = b("Concat", b("Expand", mask, b("Concat", lead, b.i64(width), axis=0)),
+                 b("Expand", global_bias, b("Concat", lead, b.i64(g), axis=0)), axis=3)
+        width += g
 
     if kernel == "standard":
         split = b.i64(0, 0, 0, heads, head_size)
@@ -156,23 +189,55 @@ def blocked_attention(
         nodes.append(node)
         batch_first = b("Concat", batch, b.i64(-1, hidden), axis=0)
         context = b("Reshape", node.outputs[0], batch_first)
-    return b("Slice", context, b.i64(0), sequence, b.i64(1))
+    context = b("Slice", context, b.i64(0), sequence, b.i64(1))
+    if global_tokens and right > 0:
+        rows = _global_rows(b, q, k, v, scale=scale, heads=heads, head_size=head_size, count=global_tokens,
+                            key_padding=key_padding)
+        context = b("Concat", rows, b("Slice", context, b.i64(global_tokens), b.i64(2**62), b.i64(1)), axis=1)
+    return context
+
+
+def _global_rows(b: _Builder, q, k, v, *, scale: float, heads: int, head_size: int, count: int, key_padding):
+    """Dense attention of the first ``count`` queries over every (unpadded) key, (B, count, N·H)."""
+    split = b.i64(0, 0, heads, head_size)
+    q_g = b("Slice", q, b.i64(0), b.i64(count), b.i64(1))
+    q_h = b("Mul", b("Transpose", b("Reshape", q_g, split), perm=[0, 2, 1, 3]), b.const(np.array(scale, np.float32)))
+    k_t = b("Transpose", b("Reshape", k, split), perm=[0, 2, 3, 1])
+    v_h = b("Transpose", b("Reshape", v, split), perm=[0, 2, 1, 3])
+    scores = b("MatMul", q_h, k_t)  # (B, N, count, S)
+    if key_padding is not None:
+        keys = b("Unsqueeze", b("Cast", key_padding, to=ir.DataType.BOOL), b.i64(1, 2))
+        scores = b("Add", scores, b("Where", keys, b.const(np.array(0.0, np.float32)),
+                                    b.const(np.array(2 * _HALF_MIN, np.float32))))
+    probs = b("Softmax", scores, axis=-1)
+    probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/global/Softmax"
+    context = b("MatMul", probs, v_h)
+    return b("Reshape", b("Transpose", context, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
 
 
 
 def dense_mask(
     nodes: list[ir.Node], q: ir.Value, *, left: int | None, right: int, key_padding: ir.Value | None,
-    prefix: str = "mask",
+    global_tokens: int = 0, sequence_axis: int = 1, prefix: str = "mask",
 ) -> ir.Value:
-    """The additive (B|1, 1, S, S) mask of the band (``left=None``: unbounded) and key padding, for (B, S, D) ``q``."""
+    """The additive (B|1, 1, S, S) mask of the band (``left=None``: unbounded), global tokens
+    (as in :func:`blocked_attention`) and key padding, S read off ``q``'s ``sequence_axis``."""
     b = _Builder(nodes, prefix)
-    sequence = b("Shape", q, start=1, end=2)
+    sequence = b("Shape", q, start=sequence_axis, end=sequence_axis + 1)
     length = b("Squeeze", sequence, b.i64(0))
     positions = b("Range", b.const(np.array(0, np.int64)), length, b.const(np.array(1, np.int64)))
     offset = b("Sub", b("Unsqueeze", positions, b.i64(0)), b("Unsqueeze", positions, b.i64(1)))  # j - i
     visible = b("LessOrEqual", offset, b.const(np.array(right, np.int64)))
     if left is not None:
         visible = b("And", visible, b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))))
+    if global_tokens:
+        g = b.const(np.array(global_tokens, np.int64))
+        global_key = b("Less", b("Unsqueeze", positions, b.i64(0)), g)  # (1, S): j < g
+        if right == 0:
+            global_key = b("And", global_key, b("LessOrEqual", offset, b.const(np.array(0, np.int64))))
+        visible = b("Or", visible, global_key)
+        if right > 0:
+            visible = b("Or", visible, b("Less", b("Unsqueeze", positions, b.i64(1)), g))  # (S, 1): i < g
     visible = b("Unsqueeze", visible, b.i64(0, 1))  # (1, 1, S, S)
     if key_padding is not None:
         keys = b("Cast", key_padding, to=ir.DataType.BOOL)

@@ -130,6 +130,12 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
             miss = entry.get("near_miss")
             rule_table.add_row(pass_name, rule, str(entry["matches"]), f"{miss['status']}: {miss['reason']}" if miss and not entry["matches"] else "")
         console.print(rule_table)
+    approx = manifest.get("approximation")
+    if approx:
+        console.print(f"[bold red]approximation[/bold red]: attention {approx['attention']} on blocks {approx['blocks']}")
+        for name, change in approx["output_change_vs_dense"].items():
+            console.print(f"  {name}: cosine to dense {change['cosine']:.6f} (worst row {change['min_row_cosine']:.6f}), "
+                          f"max abs {change['max_abs']:.3g}")
     att = manifest.get("attention")
     if att and att["found"]:
         console.print(f"attention: {att['fused']} of {att['found']} blocks fused {att['fused_ops']}")
@@ -155,6 +161,33 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
         console.print(f"artifact: {out} ({', '.join(manifest.get('files', []))}, manifest.json)")
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def _attention_impl(args: argparse.Namespace, *, allow_window: bool = True) -> str | None:
+    """The export attention implementation among the ``--attention`` values (None: the default)."""
+    from tfgraph.errors import BadInputError
+
+    impls = [a for a in args.attention if a in ATTENTION_IMPLEMENTATIONS]
+    others = [a for a in args.attention if a not in ATTENTION_IMPLEMENTATIONS]
+    for value in others:
+        if not value.startswith("window") or not allow_window:
+            allowed = "sdpa, eager" + (" or window=N[,global=G]" if allow_window else "")
+            raise BadInputError(f"--attention {value}: expected {allowed}")
+    if len(set(impls)) > 1:
+        raise BadInputError(f"--attention: choose one implementation, not {' and '.join(sorted(set(impls)))}")
+    return impls[0] if impls else None
+
+
+def _attention_approximation(args: argparse.Namespace) -> str | None:
+    windows = [a for a in args.attention if a.startswith("window")]
+    if len(windows) > 1:
+        from tfgraph.errors import BadInputError
+
+        raise BadInputError("--attention: give one window=N[,global=G]")
+    return windows[0] if windows else None
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import tfgraph
     from tfgraph.verify import parse_shapes
@@ -175,7 +208,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             exporter=args.exporter,
             export_batch=args.batch,
             export_seq=args.seq,
-            attention=args.attention,
+            attention=_attention_impl(args),
+            approximate_attention=_attention_approximation(args),
             progress=progress,
         )
     if args.json:
@@ -198,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BadInputError(f"{out.parent}: folder does not exist")
     with _Progress(enabled=not args.json and not args.quiet) as progress:
         progress(f"export {args.model} ({args.exporter})", 0, 1)
-        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq, attention=args.attention)
+        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq, attention=_attention_impl(args, allow_window=False))
         progress(f"export {args.model} ({args.exporter})", 1, 1)
     info = {"output": str(path), "model": args.model, "exporter": args.exporter, "bytes": path.stat().st_size}
     if args.json:
@@ -218,7 +252,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack, _Progress(enabled=not args.json) as progress:
         model, source = resolve_model(
             args.model, stack, exporter=args.exporter, export_batch=args.batch, export_seq=args.seq,
-            attention=args.attention, progress=progress,
+            attention=_attention_impl(args, allow_window=False), progress=progress,
         )
         report: dict[str, Any] = {"source": source, **analysis.summarize(model)}
         if not args.no_flops:
@@ -272,7 +306,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack, _Progress(enabled=not args.json and not args.quiet) as progress:
         model, source = resolve_model(
             args.model, stack, exporter=args.exporter, export_batch=args.batch, export_seq=args.seq,
-            attention=args.attention, progress=progress,
+            attention=_attention_impl(args, allow_window=False), progress=progress,
         )
         progress("prune", 0, 1)
         report: dict[str, Any] = {"output": str(out), "source": source}
@@ -351,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch exporter for built-in/HF models (default: dynamo)")
         p.add_argument("--batch", type=int, default=2, help="batch size of the example inputs used to export (axes stay dynamic)")
         p.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs used to export (axes stay dynamic)")
-        p.add_argument("--attention", choices=("sdpa", "eager"), default=None,
-                       help="attention implementation of Hugging Face models (minilm, HF folders); default sdpa, as transformers")
+        p.add_argument("--attention", action="append", default=[], metavar="sdpa|eager|window=N[,global=G]",
+                       help="attention implementation of Hugging Face models when exporting (sdpa, the transformers "
+                            "default, or eager); for compile also window=N[,global=G]: restrict attention to a local "
+                            "window (an approximation, reported with its output change); repeatable")
 
     p = sub.add_parser("compile", help="compile a model for a target and write a verified artifact")
     p.add_argument("model", help="an .onnx file, a built-in model name (see `tfgraph export --help`), or a local Hugging Face folder")

@@ -91,6 +91,45 @@ def resolve_model(
     return loaded.model, source
 
 
+APPROXIMATION_PASS = "approximate-attention-window"
+
+
+def _with_window_approximation(pipeline: list, spec: str, target_name: str) -> list:
+    """Insert the (opt-in) attention window approximation right after mask classification."""
+    from tfgraph.passes.attention_window_approximation import parse_window_spec
+
+    options = parse_window_spec(spec)
+    names = [item.name if isinstance(item, PassSpec) else getattr(item, "pass_name", "") for item in pipeline]
+    anchor = "classify-attention-masks"
+    if anchor not in names:
+        raise BadInputError(
+            f"--attention {spec}: target '{target_name}' does not fuse and classify attention, so it cannot window it"
+        )
+    at = names.index(anchor) + 1
+    return pipeline[:at] + [PassSpec(APPROXIMATION_PASS, options)] + pipeline[at:]
+
+
+def _output_change(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict:
+    """Per float output: max abs difference and cosine similarity (flattened, and per row of the
+    leading axis: the worst one) of ``outputs`` against ``reference``."""
+    change = {}
+    for name, want in reference.items():
+        got = outputs.get(name)
+        want = np.asarray(want)
+        if got is None or not np.issubdtype(want.dtype, np.floating):
+            continue
+        a = np.asarray(got, dtype=np.float64).reshape(len(want) if want.ndim else 1, -1)
+        e = want.astype(np.float64).reshape(a.shape)
+        rows = (a * e).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1), 1e-30)
+        flat = float((a * e).sum() / max(np.linalg.norm(a) * np.linalg.norm(e), 1e-30))
+        change[name] = {"max_abs": float(np.abs(a - e).max()), "cosine": flat, "min_row_cosine": float(rows.min())}
+    return change
+
+
+def _count(mask: np.ndarray | None) -> int:
+    return 0 if mask is None else int(np.count_nonzero(mask))
+
+
 def compile(  # noqa: A001 - the product's verb
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
     target: str | Target = "cpu-fp32",
@@ -108,13 +147,16 @@ def compile(  # noqa: A001 - the product's verb
     export_batch: int = 2,
     export_seq: int = 16,
     attention: str | None = None,
+    approximate_attention: str | None = None,
     external_data_threshold: int = tir.DEFAULT_EXTERNAL_DATA_THRESHOLD,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` for ``target`` and return the :class:`Artifact` (written to ``output`` if given).
 
     ``model`` is an ``.onnx`` path, a built-in model name (exported first with
-    ``exporter``; ``attention`` picks eager or SDPA attention for Hugging Face models), a local Hugging Face folder, or an in-memory ``onnx_ir.Model`` /
+    ``exporter``; ``attention`` picks eager or SDPA attention for Hugging Face models;
+    ``approximate_attention="window=N[,global=G]"`` restricts attention to a local window —
+    an approximation, reported with its output change against the dense model), a local Hugging Face folder, or an in-memory ``onnx_ir.Model`` /
     ``onnx.ModelProto``. With ``verify`` (the default) every pass is checked
     numerically against the input model on ``inputs`` (an ``.npz`` path or a dict of
     arrays) or on inputs generated from the graph's signature at ``shapes``; the first
@@ -126,6 +168,10 @@ def compile(  # noqa: A001 - the product's verb
     profile = get_target(target)
     out_path = check_output_dir(output, force=force) if output is not None else None
     pipeline: list[PassSpec | ir.passes.PassBase] = list(profile.passes)
+    if approximate_attention is not None:
+        if not verify:
+            raise BadInputError("an attention approximation needs verification on: it measures the output change")
+        pipeline = _with_window_approximation(pipeline, approximate_attention, profile.name)
     for item in extra_passes:
         if isinstance(item, str):
             item = PassSpec.parse(item)
@@ -174,6 +220,7 @@ def compile(  # noqa: A001 - the product's verb
             if progress:
                 progress(f"pass {name}", done, total)
 
+        dense_reference = reference  # before any pass that changes the outputs on purpose
         manager = PassManager(pipeline, instruments=all_instruments, progress=pass_progress)
         model_ir = manager.run(model_ir).model
         if verify:
@@ -207,7 +254,7 @@ def compile(  # noqa: A001 - the product's verb
                 "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
                 "inputs_source": "generated" if inputs is None else "user",
                 # Positions where the mask input is 0 carry no defined value (see verify.compare).
-                "padded_positions_excluded": int(np.count_nonzero(padded_positions(feeds) is not None and padded_positions(feeds))),
+                "padded_positions_excluded": _count(padded_positions(feeds)),
                 "outputs": {d.name: d.to_json() for d in diffs},
                 "session": {"providers": [p[0] for p in providers], "options": dict(profile.session_options)},
             }
@@ -227,6 +274,23 @@ def compile(  # noqa: A001 - the product's verb
             "fused_ops": attention_after["fused_ops"],
         }
         warnings = []
+        approximation = None
+        if approximate_attention is not None:
+            record = next(r for r in manager.records if r.name == APPROXIMATION_PASS)
+            change = _output_change(dense_reference, final)
+            approximation = {
+                "attention": approximate_attention,
+                "options": dict(record.options),
+                "blocks": record.extra.get("rules", {}),
+                "output_change_vs_dense": change,
+                "inputs_source": "generated" if inputs is None else "user",
+            }
+            warnings.append(
+                f"APPROXIMATION: attention restricted to {approximate_attention}; outputs changed vs the dense model: "
+                + ", ".join(f"{k} cosine {c['cosine']:.6f} (worst row {c['min_row_cosine']:.6f}), max abs {c['max_abs']:.3g}"
+                            for k, c in change.items())
+                + ("" if inputs is not None else " (on generated inputs: pass --inputs with real data for a meaningful figure)")
+            )
         if attention["unfused"]:
             warnings.append(
                 f"partial attention fusion: {attention['unfused']} of {attention['found']} attention blocks left unfused "
@@ -253,6 +317,7 @@ def compile(  # noqa: A001 - the product's verb
             "passes": [r.to_json() for r in manager.records],
             "verification": verification,
             "attention": attention,
+            "approximation": approximation,
             "warnings": warnings,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),

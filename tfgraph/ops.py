@@ -13,7 +13,7 @@ lowers nothing gets a correct standard-ONNX graph.
     ``attention_bias`` is additive and broadcasts to ``(batch, heads, q_len, kv_len)``
     (a scalar 0 when the attention has no mask). Attributes: ``num_heads`` (int),
     ``scale`` (float), ``mask_kind`` (``"none"``, ``"bias"``, or what
-    ``classify-attention-masks`` found: ``"causal"``, ``"causal_bias"``, ``"window"``,
+    ``classify-attention-masks`` found: ``"padding"``, ``"causal"``, ``"causal_bias"``, ``"window"``,
     ``"window_bias"``, the last two with ``window_left``/``window_right``; informs
     lowering only: the bias always holds the whole mask). A query row whose keys are all
     masked with ``-inf`` gives 0 (the NaN guard transformers' SDPA exports carry), not NaN.
