@@ -237,8 +237,14 @@ def _window_applies(node: ir.Node) -> bool:
     """An exactly banded block (``classify-attention-masks`` kind ``window``) with static heads and head size."""
     if node.attributes.get_string("mask_kind", "bias") != "window":
         return False
-    q = node.inputs[0]
-    return _heads_and_size(node) is not None and q.shape is not None
+    return _heads_and_size(node) is not None and is_self_attention(node)
+
+
+def is_self_attention(node: ir.Node) -> bool:
+    """Queries and keys of one length (no cached keys): what the windowed forms assume."""
+    q, k = node.inputs[0], node.inputs[1]
+    axis = 2 if node.op_type == "AttentionBHSD" else 1
+    return q.shape is not None and k.shape is not None and _same_dim(q.shape[axis], k.shape[axis])
 
 
 def _heads_and_size(node: ir.Node) -> tuple[int, int] | None:

@@ -102,3 +102,13 @@ def test_lowered_equals_dense_model_with_the_band(tmp_path, exports, kind):
         want = verify.run(ir.load(tmp_path / "b" / "model.onnx"), feeds, options=None)
         for diff in verify.compare(want, got, atol=1e-4, rtol=1e-4, padded=verify.padded_positions(feeds)):
             assert diff.ok, (length, diff)
+
+
+def test_cached_keys_are_left_dense(tmp_path):
+    """A decoder step with a KV cache: the band would need the past length; such blocks are
+    reported as skipped, and the model is unchanged (cosine 1)."""
+    artifact = tfgraph.compile("gpt-small-kv", "cpu-fp32", output=tmp_path / "out", approximate_attention="window=4")
+    approximation = artifact.manifest["approximation"]
+    assert approximation["blocks"] == {"skipped (cached keys)": {"matches": 2}}
+    for change in approximation["output_change_vs_dense"].values():
+        assert change["max_abs"] < 1e-4
