@@ -28,6 +28,7 @@ from tfgraph.passes import (  # noqa: E402
     pack_projections,
     prune_magnitude,
     prune_structured,
+    quantize,
     reshape_simplify,
     shape_inference,
     shape_sources,

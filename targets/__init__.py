@@ -6,8 +6,8 @@ Only targets that work end to end are registered; ``tfgraph targets`` lists them
 from __future__ import annotations
 
 from tfgraph.errors import BadInputError
-from tfgraph.targets.cpu import CPU_FP32
-from tfgraph.targets.profile import Provider, Target, Tolerance
+from tfgraph.targets.cpu import CPU_FP32, CPU_INT8
+from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 
 _TARGETS: dict[str, Target] = {}
 
@@ -33,5 +33,6 @@ def get_target(name: str | Target) -> Target:
 
 
 register_target(CPU_FP32)
+register_target(CPU_INT8)
 
-__all__ = ["Provider", "Target", "Tolerance", "get_target", "list_targets", "register_target"]
+__all__ = ["Provider", "Quantization", "Target", "Tolerance", "get_target", "list_targets", "register_target"]

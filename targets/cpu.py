@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tfgraph.passes.registry import PassSpec
-from tfgraph.targets.profile import Provider, Target, Tolerance
+from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 
 # Canonicalizing cleanup, in order: make Constant weights initializers, drop Identity
 # nodes (before folding, so `Identity(weight)` is rewired rather than folded into a
@@ -77,3 +77,66 @@ CPU_FP32 = Target(
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
 )
+
+# --- int8 -------------------------------------------------------------------------------------
+# Measured on a 2-core AMD EPYC (AVX2, no VNNI/AMX), onnxruntime 1.32, all-MiniLM-L6-v2 real weights
+# compiled by cpu-fp32, 64 real sentences for the sentence-embedding cosine, b8 s128 latency
+# (medians of 4-6 interleaved rounds on a shared, loaded machine: ±15%):
+#   fp32 0.92-1.10 s; onnxruntime quantize_dynamic defaults 0.75 s at cosine 0.940 (it also
+#   quantizes the packed Attention into QAttention, per-tensor); MatMul-only per-channel s8
+#   0.81-0.86 s at 0.9944; MatMul+Attention per-channel 0.77 s at 0.970 (QAttention hurts);
+#   u8 weights 0.86-1.02 s at 0.974/0.9947 (no faster: without VNNI u8u8 takes the slow path).
+# So cpu-int8 is *dynamic* (activations quantized per tensor by DynamicQuantizeMatMul at run time,
+# no calibration needed for the kernels), weights int8 symmetric per output column (u8 x s8 is
+# onnxruntime's fast CPU pair), the packed Attention's weight stored int8 per column behind a
+# DequantizeLinear (QAttention has no attention-bias input, which is how lower-attention passes
+# the mask, and measured less accurate), embedding tables int8 per row (gathered, then scaled):
+# 23.0 MB vs 90.5 MB fp32. Quantization runs after lowering so the packed Attention still forms.
+# The sentence-embedding cosine of this recipe (0.994) is just under the 0.995 budget: compile's
+# max-drop loop (min_cosine below) reverts the most harmful MatMuls to float until it holds.
+# Static QDQ measured slower and less accurate on onnxruntime CPU (MEASUREMENTS.md: 60-81 ms at
+# 0.76-0.95 vs 68 ms at 0.993 on the AMX Xeon); its placement is in INT8_QDQ_SCHEMES below as data.
+CPU_INT8_SCHEME = Quantization(
+    mode="dynamic",
+    activation_type="uint8",
+    weight_type="int8",
+    activation_symmetric=False,
+    weight_symmetric=True,
+    per_channel=True,
+    placement={"MatMul": (0, 1), "com.microsoft.Attention": (1,), "Gather": (0,)},
+    weight_axes={"MatMul": {1: 1}, "com.microsoft.Attention": {1: 1}, "Gather": {0: 0}},
+    reason="measured fastest accurate recipe on onnxruntime CPU (see targets/cpu.py)",
+)
+
+CPU_INT8 = Target(
+    name="cpu-int8",
+    description="onnxruntime CPU EP, int8: cpu-fp32's graph, MatMul weights int8 per channel with dynamic "
+    "activation quantization (DynamicQuantizeMatMul), int8 packed-attention and embedding weights",
+    providers=(Provider("CPUExecutionProvider"),),
+    precision="int8",
+    passes=CLEANUP + FUSION + CPU_LOWERING + (
+        PassSpec("quantize", CPU_INT8_SCHEME.to_options()),
+        PassSpec("remove-dead"),
+    ),
+    # Verification of the passes after quantization and of the final session against the quantized
+    # graph; the change against fp32 is the accuracy report's (min_cosine).
+    tolerance=Tolerance(atol=2e-2, rtol=2e-2),
+    session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    quantization=CPU_INT8_SCHEME,
+    min_cosine=0.995,
+)
+
+# Static QDQ schemes as data (for runtimes that fuse QDQ into integer kernels). Not registered as
+# targets: their execution providers are not installed here.
+TENSORRT_LIKE_INT8 = Quantization(
+    mode="static", activation_type="int8", weight_type="int8", activation_symmetric=True, weight_symmetric=True,
+    per_channel=True, placement={"MatMul": (0, 1), "Gemm": (0, 1)},
+    weight_axes={"MatMul": {1: 1}, "Gemm": {1: 0}}, calibrator="entropy",
+    reason="TensorRT fuses Q/DQ on GEMM-like inputs only, symmetric int8, per-channel weights",
+)
+NPU_A8W8 = Quantization(
+    mode="static", activation_type="uint8", weight_type="uint8", activation_symmetric=False, weight_symmetric=False,
+    per_channel=False, placement={"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0, 1)}, calibrator="percentile",
+    reason="QNN-style NPUs: uint8 activations and uint8 weights, asymmetric, per tensor",
+)
+INT8_QDQ_SCHEMES = {"tensorrt-like-int8": TENSORRT_LIKE_INT8, "npu-a8w8": NPU_A8W8}

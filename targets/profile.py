@@ -40,6 +40,57 @@ class Tolerance:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How a target wants integers placed, as data the quantization passes read (``passes/quantize.py``).
+
+    ``mode``: ``"dynamic"`` (weights quantized offline, activations at run time by the kernel:
+    onnxruntime's DynamicQuantizeMatMul / QAttention) or ``"static"`` (QuantizeLinear/DequantizeLinear
+    pairs with calibrated activation ranges, for runtimes that fuse QDQ into integer kernels).
+    ``placement``: op type -> the input indices that carry Q/DQ (weights and activations alike);
+    ``weight_axes``: op type -> {input index: per-channel axis} for constant weights;
+    ``exclude_ops``: op types never quantized even if a placement names them (sensitive ops);
+    ``activation_type`` / ``weight_type``: ``uint8``, ``int8`` or ``uint16``;
+    ``activation_symmetric`` / ``weight_symmetric``: zero point fixed at the type's middle (0 for
+    signed) or calibrated; ``calibrator``: ``minmax``, ``percentile`` or ``entropy`` (static mode).
+    """
+
+    mode: str
+    activation_type: str
+    weight_type: str
+    activation_symmetric: bool
+    weight_symmetric: bool
+    per_channel: bool
+    placement: Mapping[str, tuple[int, ...]]
+    weight_axes: Mapping[str, Mapping[int, int]] = dataclasses.field(default_factory=dict)
+    exclude_ops: tuple[str, ...] = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "Add")
+    calibrator: str = "minmax"
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "placement", _freeze({k: tuple(v) for k, v in self.placement.items()}))
+        object.__setattr__(self, "weight_axes", _freeze({k: _freeze(v) for k, v in self.weight_axes.items()}))
+        object.__setattr__(self, "exclude_ops", tuple(self.exclude_ops))
+
+    def to_options(self) -> dict:
+        """The options of the quantization pass that implements this scheme."""
+        return {
+            "mode": self.mode,
+            "activation_type": self.activation_type,
+            "weight_type": self.weight_type,
+            "activation_symmetric": self.activation_symmetric,
+            "weight_symmetric": self.weight_symmetric,
+            "per_channel": self.per_channel,
+            "placement": {k: list(v) for k, v in self.placement.items()},
+            "weight_axes": {k: {str(i): a for i, a in v.items()} for k, v in self.weight_axes.items()},
+            "exclude_ops": list(self.exclude_ops),
+            "calibrator": self.calibrator,
+        }
+
+    def to_json(self) -> dict:
+        return {**self.to_options(), "reason": self.reason}
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """A frozen, data-like compilation profile.
 
@@ -55,6 +106,10 @@ class Target:
     tolerance: Tolerance
     # onnxruntime SessionOptions attributes the artifact is loaded with (graph_optimization_level by enum name).
     session_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Reduced precision (additive): the integer scheme of an int8 target, and the accuracy budget its
+    # verification uses instead of ``tolerance`` (cosine of each output to the fp32 model).
+    quantization: Quantization | None = None
+    min_cosine: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -70,4 +125,6 @@ class Target:
             "passes": [p.to_json() for p in self.passes],
             "tolerance": self.tolerance.to_json(),
             "session_options": dict(self.session_options),
+            **({"quantization": self.quantization.to_json()} if self.quantization is not None else {}),
+            **({"min_cosine": self.min_cosine} if self.min_cosine is not None else {}),
         }

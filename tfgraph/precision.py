@@ -1,0 +1,163 @@
+"""Accuracy of reduced-precision compiles against the fp32 model, and the ``max_drop`` budget loop
+that turns the most harmful quantized nodes back into float."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+
+def accuracy(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """Per float output: max abs difference, cosine of the flattened tensors, and per row of the
+    leading axis (for ``(batch, dim)`` outputs: the sentence-embedding cosine) the mean and worst cosine."""
+    report = {}
+    for name, want in reference.items():
+        want = np.asarray(want)
+        got = outputs.get(name)
+        if got is None or not np.issubdtype(want.dtype, np.floating):
+            continue
+        e = want.astype(np.float64).reshape(len(want) if want.ndim else 1, -1)
+        a = np.asarray(got, dtype=np.float64).reshape(e.shape)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1)
+        rows = (a * e).sum(1) / np.maximum(norms, 1e-30)
+        entry = {
+            "max_abs": float(np.abs(a - e).max()) if a.size else 0.0,
+            "cosine": float((a * e).sum() / max(np.linalg.norm(a) * np.linalg.norm(e), 1e-30)),
+            "row_cosine_mean": float(rows.mean()),
+            "row_cosine_min": float(rows.min()),
+            "finite": bool(np.isfinite(a).all()),
+        }
+        if want.ndim == 2:
+            entry["embedding"] = True  # (batch, dim): rows are sentence embeddings
+        report[name] = entry
+    return report
+
+
+def score(report: Mapping[str, dict]) -> float:
+    """One accuracy figure: embedding outputs' mean row cosine if the model has any, else the worst
+    flattened cosine; NaN/Inf anywhere scores -1."""
+    if any(not r["finite"] for r in report.values()):
+        return -1.0
+    embedding = [r["row_cosine_mean"] for r in report.values() if r.get("embedding")]
+    if embedding:
+        return min(embedding)
+    return min((r["cosine"] for r in report.values()), default=1.0)
+
+
+def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[str]) -> list[str]:
+    """Rebuild the float nodes of the quantized nodes ``names`` (``records``: the quantize pass's
+    ``quantized``), in place; returns the names reverted. Leftover integer weights and Q/DQ nodes
+    that no longer feed anything are removed."""
+    graph = model.graph
+    done = []
+    for name in names:
+        record = records[name]
+        quantized = next((n for n in graph if n.name == name), None)
+        if quantized is None:
+            continue
+        values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+        values.update(graph.initializers)
+        for node in graph:
+            for out in node.outputs:
+                values[out.name] = out
+        # Where the output goes: the quantized node's output (static QDQ keeps the same node).
+        target_out = values[record["output"]]
+        new_nodes = []
+        local: dict[str, ir.Value] = {}
+        for entry in record["nodes"]:
+            inputs = []
+            for input_name in entry["inputs"]:
+                if input_name is None:
+                    inputs.append(None)
+                elif input_name in local:
+                    inputs.append(local[input_name])
+                elif input_name in record["weights"]:
+                    if input_name in graph.initializers:
+                        inputs.append(graph.initializers[input_name])
+                    else:
+                        array = record["weights"][input_name]
+                        value = ir.Value(name=input_name, shape=ir.Shape(array.shape),
+                                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                                         const_value=ir.tensor(array, name=input_name))
+                        graph.register_initializer(value)
+                        inputs.append(value)
+                else:
+                    inputs.append(values[input_name])
+            node = ir.Node(entry["domain"], entry["op_type"], inputs, attributes=list(entry["attributes"].values()),
+                           name=f"{name}__float{len(new_nodes)}", num_outputs=1)
+            node.outputs[0].dtype = ir.DataType.FLOAT
+            node.outputs[0].name = entry["output"] + "__float"
+            local[entry["output"]] = node.outputs[0]
+            new_nodes.append(node)
+        graph.insert_before(quantized, new_nodes)
+        final = new_nodes[-1].outputs[0]
+        final.shape = target_out.shape
+        ir.convenience.replace_all_uses_with(target_out, final)
+        producer = target_out.producer()
+        out_name = target_out.name
+        if producer is not None and producer is not new_nodes[-1]:
+            graph.remove(producer, safe=True)
+        final.name = out_name
+        new_nodes[0].name = name
+        done.append(name)
+    _remove_dead(graph)
+    return done
+
+
+def _remove_dead(graph: ir.Graph) -> None:
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not o.uses() and not o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def budget(
+    model: ir.Model,
+    records: Mapping[str, dict],
+    evaluate: Callable[[ir.Model], dict],
+    max_drop: float,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Revert quantized nodes to float until ``1 - score(evaluate(model)) <= max_drop``.
+
+    Harm of a node = how much reverting it alone raises the score (one evaluation per node on a
+    copy); nodes are then reverted in order of harm, re-evaluating after each, until the budget
+    holds or none are left. Returns the report (which nodes, the score after each step)."""
+    start = score(evaluate(model))
+    history = [{"reverted": None, "score": start}]
+    if 1.0 - start <= max_drop:
+        return {"max_drop": max_drop, "initial_score": start, "final_score": start, "reverted": [], "steps": history,
+                "met": True}
+    names = [n for n in records if any(node.name == n for node in model.graph)]
+    gains = {}
+    for i, name in enumerate(names):
+        if progress:
+            progress("max-drop: rank quantized nodes", i, len(names))
+        copy = _copy(model)
+        revert_nodes(copy, records, [name])
+        gains[name] = score(evaluate(copy)) - start
+    order = sorted(names, key=lambda n: -gains[n])
+    reverted, current = [], start
+    for name in order:
+        if 1.0 - current <= max_drop:
+            break
+        revert_nodes(model, records, [name])
+        reverted.append(name)
+        current = score(evaluate(model))
+        history.append({"reverted": name, "gain_alone": gains[name], "score": current})
+    return {"max_drop": max_drop, "initial_score": start, "final_score": current, "reverted": reverted,
+            "steps": history, "met": 1.0 - current <= max_drop}
