@@ -13,9 +13,11 @@ from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, load
 from tfgraph.compiler import compile
 from tfgraph.errors import BadInputError, TfgraphError, VerificationError
+from tfgraph.executor import PipelineExecutor
 from tfgraph.instruments import Instrument, PassRecord
 from tfgraph.passes.registry import PassSpec, available_passes, register_pass
 from tfgraph.passmanager import PassManager
+from tfgraph.stages import Pipeline, partition
 from tfgraph.targets import Target, get_target, list_targets, register_target
 
 #: Base class for in-place custom passes (onnx-ir's ``InPlacePass``).
@@ -31,6 +33,8 @@ __all__ = [
     "PassRecord",
     "PassResult",
     "PassSpec",
+    "Pipeline",
+    "PipelineExecutor",
     "Target",
     "TfgraphError",
     "VerificationError",
@@ -40,6 +44,7 @@ __all__ = [
     "get_target",
     "list_targets",
     "load",
+    "partition",
     "register_pass",
     "register_target",
 ]

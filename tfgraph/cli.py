@@ -193,11 +193,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from tfgraph.verify import parse_shapes
 
     _load_plugins(args.plugin)
+    if args.stages:  # compiled in memory, partitioned, then written with its stages at once
+        from tfgraph import pipeline_cli
+
+        pipeline_cli.check_stages(args)
     with _Progress(enabled=not args.json and not args.quiet) as progress:
         artifact = tfgraph.compile(
             args.model,
             target=args.target,
-            output=args.output,
+            output=None if args.stages else args.output,
             force=args.force,
             verify=not args.no_verify,
             strict=args.strict,
@@ -212,10 +216,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
             approximate_attention=_attention_approximation(args),
             progress=progress,
         )
+        if args.stages:
+            pipeline_cli.add_stages(artifact, args, progress)
     if args.json:
         print(json.dumps({"output": str(artifact.path), **artifact.manifest}, indent=2))
     elif not args.quiet:
         _print_compile_summary(artifact.manifest, str(artifact.path))
+        if args.stages:
+            pipeline_cli.print_pipeline(artifact.manifest)
     for warning in artifact.manifest["warnings"]:
         _stderr_console().print(f"[bold yellow]WARNING: {warning}[/bold yellow]")
     return EXIT_OK
@@ -405,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_options(p)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    from tfgraph import pipeline_cli
+
+    pipeline_cli.add_compile_options(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("export", help="export a built-in model or a local Hugging Face folder to ONNX")
@@ -441,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    pipeline_cli.add_commands(sub)  # run, serve, export-triton
 
     p = sub.add_parser("targets", help="list the registered targets")
     p.add_argument("--json", action="store_true")
