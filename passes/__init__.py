@@ -21,6 +21,7 @@ from tfgraph.passes import (  # noqa: E402
     dead_code,
     dedup_derived,
     dedup_initializers,
+    float16,
     identity,
     lift_constants,
     norm_fusion,

@@ -42,9 +42,17 @@ def op_key(node: ir.Node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
-def quant_params(lo: np.ndarray, hi: np.ndarray, type_name: str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point (arrays, same shape as lo/hi) mapping [lo, hi] (widened to hold 0) to ``type_name``."""
+def _limits(type_name: str, reduce_range: bool) -> tuple[int, int]:
     _, _, qmin, qmax = INT_TYPES[type_name]
+    if reduce_range:  # one bit less: u8 x s8 pair sums stay inside int16 (AVX2 without VNNI)
+        qmin, qmax = (qmin // 2, qmax // 2) if qmin < 0 else (0, qmax // 2)
+    return qmin, qmax
+
+
+def quant_params(lo: np.ndarray, hi: np.ndarray, type_name: str, symmetric: bool,
+                 reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (arrays, same shape as lo/hi) mapping [lo, hi] (widened to hold 0) to ``type_name``."""
+    qmin, qmax = _limits(type_name, reduce_range)
     lo = np.minimum(np.asarray(lo, np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, np.float64), 0.0)
     if symmetric:
@@ -60,18 +68,19 @@ def quant_params(lo: np.ndarray, hi: np.ndarray, type_name: str, symmetric: bool
     return scale, zero
 
 
-def quantize_array(w: np.ndarray, type_name: str, symmetric: bool, axis: int | None):
+def quantize_array(w: np.ndarray, type_name: str, symmetric: bool, axis: int | None, reduce_range: bool = False):
     """(quantized, scale, zero point) of ``w``: per tensor (``axis`` None) or per slice along ``axis``."""
-    np_type, _, qmin, qmax = INT_TYPES[type_name]
+    np_type = INT_TYPES[type_name][0]
+    qmin, qmax = _limits(type_name, reduce_range)
     if axis is None:
         lo, hi = np.array(w.min()), np.array(w.max())
-        scale, zero = quant_params(lo, hi, type_name, symmetric)
+        scale, zero = quant_params(lo, hi, type_name, symmetric, reduce_range)
         q = np.clip(np.round(w / scale) + zero, qmin, qmax).astype(np_type)
         return q, scale.reshape(()), zero.astype(np_type).reshape(())
     axis = axis % w.ndim
     other = tuple(i for i in range(w.ndim) if i != axis)
     lo, hi = w.min(axis=other), w.max(axis=other)
-    scale, zero = quant_params(lo, hi, type_name, symmetric)
+    scale, zero = quant_params(lo, hi, type_name, symmetric, reduce_range)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape)) + zero.reshape(shape), qmin, qmax).astype(np_type)
@@ -132,6 +141,7 @@ class Quantize(ir.passes.InPlacePass):
         weight_axes: Mapping[str, Mapping[str | int, int]] | None = None,
         exclude_ops: Sequence[str] = (),
         calibrator: str = "minmax",
+        reduce_range: bool = False,
         exclude_nodes: Sequence[str] | str = (),
         calibration: Any = None,
         progress=None,
@@ -152,6 +162,7 @@ class Quantize(ir.passes.InPlacePass):
         self.weight_axes = {k: {int(i): int(a) for i, a in v.items()} for k, v in (weight_axes or {}).items()}
         self.exclude_ops = set(exclude_ops)
         self.calibrator = calibrator
+        self.reduce_range = reduce_range
         self.exclude_nodes = set(exclude_nodes.split(";") if isinstance(exclude_nodes, str) else exclude_nodes)
         self.calibration = calibration
         self.progress = progress
@@ -247,7 +258,7 @@ class Quantize(ir.passes.InPlacePass):
         if w is None or w.dtype != np.float32 or w.ndim != 2:
             return None
         axis = self.weight_axes.get(op_key(node), {}).get(index, axis_default) if self.per_channel else None
-        q, scale, zero = quantize_array(w, self.weight_type, self.weight_symmetric, axis)
+        q, scale, zero = quantize_array(w, self.weight_type, self.weight_symmetric, axis, self.reduce_range)
         base = node.inputs[index].name
         return (_initializer(graph, f"{base}_quantized", q), _initializer(graph, f"{base}_scale", scale),
                 _initializer(graph, f"{base}_zero_point", zero))
@@ -313,7 +324,7 @@ class Quantize(ir.passes.InPlacePass):
                     axis = self.weight_axes.get(op_key(node), {}).get(index) if self.per_channel else None
                     if axis is not None and not (-w.ndim <= axis < w.ndim):
                         axis = None
-                    q, scale, zero = quantize_array(w, self.weight_type, self.weight_symmetric, axis)
+                    q, scale, zero = quantize_array(w, self.weight_type, self.weight_symmetric, axis, self.reduce_range)
                     base = value.name
                     attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
                     dq = ir.Node("", "DequantizeLinear", [

@@ -116,6 +116,7 @@ CPU_INT8 = Target(
     precision="int8",
     passes=CLEANUP + FUSION + CPU_LOWERING + (
         PassSpec("quantize", CPU_INT8_SCHEME.to_options()),
+        PassSpec("dedup-initializers"),  # the per-column zero points (all 0) of same-width weights
         PassSpec("remove-dead"),
     ),
     # Verification of the passes after quantization and of the final session against the quantized

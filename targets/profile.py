@@ -65,6 +65,9 @@ class Quantization:
     exclude_ops: tuple[str, ...] = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "Add")
     calibrator: str = "minmax"
     reason: str = ""
+    # Weights use one bit less (int8: [-64, 63]): u8 x s8 pair products then cannot saturate the
+    # int16 accumulator of AVX2/AVX-512 kernels without VNNI (VPMADDUBSW).
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "placement", _freeze({k: tuple(v) for k, v in self.placement.items()}))
@@ -84,6 +87,7 @@ class Quantization:
             "weight_axes": {k: {str(i): a for i, a in v.items()} for k, v in self.weight_axes.items()},
             "exclude_ops": list(self.exclude_ops),
             "calibrator": self.calibrator,
+            "reduce_range": self.reduce_range,
         }
 
     def to_json(self) -> dict:

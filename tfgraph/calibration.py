@@ -275,20 +275,25 @@ def collect_ranges(
 
     names = list(dict.fromkeys(tensor_names))
     stats = {name: make_calibrator(calibrator) for name in names}
+    fed = [name for name in names if name in calibration.batches[0]]
+    for batch in calibration.batches:  # graph inputs: straight from the feeds
+        for name in fed:
+            stats[name].update(np.asarray(batch[name]))
+    names = [name for name in names if name not in fed]
     proto = ir.serde.serialize_model(model)
     existing = {o.name for o in proto.graph.output}
     total = len(calibration.batches) * ((len(names) + chunk - 1) // chunk)
     done = 0
-    import onnx
 
     for start in range(0, len(names), chunk):
         part = names[start : start + chunk]
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
+        copy = ir.serde.deserialize_model(proto)
+        values = {v.name: v for v in copy.graph.inputs}
+        values.update({o.name: o for node in copy.graph for o in node.outputs})
         for name in part:
             if name not in existing:
-                copy.graph.output.append(onnx.ValueInfoProto(name=name))
-        session = make_session(ir.serde.deserialize_model(copy), options=UNOPTIMIZED)
+                copy.graph.outputs.append(values[name])
+        session = make_session(copy, options=UNOPTIMIZED)
         for batch in calibration.batches:
             values = session.run(part, batch)
             for name, value in zip(part, values):
@@ -297,4 +302,4 @@ def collect_ranges(
             done += 1
             if progress:
                 progress("calibrate", done, total)
-    return {name: stats[name].range() for name in names}
+    return {name: calibrator.range() for name, calibrator in stats.items()}

@@ -126,6 +126,105 @@ def _output_change(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np
     return change
 
 
+def _tokenizer_dir(source: Mapping[str, Any]) -> str | None:
+    if source.get("kind") == "huggingface":
+        return source["source"]
+    if source.get("kind") == "builtin" and source.get("source") == "minilm":
+        from tfgraph.models import minilm_path
+
+        return str(minilm_path())
+    return None
+
+
+def _prepare_precision(pipeline, profile, model_ir, source, calibration, tokenizer, max_drop, inputs, feeds, shapes, seed,
+                       progress) -> dict | None:
+    """Bind the calibration set to the passes that use it, and run the fp32 model on it (the
+    accuracy reference) before the pipeline changes the model."""
+    import warnings as _warnings
+
+    from tfgraph import calibration as cal
+    from tfgraph.passes.registry import get_pass_class
+
+    uses = [i for i, item in enumerate(pipeline)
+            if isinstance(item, PassSpec) and getattr(get_pass_class(item.name), "uses_calibration", False)]
+    if not uses and profile.quantization is None and max_drop is None:
+        return None
+    notes = []
+    if calibration is None and inputs is not None and feeds is not None:
+        calib = cal.CalibrationSet([dict(feeds)], "verification inputs")
+    elif calibration is None:
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            calib = cal.load_calibration(None, model_ir, shapes=shapes, seed=seed)
+        notes += [str(w.message) for w in caught]
+    else:
+        calib = cal.load_calibration(calibration, model_ir, tokenizer=tokenizer or _tokenizer_dir(source))
+    if progress:
+        progress("fp32 reference on calibration inputs", 0, 1)
+    fp32 = [run(model_ir, batch, options=UNOPTIMIZED) for batch in calib.batches]
+    pipeline = list(pipeline)
+    bound = []
+    for i in uses:
+        spec = pipeline[i]
+        instance = get_pass_class(spec.name)(**dict(spec.options), calibration=calib, progress=progress)
+        pipeline[i] = _BoundSpec(spec.name, spec.options)
+        object.__setattr__(pipeline[i], "instance", instance)
+        bound.append(instance)
+    return {"pipeline": pipeline, "calibration": calib, "fp32": fp32, "passes": bound, "notes": notes}
+
+
+class _BoundSpec(PassSpec):
+    """A PassSpec whose pass was created ahead (bound to the calibration set): the manifest keeps
+    its name and options."""
+
+    def create(self):
+        return self.instance
+
+
+def _finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
+    from tfgraph import precision
+
+    calib = state["calibration"]
+    providers = [(p.name, dict(p.options)) for p in profile.providers]
+
+    def evaluate(model):
+        outs = [run(model, batch, providers=providers, options=profile.session_options) for batch in calib.batches]
+        return precision.accuracy(state["fp32"], outs)
+
+    records: dict = {}
+    passes = []
+    for instance in state["passes"]:
+        records.update(getattr(instance, "quantized", {}))
+        report = dict(getattr(instance, "report", {}) or {})
+        passes.append({"pass": getattr(instance, "pass_name", type(instance).__name__), **report})
+    budget_value = max_drop if max_drop is not None else (1.0 - profile.min_cosine if profile.min_cosine is not None else None)
+    budget_report = None
+    if budget_value is not None and records:
+        budget_report = precision.budget(model_ir, records, evaluate, budget_value, progress=progress)
+    acc = evaluate(model_ir)
+    warnings = list(state["notes"])
+    if budget_report is not None and not budget_report["met"]:
+        warnings.append(f"accuracy budget not met: 1 - cosine = {1 - budget_report['final_score']:.4g} > max drop "
+                        f"{budget_value:.4g} after reverting {len(budget_report['reverted'])} node(s)")
+    if budget_report is not None and budget_report["reverted"]:
+        warnings.append(f"max-drop {budget_value:.4g}: reverted {len(budget_report['reverted'])} quantized node(s) to float: "
+                        + ", ".join(budget_report["reverted"]))
+    if any(not r["finite"] for r in acc.values()):
+        raise VerificationError("the reduced-precision model produces NaN/Inf on the calibration inputs",
+                                report={"accuracy_vs_fp32": acc})
+    return {
+        "precision": profile.precision,
+        "quantization": profile.quantization.to_json() if profile.quantization is not None else None,
+        "calibration": calib.to_json(),
+        "passes": passes,
+        "accuracy_vs_fp32": acc,
+        "score": precision.score(acc),
+        "score_definition": "mean sentence-embedding cosine of (batch, dim) outputs if any, else the worst flattened cosine",
+        "max_drop": budget_report,
+        "warnings": warnings,
+    }
+
+
 def _count(mask: np.ndarray | None) -> int:
     return 0 if mask is None else int(np.count_nonzero(mask))
 
@@ -150,6 +249,9 @@ def compile(  # noqa: A001 - the product's verb
     approximate_attention: str | None = None,
     external_data_threshold: int = tir.DEFAULT_EXTERNAL_DATA_THRESHOLD,
     progress: Progress | None = None,
+    calibration: Any = None,
+    tokenizer: str | os.PathLike | None = None,
+    max_drop: float | None = None,
 ) -> Artifact:
     """Compile ``model`` for ``target`` and return the :class:`Artifact` (written to ``output`` if given).
 
@@ -164,6 +266,15 @@ def compile(  # noqa: A001 - the product's verb
     run after the target's pipeline (registered names, ``name:key=value`` strings,
     :class:`PassSpec` or pass instances). With ``strict``, attention blocks left
     unfused raise :class:`StrictError` (exit 1) instead of a warning in the manifest.
+
+    Reduced precision (targets with a ``quantization`` scheme, passes that use calibration, or
+    ``max_drop``): ``calibration`` is an ``.npz`` of feeds, a ``.txt`` of sentences (tokenized with
+    ``tokenizer``, by default the model's own folder for Hugging Face / built-in models), a dict of
+    arrays, or None (the verification inputs if given, else generated inputs, with a warning). The
+    manifest's ``precision`` section reports the output change against the fp32 input model on the
+    calibration inputs (max abs, cosine, sentence-embedding cosine), and ``max_drop`` (default:
+    ``1 - target.min_cosine``) reverts the most harmful quantized nodes to float until
+    ``1 - cosine <= max_drop``.
     """
     profile = get_target(target)
     out_path = check_output_dir(output, force=force) if output is not None else None
@@ -221,10 +332,20 @@ def compile(  # noqa: A001 - the product's verb
                 progress(f"pass {name}", done, total)
 
         dense_reference = reference  # before any pass that changes the outputs on purpose
+        precision_state = _prepare_precision(
+            pipeline, profile, model_ir, source, calibration, tokenizer, max_drop, inputs, feeds, shapes, seed, progress
+        )
+        if precision_state is not None:
+            pipeline = precision_state["pipeline"]
         manager = PassManager(pipeline, instruments=all_instruments, progress=pass_progress)
         model_ir = manager.run(model_ir).model
         if verify:
             reference = numeric.reference
+        precision_report = None
+        if precision_state is not None:
+            precision_report = _finish_precision(precision_state, model_ir, profile, max_drop, progress)
+            if precision_report["max_drop"] and precision_report["max_drop"]["reverted"] and verify:
+                reference = run(model_ir, feeds, options=UNOPTIMIZED)
         left = analysis.stored_duplicates(model_ir)
         if left:
             raise VerificationError(
@@ -291,6 +412,8 @@ def compile(  # noqa: A001 - the product's verb
                             for k, c in change.items())
                 + ("" if inputs is not None else " (on generated inputs: pass --inputs with real data for a meaningful figure)")
             )
+        if precision_report is not None:
+            warnings.extend(precision_report.pop("warnings"))
         if attention["unfused"]:
             warnings.append(
                 f"partial attention fusion: {attention['unfused']} of {attention['found']} attention blocks left unfused "
@@ -318,6 +441,7 @@ def compile(  # noqa: A001 - the product's verb
             "verification": verification,
             "attention": attention,
             "approximation": approximation,
+            "precision": precision_report,
             "warnings": warnings,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),

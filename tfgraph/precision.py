@@ -10,29 +10,45 @@ import numpy as np
 import onnx_ir as ir
 
 
-def accuracy(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, dict]:
+def accuracy(reference, outputs) -> dict[str, dict]:
     """Per float output: max abs difference, cosine of the flattened tensors, and per row of the
-    leading axis (for ``(batch, dim)`` outputs: the sentence-embedding cosine) the mean and worst cosine."""
+    leading axis (for ``(batch, dim)`` outputs: the sentence-embedding cosine) the mean and worst
+    cosine. ``reference``/``outputs``: one dict of arrays, or lists of them (one per batch)."""
+    if isinstance(reference, Mapping):
+        reference, outputs = [reference], [outputs]
     report = {}
-    for name, want in reference.items():
-        want = np.asarray(want)
-        got = outputs.get(name)
-        if got is None or not np.issubdtype(want.dtype, np.floating):
-            continue
-        e = want.astype(np.float64).reshape(len(want) if want.ndim else 1, -1)
-        a = np.asarray(got, dtype=np.float64).reshape(e.shape)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1)
-        rows = (a * e).sum(1) / np.maximum(norms, 1e-30)
-        entry = {
-            "max_abs": float(np.abs(a - e).max()) if a.size else 0.0,
-            "cosine": float((a * e).sum() / max(np.linalg.norm(a) * np.linalg.norm(e), 1e-30)),
-            "row_cosine_mean": float(rows.mean()),
-            "row_cosine_min": float(rows.min()),
-            "finite": bool(np.isfinite(a).all()),
-        }
-        if want.ndim == 2:
-            entry["embedding"] = True  # (batch, dim): rows are sentence embeddings
-        report[name] = entry
+    for name in reference[0]:
+        dot = na = ne = 0.0
+        max_abs, rows, finite, ndim = 0.0, [], True, None
+        for want, got in zip(reference, outputs):
+            want = np.asarray(want[name])
+            if name not in got or not np.issubdtype(want.dtype, np.floating):
+                break
+            ndim = want.ndim
+            e = want.astype(np.float64).reshape(len(want) if want.ndim else 1, -1)
+            a = np.asarray(got[name], dtype=np.float64).reshape(e.shape)
+            finite &= bool(np.isfinite(a).all())
+            a_safe = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+            dot += float((a_safe * e).sum())
+            na += float((a_safe * a_safe).sum())
+            ne += float((e * e).sum())
+            max_abs = max(max_abs, float(np.abs(a - e).max()) if a.size else 0.0)
+            norms = np.linalg.norm(a_safe, axis=1) * np.linalg.norm(e, axis=1)
+            rows.append((a_safe * e).sum(1) / np.maximum(norms, 1e-30))
+        else:
+            if ndim is None:
+                continue
+            rows_all = np.concatenate(rows)
+            entry = {
+                "max_abs": max_abs if finite else float("inf"),
+                "cosine": dot / max(np.sqrt(na * ne), 1e-30),
+                "row_cosine_mean": float(rows_all.mean()),
+                "row_cosine_min": float(rows_all.min()),
+                "finite": finite,
+            }
+            if ndim == 2:
+                entry["embedding"] = True  # (batch, dim): rows are sentence embeddings
+            report[name] = entry
     return report
 
 
