@@ -193,7 +193,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from tfgraph.verify import parse_shapes
 
     _load_plugins(args.plugin)
-    if args.stages:  # compiled in memory, partitioned, then written with its stages at once
+    if args.stages is not None:  # compiled in memory, partitioned, then written with its stages at once
         from tfgraph import pipeline_cli
 
         pipeline_cli.check_stages(args)
@@ -201,7 +201,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         artifact = tfgraph.compile(
             args.model,
             target=args.target,
-            output=None if args.stages else args.output,
+            output=None if args.stages is not None else args.output,
             force=args.force,
             verify=not args.no_verify,
             strict=args.strict,
@@ -216,13 +216,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
             approximate_attention=_attention_approximation(args),
             progress=progress,
         )
-        if args.stages:
+        if args.stages is not None:
             pipeline_cli.add_stages(artifact, args, progress)
     if args.json:
         print(json.dumps({"output": str(artifact.path), **artifact.manifest}, indent=2))
     elif not args.quiet:
         _print_compile_summary(artifact.manifest, str(artifact.path))
-        if args.stages:
+        if args.stages is not None:
             pipeline_cli.print_pipeline(artifact.manifest)
     for warning in artifact.manifest["warnings"]:
         _stderr_console().print(f"[bold yellow]WARNING: {warning}[/bold yellow]")

@@ -23,7 +23,7 @@ def _console(stderr: bool = False):
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline stages")
-    g.add_argument("--stages", type=int, default=0, metavar="K", help="split the compiled model into K pipeline stages of balanced cost")
+    g.add_argument("--stages", type=int, default=None, metavar="K", help="split the compiled model into K pipeline stages of balanced cost")
     g.add_argument("--profile", action="store_true", help="cost nodes by an onnxruntime profile instead of the roofline model")
     g.add_argument("--link-bandwidth", type=float, default=10.0, metavar="GB/S", help="bandwidth between stages for the transfer of a cut (default 10 GB/s)")
     g.add_argument("--max-stage-params", type=float, default=None, metavar="MB", help="cap on each stage's parameter memory (MB)")
