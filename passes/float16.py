@@ -1,7 +1,7 @@
 """convert-float16: compute in float16 (or bfloat16) where it is safe, keep the rest in float32.
 
-1. Large negative constants (attention masks built as ``(1 - mask) * finfo(float32).min``, ``Where``
-   fills of ``-inf``-like values) are clamped to ``mask_fill`` (half the float16 minimum, so that a
+1. Large negative constant elements (``<= mask_threshold``, -1e8: the sentinels masks are built from,
+   ``(1 - mask) * finfo(float32).min``, ``-1e9``, ``-inf`` fills of ``Where``) are clamped to ``mask_fill`` (a quarter of the float16 minimum, so that a
    score plus the fill stays finite): ``exp`` of either is 0, so float32 outputs do not change on
    rows with at least one attended key.
 2. Every float32 tensor's range is measured on the calibration set (streamed min/max).
@@ -63,6 +63,7 @@ class ConvertFloat16(ir.passes.InPlacePass):
         reduction_max: int = 4096,
         overflow_fraction: float = 0.5,
         clamp_masks: bool = True,
+        mask_threshold: float = -1e8,
         calibration: Any = None,
         progress=None,
     ):
@@ -72,7 +73,7 @@ class ConvertFloat16(ir.passes.InPlacePass):
             raise ValueError(f"float_type must be one of {', '.join(types)}")
         self.float_type = float_type
         self.np_type, self.dtype, self.max, self.tiny = types[float_type]
-        self.mask_fill = -self.max / 2 if float_type == "float16" else -1e30
+        self.mask_fill = -self.max / 4 if float_type == "float16" else -1e30
         self.keep_ops = set(keep_ops)
         self.exclude_nodes = set(exclude_nodes.split(";") if isinstance(exclude_nodes, str) else exclude_nodes)
         self.sensitive_ops = set(sensitive_ops)
@@ -81,6 +82,7 @@ class ConvertFloat16(ir.passes.InPlacePass):
         self.reduction_max = reduction_max
         self.overflow_fraction = overflow_fraction
         self.clamp_masks = clamp_masks
+        self.mask_threshold = mask_threshold
         self.calibration = calibration
         self.progress = progress
         self.report: dict[str, Any] = {}
@@ -92,7 +94,7 @@ class ConvertFloat16(ir.passes.InPlacePass):
             if value.const_value is None or value.dtype != FLOAT:
                 continue
             array = value.const_value.numpy()
-            low = array < -self.max
+            low = array <= self.mask_threshold
             if not low.any():
                 continue
             fixed = np.where(low, np.float32(self.mask_fill), array).astype(np.float32)

@@ -142,7 +142,7 @@ def _mlp(seed: int = 0, outlier: bool = False) -> ir.Model:
         node.outputs[0].name = name
         node.outputs[0].dtype = ir.DataType.FLOAT
         node.outputs[0].shape = ir.Shape(["batch", 3, 16])
-    graph = ir.Graph([x], [sm.outputs[0]], nodes=nodes, initializers=list(values.values()), opset_imports={"": 17})
+    graph = ir.Graph([x], [sm.outputs[0]], nodes=nodes, initializers=list(values.values()), opset_imports={"": 17}, name="mlp")
     return ir.Model(graph, ir_version=8)
 
 
@@ -262,3 +262,110 @@ def test_max_drop_zero_reverts_everything_to_float():
     assert sorted(report["reverted"]) == ["mm1", "mm2"]
     assert not any(n.op_type == "DynamicQuantizeMatMul" for n in model.graph)
     np.testing.assert_allclose(run(model, _feeds())["y"], run(_mlp(), _feeds())["y"], atol=1e-6)
+
+
+# --- float16 -----------------------------------------------------------------------------------
+
+F32_MIN = float(np.finfo(np.float32).min)
+
+
+def _masked_attention(seed: int = 0) -> ir.Model:
+    """One attention head with an HF-style additive mask ``(1 - mask) * finfo(float32).min``, behind
+    a projection whose output (~1e5) overflows float16 before a LayerNorm brings it back."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, array, dtype=np.float32):
+        array = np.asarray(array, dtype=dtype)
+        return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                        const_value=ir.tensor(array, name=name))
+
+    c = {k: init(k, v) for k, v in {
+        "Wbig": rng.standard_normal((16, 16)) * 3e4, "gamma": np.ones(16), "beta": np.zeros(16),
+        "Wq": rng.standard_normal((16, 16)) * 0.3, "Wk": rng.standard_normal((16, 16)) * 0.3,
+        "Wv": rng.standard_normal((16, 16)) * 0.3, "one": 1.0, "minval": F32_MIN, "scale": 0.25}.items()}
+    c["axes"] = init("axes", [1], np.int64)
+    x = ir.Value(name="x", shape=ir.Shape(["batch", "seq", 16]), type=ir.TensorType(ir.DataType.FLOAT))
+    mask = ir.Value(name="mask", shape=ir.Shape(["batch", "seq"]), type=ir.TensorType(ir.DataType.INT64))
+    nodes = []
+
+    def op(op_type, inputs, name, dtype=ir.DataType.FLOAT, **attrs):
+        node = ir.node(op_type, inputs, attributes=attrs or None, name=name)
+        node.outputs[0].name = name + "_out"
+        node.outputs[0].dtype = dtype
+        nodes.append(node)
+        return node.outputs[0]
+
+    big = op("MatMul", [x, c["Wbig"]], "big")
+    h = op("LayerNormalization", [big, c["gamma"], c["beta"]], "ln", axis=-1)
+    q, k, v = (op("MatMul", [h, c[w]], w.lower()) for w in ("Wq", "Wk", "Wv"))
+    kt = op("Transpose", [k], "kt", perm=[0, 2, 1])
+    scores = op("Mul", [op("MatMul", [q, kt], "qk"), c["scale"]], "scaled")
+    maskf = op("Cast", [mask], "mask_float", to=ir.DataType.FLOAT)
+    bias = op("Mul", [op("Sub", [c["one"], maskf], "inverted"), c["minval"]], "mask_bias")
+    probs = op("Softmax", [op("Add", [scores, op("Unsqueeze", [bias, c["axes"]], "bias_3d")], "masked")], "softmax", axis=-1)
+    y = op("MatMul", [probs, v], "context")
+    nodes[-1].outputs[0].name = "y"
+    y.shape = ir.Shape(["batch", "seq", 16])
+    graph = ir.Graph([x, mask], [y], nodes=nodes, initializers=list(c.values()), opset_imports={"": 17}, name="attention")
+    return ir.Model(graph, ir_version=8)
+
+
+def _attention_feeds(seed=3, batch=3, seq=6):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return {"x": rng.standard_normal((batch, seq, 16)).astype(np.float32), "mask": mask}
+
+
+def test_float16_large_negative_mask_has_no_nan_or_inf():
+    feeds = _attention_feeds()
+    fp32 = run(_masked_attention(), feeds)["y"]
+    assert np.isfinite(fp32).all()
+    model = _masked_attention()
+    p = create_pass("convert-float16", calibration={"x": feeds["x"], "mask": feeds["mask"]})
+    assert p(model).modified
+    y = run(model, feeds)["y"]
+    assert y.dtype == np.float32 and np.isfinite(y).all()  # IO types kept
+    np.testing.assert_allclose(y, fp32, atol=2e-2)
+    kept = {k["node"]: k["reason"] for k in p.report["kept_float32"]}
+    assert "big" in kept and "beyond" in kept["big"]  # ~1e5 overflows float16
+    assert "softmax" in kept and "Softmax input range" in kept["softmax"]  # masked scores
+    assert p.report["clamped_constants"][0]["initializer"] == "minval"
+    half = [n.name for n in model.graph if any(o.dtype == ir.DataType.FLOAT16 for o in n.outputs)]
+    assert {"wq", "wk", "wv", "qk", "context"} <= set(half)
+
+
+def test_float16_without_the_range_rules_overflows():
+    """The negative control: with the range rules off, the ~1e5 projection is typed float16, where a
+    real float16 kernel overflows (onnxruntime CPU computes MatMul in float32 behind inserted Casts
+    and hides it, hence the numpy check of what a float16 result holds)."""
+    feeds = _attention_feeds()
+    model = _masked_attention()
+    p = create_pass("convert-float16", calibration=feeds, overflow_fraction=1e9, sensitive_max=float("inf"))
+    p(model)
+    assert p.report["kept_float32"] == []
+    big = next(n for n in model.graph if n.name == "big")
+    assert big.outputs[0].dtype == ir.DataType.FLOAT16
+    w = next(v for v in _masked_attention().graph.initializers.values() if v.name == "Wbig").const_value.numpy()
+    with np.errstate(over="ignore"):
+        assert not np.isfinite((feeds["x"] @ w).astype(np.float16)).all()
+
+
+def test_compile_float16_target_defined_here_reports_kept_nodes():
+    import tfgraph
+    from tfgraph.passes.registry import PassSpec
+    from tfgraph.targets import Provider, Target, Tolerance
+
+    target = Target(name="test-fp16", description="convert-float16 only (a test profile)",
+                    providers=(Provider("CPUExecutionProvider"),), precision="fp16",
+                    passes=(PassSpec("convert-float16"), PassSpec("remove-dead")), tolerance=Tolerance(5e-2, 5e-2),
+                    min_cosine=0.999)
+    feeds = _attention_feeds()
+    artifact = tfgraph.compile(_masked_attention(), target, inputs=feeds, calibration=feeds)
+    section = artifact.manifest["precision"]
+    assert artifact.manifest["verification"]["passed"]
+    assert section["accuracy_vs_fp32"]["y"]["finite"] and section["accuracy_vs_fp32"]["y"]["cosine"] > 0.999
+    kept = section["passes"][0]["kept_float32"]
+    assert all(k["reason"] for k in kept) and {"big", "softmax"} <= {k["node"] for k in kept}
+    assert section["calibration"]["sha256"] and section["calibration"]["source"] == "in-memory"
