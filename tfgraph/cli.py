@@ -150,6 +150,21 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
             f"weights stored: {_fmt_bytes(weights['bytes_before'])} → {_fmt_bytes(weights['bytes_after'])} "
             f"({weights['bytes_after'] / max(weights['bytes_before'], 1):.2f}x), unique {_fmt_bytes(weights['unique_bytes'])}"
         )
+    prec = manifest.get("precision")
+    if prec:
+        calib = prec["calibration"]
+        console.print(f"precision {prec['precision']}: calibration {calib['source']} ({calib['samples']} samples, "
+                      f"sha256 {calib['sha256'][:12]})")
+        for name, acc in prec["accuracy_vs_fp32"].items():
+            row = f", sentence-embedding cosine {acc['row_cosine_mean']:.5f} (worst {acc['row_cosine_min']:.5f})" if acc.get("embedding") else ""
+            console.print(f"  {name} vs fp32: cosine {acc['cosine']:.5f}, max abs {acc['max_abs']:.3g}{row}")
+        budget = prec.get("max_drop")
+        if budget:
+            console.print(f"  max-drop {budget['max_drop']:.4g}: score {budget['initial_score']:.5f} → {budget['final_score']:.5f}, "
+                          f"reverted {len(budget['reverted'])} node(s) to float {budget['reverted']}")
+        for entry in prec["passes"]:
+            for kept in entry.get("kept_float32", []):
+                console.print(f"  kept float32: {kept['node']} ({kept['op_type']}): {kept['reason']}")
     ver = manifest["verification"]
     if ver.get("skipped"):
         console.print("[yellow]verification skipped (--no-verify)[/yellow]")
@@ -215,6 +230,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
             attention=_attention_impl(args),
             approximate_attention=_attention_approximation(args),
             progress=progress,
+            calibration=args.calibration,
+            tokenizer=args.tokenizer,
+            max_drop=args.max_drop,
         )
         if args.stages is not None:
             pipeline_cli.add_stages(artifact, args, progress)
@@ -411,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]", help="run a registered pass after the target's pipeline; repeatable")
     p.add_argument("--plugin", action="append", metavar="FILE.py|MODULE", help="import a module that registers passes or targets; repeatable")
     export_options(p)
+    p.add_argument("--calibration", metavar="FILE.npz|FILE.txt",
+                   help="calibration data for reduced-precision targets: an .npz of feeds or a text file of sentences "
+                        "(one per line, tokenized with the model's tokenizer); default: --inputs, else generated (warned)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for --calibration sentences (default: the model's own)")
+    p.add_argument("--max-drop", type=float, metavar="D",
+                   help="accuracy budget: revert the most harmful quantized nodes to float until 1 - cosine to fp32 <= D "
+                        "(default: the target's, cpu-int8 0.005)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     from tfgraph import pipeline_cli
