@@ -56,14 +56,20 @@ class _Builder:
         return self.const(np.array(values, dtype=np.int64))
 
 
+def _arange(b: _Builder, count: int, start: int) -> ir.Value:
+    """``start, start + 1, …, start + count - 1`` (int64), computed at run time."""
+    return b("Range", b.const(np.array(start, np.int64)), b.const(np.array(start + count, np.int64)),
+             b.const(np.array(1, np.int64)))
+
+
 def _positions(b: _Builder, sequence: ir.Value, blocks: ir.Value, block: int, before: int, count: int):
     """Key positions of every block's window, (blocks, count·block): ``t·block + s - before·block``,
     clipped into [0, S) for gathering, and whether each lies inside the sequence."""
     last = b("Sub", sequence, b.i64(1))
     start = b("Mul", b("Range", b.const(np.array(0, np.int64)), b("Squeeze", blocks, b.i64(0)),
                        b.const(np.array(1, np.int64))), b.const(np.array(block, np.int64)))
-    slots = np.arange(count * block, dtype=np.int64)[None, :] - before * block
-    positions = b("Add", b("Unsqueeze", start, b.i64(1)), b.const(slots))
+    slots = b("Reshape", _arange(b, count * block, -before * block), b.i64(1, -1))  # (1, width)
+    positions = b("Add", b("Unsqueeze", start, b.i64(1)), slots)
     valid = b("And", b("GreaterOrEqual", positions, b.const(np.array(0, np.int64))),
               b("LessOrEqual", positions, b("Squeeze", last, b.i64(0))))
     clipped = b("Min", b("Max", positions, b.const(np.array(0, np.int64))), b("Squeeze", last, b.i64(0)))
@@ -129,8 +135,13 @@ def blocked_attention(
     # The tile mask, (B|1, blocks, block, width), head-independent: the band (query u of
     # the tile, window slot s: j - i = s - before·block - u) plus keys outside [0, S) and
     # padded keys (the (B, S) padding row gathered like the keys).
-    offset = np.arange(width)[None, :] - before * block - np.arange(block)[:, None]
-    band = np.where((offset >= -left) & (offset <= right), 0.0, _HALF_MIN).astype(np.float32)
+    # Built at run time from two Ranges (a constant table would add block·width floats per layer).
+    # (Reshape rather than Unsqueeze: ONNX's data propagation gets Unsqueeze of a Range wrong.)
+    offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
+               b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
+    in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
+                b("LessOrEqual", offset, b.const(np.array(right, np.int64))))
+    band = b("Where", in_band, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
     visible = b("Unsqueeze", valid, b.i64(0))  # (1, blocks, width)
     if key_padding is not None:
         padding = b("Gather", b("Cast", key_padding, to=ir.DataType.BOOL), keys, axis=1)
@@ -139,7 +150,7 @@ def blocked_attention(
         # Window slots holding a global key are masked: the global slots below carry it.
         visible = b("And", visible, b("Unsqueeze", b("GreaterOrEqual", keys, b.const(np.array(global_tokens, np.int64))), b.i64(0)))
     key_bias = b("Where", visible, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
-    mask = b("Add", b("Unsqueeze", key_bias, b.i64(2)), b.const(band))  # (B|1, blocks, block, width)
+    mask = b("Add", b("Unsqueeze", key_bias, b.i64(2)), band)  # (B|1, blocks, block, width)
     if global_tokens:
         g = global_tokens
         first = b.const(np.arange(g, dtype=np.int64))

@@ -369,7 +369,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_targets(args: argparse.Namespace) -> int:
     from tfgraph.targets import list_targets
 
+    _load_plugins(args.plugin)
     targets = list_targets()
+    if args.self_test:
+        return _targets_self_test(args, targets)
     if args.json:
         print(json.dumps([t.to_json() for t in targets], indent=2))
         return EXIT_OK
@@ -380,6 +383,39 @@ def cmd_targets(args: argparse.Namespace) -> int:
                       f"tolerance atol {t.tolerance.atol:g}, rtol {t.tolerance.rtol:g}")
         console.print(f"  passes: {' → '.join(p.name for p in t.passes)}")
     return EXIT_OK
+
+
+def _targets_self_test(args: argparse.Namespace, targets) -> int:
+    """Numeric self-tests of every target whose providers this onnxruntime has (windowed attention)."""
+    import onnxruntime as ort
+
+    from tfgraph.selftest import window_self_test
+
+    available = set(ort.get_available_providers())
+    results, skipped = [], []
+    for target in targets:
+        if args.target and target.name != args.target:
+            continue
+        missing = [p.name for p in target.providers if p.name not in available]
+        if missing:
+            skipped.append({"target": target.name, "missing_providers": missing})
+            continue
+        results += window_self_test(target)
+    passed = all(r.passed for r in results)
+    if args.json:
+        print(json.dumps({"passed": passed, "results": [r.to_json() for r in results], "skipped": skipped}, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title="windowed-attention self-test (every query that sees a key vs a numpy band-mask reference)")
+        for column in ("target", "case", "S", "max abs", "result"):
+            table.add_column(column)
+        for r in results:
+            table.add_row(r.target, r.case, str(r.sequence), f"{r.max_abs:.2e}", "ok" if r.passed else f"FAILED {r.detail}")
+        _stdout_console().print(table)
+        for s in skipped:
+            _stdout_console().print(f"{s['target']}: not run, provider(s) {', '.join(s['missing_providers'])} not installed")
+    return EXIT_OK if passed else EXIT_VERIFY
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -482,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("targets", help="list the registered targets")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--self-test", action="store_true",
+                   help="run each target's numeric self-tests (windowed attention) on its own providers; exit 1 on a failure")
+    p.add_argument("--target", "-t", help="only this target (with --self-test)")
+    p.add_argument("--plugin", action="append", metavar="FILE.py|MODULE", default=[],
+                   help="import a module that registers passes or targets; repeatable")
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("passes", help="list the registered passes")

@@ -1,0 +1,53 @@
+"""Targets' numeric self-test of windowed attention (``tfgraph targets --self-test``)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from tfgraph.selftest import window_self_test
+
+
+def test_cpu_fp32_passes_on_both_sides_of_the_crossover():
+    results = window_self_test("cpu-fp32")
+    assert {(r.case, r.sequence) for r in results} == {
+        (case, s) for case in ("causal window", "two-sided window") for s in (37, 1037)
+    }
+    assert all(r.passed and r.max_abs < 1e-5 for r in results)
+
+
+# A target whose lowering silently ignores the window, as OpenVINO and QNN do with
+# Attention-25's window attributes: it must fail its self-test.
+PLUGIN = """
+import dataclasses
+import onnx_ir as ir
+from tfgraph.passes.registry import PassSpec, register_pass
+from tfgraph.targets import register_target
+from tfgraph.targets.cpu import CPU_FP32
+
+@register_pass("forget-windows", replace=True)
+class ForgetWindows(ir.passes.InPlacePass):
+    def call(self, model):
+        for node in model.graph:
+            if node.domain == "tfgraph":
+                node.attributes["window_left"] = ir.AttrInt64("window_left", 30)
+                node.attributes["window_right"] = ir.AttrInt64("window_right", 30)
+        return ir.passes.PassResult(model, True)
+
+passes = tuple(p for p in CPU_FP32.passes if p.name != "lower-attention")
+lowering = next(p for p in CPU_FP32.passes if p.name == "lower-attention")
+register_target(dataclasses.replace(CPU_FP32, name="window-blind", passes=passes + (
+    PassSpec("forget-windows"), PassSpec("lower-attention", dict(lowering.options, window_to="blocked")))), replace=True)
+"""
+
+
+def test_a_window_blind_lowering_fails(cli, tmp_path):
+    plugin = tmp_path / "blind.py"
+    plugin.write_text(textwrap.dedent(PLUGIN))
+    result = cli("targets", "--self-test", "--plugin", plugin, "--target", "window-blind", "--json")
+    assert result.code == 1, result.err
+    report = json.loads(result.out)
+    assert not report["passed"]
+    assert all(not r["passed"] and r["max_abs"] > 1e-2 for r in report["results"])
+    ok = cli("targets", "--self-test", "--target", "cpu-fp32")
+    assert ok.code == 0 and "FAILED" not in ok.out
