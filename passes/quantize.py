@@ -205,6 +205,9 @@ class Quantize(ir.passes.InPlacePass):
         else:
             self._static(model, candidates)
         self._drop_unused_initializers(graph)
+        if any(n.domain == MS for n in graph):
+            graph.opset_imports.setdefault(MS, 1)
+            model.opset_imports.setdefault(MS, 1)
         self.report["quantized"] = len(self.quantized)
         self.report["nodes"] = sorted(self.quantized)
         return ir.passes.PassResult(model, bool(self.quantized))
@@ -246,7 +249,7 @@ class Quantize(ir.passes.InPlacePass):
         mul.outputs[0].dtype = ir.DataType.FLOAT
         mul.outputs[0].shape = old.shape
         graph.insert_before(node, [rows, cast, *extra, mul])
-        ir.convenience.replace_all_uses_with(old, mul.outputs[0])
+        ir.convenience.replace_all_uses_with(old, mul.outputs[0], replace_graph_outputs=True)
         name = old.name
         graph.remove(node, safe=True)
         mul.outputs[0].name = name
@@ -282,9 +285,7 @@ class Quantize(ir.passes.InPlacePass):
         new.outputs[0].dtype = ir.DataType.FLOAT
         new.outputs[0].shape = out.shape
         graph.insert_before(node, new)
-        ir.convenience.replace_all_uses_with(out, new.outputs[0])
-        if out.is_graph_output():
-            pass
+        ir.convenience.replace_all_uses_with(out, new.outputs[0], replace_graph_outputs=True)
         new_name = out.name
         for old in reversed(replaced):
             graph.remove(old, safe=True)

@@ -369,3 +369,19 @@ def test_compile_float16_target_defined_here_reports_kept_nodes():
     kept = section["passes"][0]["kept_float32"]
     assert all(k["reason"] for k in kept) and {"big", "softmax"} <= {k["node"] for k in kept}
     assert section["calibration"]["sha256"] and section["calibration"]["source"] == "in-memory"
+
+
+def test_cli_compile_cpu_int8_max_drop(cli, mlp_path, tmp_path):
+    import json
+
+    out = tmp_path / "int8"
+    result = cli("compile", mlp_path, "-t", "cpu-int8", "-o", out, "--max-drop", "0", "--shape", "batch=4", "--json")
+    assert result.code == 0, result.err
+    manifest = json.loads(result.out)
+    section = manifest["precision"]
+    assert section["calibration"]["source"] == "generated" and any("generated" in w for w in manifest["warnings"])
+    budget = section["max_drop"]
+    assert budget["met"] and budget["max_drop"] == 0.0 and sorted(budget["reverted"]) == sorted(section["passes"][0]["nodes"])
+    assert budget["final_score"] == pytest.approx(1.0, abs=1e-6)
+    compiled = ir.load(out / "model.onnx")
+    assert not any(n.op_type == "DynamicQuantizeMatMul" for n in compiled.graph)

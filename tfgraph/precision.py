@@ -41,7 +41,7 @@ def accuracy(reference, outputs) -> dict[str, dict]:
             rows_all = np.concatenate(rows)
             entry = {
                 "max_abs": max_abs if finite else float("inf"),
-                "cosine": dot / max(np.sqrt(na * ne), 1e-30),
+                "cosine": float(dot / max(np.sqrt(na * ne), 1e-30)),
                 "row_cosine_mean": float(rows_all.mean()),
                 "row_cosine_min": float(rows_all.min()),
                 "finite": finite,
@@ -111,7 +111,7 @@ def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[s
         graph.insert_before(quantized, new_nodes)
         final = new_nodes[-1].outputs[0]
         final.shape = target_out.shape
-        ir.convenience.replace_all_uses_with(target_out, final)
+        ir.convenience.replace_all_uses_with(target_out, final, replace_graph_outputs=True)
         producer = target_out.producer()
         out_name = target_out.name
         if producer is not None and producer is not new_nodes[-1]:
@@ -153,7 +153,7 @@ def budget(
     Harm of a node = how much reverting it alone raises the score (one evaluation per node on a
     copy); nodes are then reverted in order of harm, re-evaluating after each, until the budget
     holds or none are left. Returns the report (which nodes, the score after each step)."""
-    start = score(evaluate(model))
+    start = float(score(evaluate(model)))
     history = [{"reverted": None, "score": start}]
     if 1.0 - start <= max_drop:
         return {"max_drop": max_drop, "initial_score": start, "final_score": start, "reverted": [], "steps": history,
@@ -165,7 +165,7 @@ def budget(
             progress("max-drop: rank quantized nodes", i, len(names))
         copy = _copy(model)
         revert_nodes(copy, records, [name])
-        gains[name] = score(evaluate(copy)) - start
+        gains[name] = float(score(evaluate(copy)) - start)
     order = sorted(names, key=lambda n: -gains[n])
     reverted, current = [], start
     for name in order:
@@ -173,7 +173,7 @@ def budget(
             break
         revert_nodes(model, records, [name])
         reverted.append(name)
-        current = score(evaluate(model))
+        current = float(score(evaluate(model)))
         history.append({"reverted": name, "gain_alone": gains[name], "score": current})
     return {"max_drop": max_drop, "initial_score": start, "final_score": current, "reverted": reverted,
-            "steps": history, "met": 1.0 - current <= max_drop}
+            "steps": history, "met": bool(1.0 - current <= max_drop)}

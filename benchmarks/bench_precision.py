@@ -1,0 +1,367 @@
+#!/usr/bin/env python
+"""Precision on CPU: tfgraph cpu-int8 vs onnxruntime's quantizers, fp16 accuracy on CPU.
+
+Models: all-MiniLM-L6-v2 (bundled real weights; dynamo export) and BERT-base (HF
+``BertModel(BertConfig())``, random init, seed 0, dynamo export). Variants, all from the same export:
+
+- ``fp32``: ``tfgraph.compile(target="cpu-fp32")``
+- ``tfgraph cpu-int8``: ``tfgraph.compile(target="cpu-int8")`` calibrated/budgeted on the
+  calibration sentences below (MiniLM) or generated token ids (BERT-base)
+- ``ort dynamic (defaults)``: ``quantize_dynamic`` with defaults on the fp32 compile
+- ``ort dynamic MatMul per-channel``: ``quantize_dynamic(op_types_to_quantize=["MatMul"], per_channel=True)``
+- ``ort static QDQ per-channel``: ``quantize_static(QuantFormat.QDQ, per_channel=True)`` (u8 activations,
+  s8 weights, min-max), calibrated on the same data
+- ``tfgraph fp16`` (MiniLM only, accuracy): cpu-fp32 + ``convert-float16``; onnxruntime CPU computes
+  many fp16 ops in fp32 behind inserted Casts, so its latency says nothing about fp16 hardware.
+
+All onnxruntime quantizer calls pass ``extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}``
+(it crashes on these graphs without it). Accuracy: MiniLM sentence-embedding cosine (per sentence,
+mean and min) on held-out real sentences; BERT-base cosine of last_hidden_state on random token ids.
+Latency: onnxruntime CPU, 2 intra-op threads, ORT_ENABLE_ALL, warm-up, then round-robin rounds
+(rotating start), medians. Size: bytes of the model files.
+
+Usage::
+
+    python benchmarks/bench_precision.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision_cpu.md"
+THREADS = 2
+WARMUP = 2
+
+CALIBRATION = [
+    "The bakery on the corner sells fresh croissants every morning.",
+    "Our flight was cancelled because of the storm.",
+    "She repaired the old bicycle with parts from a flea market.",
+    "Rivers carry sediment from the mountains to the sea.",
+    "The orchestra rehearsed the symphony for three weeks.",
+    "He keeps his passwords in an encrypted notebook.",
+    "A fox crossed the road just before dawn.",
+    "The city council approved a new budget for public parks.",
+    "Vaccines train the immune system to recognise a pathogen.",
+    "My grandmother grows lavender and rosemary on her balcony.",
+    "The software update fixed a bug in the login screen.",
+    "Tourists queued for hours to see the famous painting.",
+    "Wind turbines generate electricity even on cloudy days.",
+    "The detective found a clue hidden under the carpet.",
+    "Students presented their science projects in the gym.",
+    "The soup needs a little more salt and pepper.",
+]
+EVAL = [
+    "A small boat drifted slowly across the calm lake.",
+    "The company reported higher profits in the third quarter.",
+    "He learned to play chess from his older brother.",
+    "The hospital opened a new wing for children.",
+    "Heavy snow closed the mountain pass for a week.",
+    "She translated the novel from Spanish into English.",
+    "The neural network was trained on millions of images.",
+    "Farmers are worried about the long dry summer.",
+    "The kitten fell asleep on a pile of warm laundry.",
+    "Archaeologists uncovered a Roman villa near the river.",
+    "Please turn off the lights when you leave the room.",
+    "The marathon runners passed the finish line in the rain.",
+    "Electric cars are becoming cheaper every year.",
+    "The teacher explained fractions with slices of pizza.",
+    "A loud thunderclap woke everyone in the house.",
+    "The museum's dinosaur skeleton is over ten metres long.",
+    "Coffee prices rose after a poor harvest in Brazil.",
+    "They painted the fence white before the party.",
+    "The spacecraft sent back photographs of Saturn's rings.",
+    "I could not find my keys anywhere this morning.",
+    "The judge postponed the trial until next month.",
+    "Bread dough must rest before it goes into the oven.",
+    "The volunteers cleaned plastic from the beach.",
+    "His speech about climate policy received long applause.",
+    "Many birds migrate south before the winter arrives.",
+    "The printer jammed halfway through the report.",
+    "A gentle breeze carried the smell of the sea.",
+    "The startup hired twenty engineers last month.",
+    "Mathematics is the language of the physical sciences.",
+    "The children built a snowman in the front garden.",
+    "Our neighbours are renovating their kitchen.",
+    "The bridge was closed for repairs over the weekend.",
+]
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def session(path: pathlib.Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def size(path: pathlib.Path) -> int:
+    total = path.stat().st_size
+    for extra in path.parent.iterdir():
+        if extra != path and extra.name.startswith(path.stem) and extra.suffix in (".data", ".bin", ""):
+            total += extra.stat().st_size
+    return total
+
+
+def interleave(sessions: dict, feeds: dict, rounds: int) -> dict[str, float]:
+    keys = list(sessions)
+    for key in keys:
+        for _ in range(WARMUP):
+            sessions[key].run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            start = time.perf_counter()
+            sessions[key].run(None, feeds)
+            times[key].append(time.perf_counter() - start)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+
+
+class Reader:
+    """onnxruntime CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def ort_variants(fp32_path: pathlib.Path, work: pathlib.Path, calib_batches) -> dict[str, dict]:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    out: dict[str, dict] = {}
+    recipes = {
+        "ort dynamic (defaults)": lambda p: quantize_dynamic(str(fp32_path), str(p), extra_options=extra),
+        "ort dynamic MatMul per-channel": lambda p: quantize_dynamic(
+            str(fp32_path), str(p), op_types_to_quantize=["MatMul"], per_channel=True, extra_options=extra),
+        "ort static QDQ per-channel": lambda p: quantize_static(
+            str(fp32_path), str(p), Reader(calib_batches), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options=extra),
+    }
+    for name, make in recipes.items():
+        path = work / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
+        start = time.perf_counter()
+        try:
+            make(path)
+            out[name] = {"path": path, "build_s": time.perf_counter() - start}
+        except Exception as e:  # report, do not hide
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            log(f"{name} failed: {out[name]['error']}")
+    return out
+
+
+def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, embedding_output, fp16=False, max_drop=None):
+    import tfgraph
+    from tfgraph.verify import run
+    from tfgraph.ir import load
+
+    variants: dict[str, dict] = {}
+    log(f"{tag}: compile cpu-fp32")
+    tfgraph.compile(str(source), "cpu-fp32", output=work / "fp32", force=True, verify=False)
+    fp32_path = work / "fp32" / "model.onnx"
+    variants["fp32 (tfgraph cpu-fp32)"] = {"path": fp32_path}
+    log(f"{tag}: compile cpu-int8")
+    start = time.perf_counter()
+    artifact = tfgraph.compile(str(source), "cpu-int8", output=work / "int8", force=True, calibration=calibration,
+                               max_drop=max_drop)
+    prec = artifact.manifest["precision"]
+    variants["tfgraph cpu-int8"] = {"path": work / "int8" / "model.onnx", "build_s": time.perf_counter() - start,
+                                    "reverted": prec["max_drop"]["reverted"] if prec["max_drop"] else [],
+                                    "budget_score": prec["score"]}
+    if fp16:
+        log(f"{tag}: compile cpu-fp32 + convert-float16")
+        art16 = tfgraph.compile(str(source), "cpu-fp32", output=work / "fp16", force=True,
+                                extra_passes=["convert-float16"], calibration=calibration)
+        variants["tfgraph fp16 (accuracy only)"] = {
+            "path": work / "fp16" / "model.onnx",
+            "kept_float32": len(art16.manifest["precision"]["passes"][0]["kept_float32"]),
+            "converted": art16.manifest["precision"]["passes"][0]["converted_nodes"],
+        }
+    log(f"{tag}: onnxruntime quantizers")
+    calib_feeds = calibration.batches if hasattr(calibration, "batches") else None
+    variants.update(ort_variants(fp32_path, work, calib_feeds))
+
+    # accuracy
+    base = load(source).model
+    ref = [run(base, b)[embedding_output] for b in eval_batches]
+    for name, info in variants.items():
+        if "path" not in info:
+            continue
+        info["bytes"] = size(info["path"])
+        s = session(info["path"])
+        got = [s.run([embedding_output], b)[0] for b in eval_batches]
+        rows = np.concatenate([
+            ((g.reshape(len(g), -1) * r.reshape(len(r), -1)).sum(1)
+             / (np.linalg.norm(g.reshape(len(g), -1), axis=1) * np.linalg.norm(r.reshape(len(r), -1), axis=1)))
+            for g, r in zip(got, ref)])
+        info["cosine_mean"] = float(rows.mean())
+        info["cosine_min"] = float(rows.min())
+        info["finite"] = bool(all(np.isfinite(g).all() for g in got))
+        log(f"{tag} {name}: cosine {rows.mean():.5f} (min {rows.min():.5f}), {info['bytes'] / 2**20:.1f} MiB")
+
+    timings = {}
+    rng = np.random.default_rng(0)
+    timed = {k: v for k, v in variants.items() if "path" in v and "fp16" not in k}
+    for batch, seq in shapes:
+        feeds = {"input_ids": rng.integers(1000, 30000, (batch, seq), dtype=np.int64),
+                 "attention_mask": np.ones((batch, seq), np.int64), "token_type_ids": np.zeros((batch, seq), np.int64)}
+        sessions = {k: session(v["path"]) for k, v in timed.items()}
+        names = {i.name for i in next(iter(sessions.values())).get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        log(f"{tag}: timing b{batch} s{seq}")
+        med = interleave(sessions, feeds, rounds)
+        base_ms = med["fp32 (tfgraph cpu-fp32)"]
+        timings[f"b{batch} s{seq}"] = {k: {"median_ms": v, "ratio": v / base_ms} for k, v in med.items()}
+        log(f"{tag} b{batch} s{seq}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()))
+        del sessions
+    for info in variants.values():
+        info.pop("path", None)
+    return {"variants": variants, "timings": timings}
+
+
+def machine() -> dict:
+    cpu, flags = "?", ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "isa": isa, "usable_cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+            "load_average_1m_at_start": load}
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Precision on CPU: tfgraph cpu-int8 vs onnxruntime quantizers",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {m['cpu']} ({', '.join(m['isa'])}; no VNNI/AMX unless listed), {m['usable_cores']} usable cores; "
+        f"**shared and under contention** (1-minute load average {m['load_average_1m_at_start']:.1f} at start on "
+        f"{m['usable_cores']} cores): latencies are noisy, compare within a table only",
+        f"- onnxruntime CPU, {THREADS} intra-op threads, ORT_ENABLE_ALL, {WARMUP} warm-up runs, "
+        f"{report['rounds']} interleaved rounds, medians",
+        f"- command: `python benchmarks/bench_precision.py --rounds {report['rounds']}`",
+        "- MiniLM accuracy: sentence-embedding cosine to the fp32 export on "
+        f"{len(EVAL)} held-out real sentences (calibration/budget on {len(CALIBRATION)} others); "
+        "BERT-base (random init): cosine of last_hidden_state rows on random token ids",
+        "- fp16 row: onnxruntime CPU runs many fp16 ops in fp32 behind inserted Casts; accuracy only, not timed",
+        "",
+    ]
+    for tag, res in report["models"].items():
+        shapes = list(res["timings"])
+        lines += [f"## {tag}", "",
+                  "| variant | size MiB | cosine mean | cosine min | " + " | ".join(f"{s} ms (x fp32)" for s in shapes) + " | notes |",
+                  "|---|---|---|---|" + "---|" * len(shapes) + "---|"]
+        for name, info in res["variants"].items():
+            if "error" in info:
+                lines.append(f"| {name} | — | — | — | " + " | ".join("—" for _ in shapes) + f" | failed: {info['error']} |")
+                continue
+            cells = " | ".join(
+                f"{res['timings'][s][name]['median_ms']:.1f} ({res['timings'][s][name]['ratio']:.2f}x)"
+                if name in res["timings"][s] else "—" for s in shapes)
+            notes = []
+            if info.get("reverted") is not None and "cpu-int8" in name:
+                notes.append(f"max-drop reverted {len(info['reverted'])} node(s)")
+            if "kept_float32" in info:
+                notes.append(f"{info['converted']} nodes fp16, {info['kept_float32']} kept fp32")
+            if not info.get("finite", True):
+                notes.append("NaN/Inf!")
+            lines.append(f"| {name} | {info['bytes'] / 2**20:.1f} | {info['cosine_mean']:.5f} | {info['cosine_min']:.5f} | "
+                         f"{cells} | {'; '.join(notes)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-bert", action="store_true")
+    parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from tfgraph.calibration import CalibrationSet, tokenize
+    from tfgraph.export import export
+    from tfgraph.ir import load
+    from tfgraph.models import minilm_path
+
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "rounds": args.rounds, "models": {}}
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        work = pathlib.Path(tmp)
+        log("export minilm (dynamo)")
+        source = export("minilm", work / "minilm.onnx")
+        tok = lambda s: tokenize(s, minilm_path(), names)  # noqa: E731
+        calib = CalibrationSet([tok(CALIBRATION[i:i + 8]) for i in range(0, len(CALIBRATION), 8)], "CALIBRATION sentences")
+        evals = [tok(EVAL[i:i + 8]) for i in range(0, len(EVAL), 8)]
+        (work / "minilm").mkdir()
+        report["models"]["all-MiniLM-L6-v2 (real weights)"] = bench_model(
+            "minilm", source, work / "minilm", calib, evals, [(1, 128), (8, 128)], args.rounds, "sentence_embedding", fp16=True)
+        if not args.no_bert:
+            torch.manual_seed(0)
+            folder = work / "hf-bert-base"
+            transformers.BertModel(transformers.BertConfig()).eval().save_pretrained(folder)
+            log("export bert-base (dynamo)")
+            source = export(str(folder), work / "bert-base.onnx")
+            rng = np.random.default_rng(1)
+
+            def random_batch(b, s):
+                return {"input_ids": rng.integers(1000, 30000, (b, s), dtype=np.int64),
+                        "attention_mask": np.ones((b, s), np.int64), "token_type_ids": np.zeros((b, s), np.int64)}
+
+            inputs = {v.name for v in load(source).model.graph.inputs}
+            calib = CalibrationSet([{k: v for k, v in random_batch(4, 64).items() if k in inputs} for _ in range(2)],
+                                   "random token ids")
+            evals = [{k: v for k, v in random_batch(4, 64).items() if k in inputs}]
+            (work / "bert").mkdir()
+            report["models"]["BERT-base (random init)"] = bench_model(
+                "bert", source, work / "bert", calib, evals, [(1, 128), (8, 128)], args.rounds, "last_hidden_state",
+                max_drop=1.0)  # random weights: raw int8 accuracy, no revert budget
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(report))
+    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

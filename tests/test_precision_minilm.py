@@ -1,0 +1,105 @@
+"""cpu-int8 on the bundled real all-MiniLM-L6-v2: sentence-embedding cosine to fp32 on held-out real
+sentences, the accuracy budget, artifact size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+CALIBRATION = [
+    "The bakery on the corner sells fresh croissants every morning.",
+    "Our flight was cancelled because of the storm.",
+    "She repaired the old bicycle with parts from a flea market.",
+    "Rivers carry sediment from the mountains to the sea.",
+    "The orchestra rehearsed the symphony for three weeks.",
+    "He keeps his passwords in an encrypted notebook.",
+    "A fox crossed the road just before dawn.",
+    "The city council approved a new budget for public parks.",
+    "Vaccines train the immune system to recognise a pathogen.",
+    "My grandmother grows lavender and rosemary on her balcony.",
+    "The software update fixed a bug in the login screen.",
+    "Tourists queued for hours to see the famous painting.",
+    "Wind turbines generate electricity even on cloudy days.",
+    "The detective found a clue hidden under the carpet.",
+    "Students presented their science projects in the gym.",
+    "The soup needs a little more salt and pepper.",
+]
+
+HELD_OUT = [
+    "A small boat drifted slowly across the calm lake.",
+    "The company reported higher profits in the third quarter.",
+    "He learned to play chess from his older brother.",
+    "The hospital opened a new wing for children.",
+    "Heavy snow closed the mountain pass for a week.",
+    "She translated the novel from Spanish into English.",
+    "The neural network was trained on millions of images.",
+    "Farmers are worried about the long dry summer.",
+    "The kitten fell asleep on a pile of warm laundry.",
+    "Archaeologists uncovered a Roman villa near the river.",
+    "Please turn off the lights when you leave the room.",
+    "The marathon runners passed the finish line in the rain.",
+    "Electric cars are becoming cheaper every year.",
+    "The teacher explained fractions with slices of pizza.",
+    "A loud thunderclap woke everyone in the house.",
+    "The museum's dinosaur skeleton is over ten metres long.",
+    "Coffee prices rose after a poor harvest in Brazil.",
+    "They painted the fence white before the party.",
+    "The spacecraft sent back photographs of Saturn's rings.",
+    "I could not find my keys anywhere this morning.",
+    "The judge postponed the trial until next month.",
+    "Bread dough must rest before it goes into the oven.",
+    "The volunteers cleaned plastic from the beach.",
+    "His speech about climate policy received long applause.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_int8(tmp_path_factory):
+    import tfgraph
+    from tfgraph.export import export
+    from tfgraph.models import minilm_path
+
+    work = tmp_path_factory.mktemp("minilm-int8")
+    source = export("minilm", work / "minilm.onnx")
+    sentences = work / "calibration.txt"
+    sentences.write_text("\n".join(CALIBRATION) + "\n")
+    artifact = tfgraph.compile(str(source), "cpu-int8", output=work / "int8", calibration=sentences,
+                               tokenizer=minilm_path())
+    return source, artifact, work / "int8" / "model.onnx"
+
+
+def test_int8_minilm_sentence_embedding_cosine(minilm_int8):
+    import collections
+
+    from tfgraph.calibration import tokenize
+    from tfgraph.ir import load
+    from tfgraph.models import minilm_path
+    from tfgraph.verify import run
+
+    source, artifact, compiled = minilm_int8
+    fp32_model = load(source).model
+    int8_model = load(compiled).model
+    ops = collections.Counter(n.op_type for n in int8_model.graph)
+    assert ops["DynamicQuantizeMatMul"] >= 12  # the FFN and output projections (a few may be reverted)
+    feeds = tokenize(HELD_OUT, minilm_path(), [v.name for v in fp32_model.graph.inputs])
+    want = run(fp32_model, feeds)["sentence_embedding"]
+    got = run(int8_model, feeds, options={"graph_optimization_level": "ORT_ENABLE_ALL"})["sentence_embedding"]
+    cos = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
+
+
+def test_int8_minilm_manifest_budget_and_size(minilm_int8):
+    _, artifact, _ = minilm_int8
+    manifest = artifact.manifest
+    section = manifest["precision"]
+    assert section["calibration"]["samples"] == len(CALIBRATION) and len(section["calibration"]["sha256"]) == 64
+    assert section["max_drop"]["met"] and section["score"] >= 0.995
+    assert section["accuracy_vs_fp32"]["sentence_embedding"]["embedding"]
+    # every reverted node is float again, and the report says which
+    for name in section["max_drop"]["reverted"]:
+        assert name in section["passes"][0]["nodes"]
+    weights = manifest["weights"]
+    assert weights["bytes_after"] <= 0.3 * weights["bytes_before"]
+    assert manifest["verification"]["passed"]
