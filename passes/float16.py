@@ -179,9 +179,11 @@ class ConvertFloat16(ir.passes.InPlacePass):
                 calibration = load_calibration(calibration, model)
             ranges = collect_ranges(model, names, calibration, calibrator="minmax", progress=self.progress)
 
+        renamed = False
         for i, node in enumerate(graph):
-            if not node.name:
+            if not node.name:  # the report names every node kept in float32
                 node.name = f"{node.op_type}_{i}"
+                renamed = True
         decisions: dict[ir.Node, bool] = {}
         kept = []
         for node in graph:
@@ -259,4 +261,4 @@ class ConvertFloat16(ir.passes.InPlacePass):
             "kept_float32": kept,
             "clamped_constants": clamped,
         }
-        return ir.passes.PassResult(model, bool(converted or clamped))
+        return ir.passes.PassResult(model, bool(converted or clamped or renamed))

@@ -176,8 +176,9 @@ class Quantize(ir.passes.InPlacePass):
             key = op_key(node)
             if key not in self.placement or key in self.exclude_ops or node.op_type in self.exclude_ops:
                 continue
-            if not node.name or node.name in seen:
+            if not node.name or node.name in seen:  # records and reverts find nodes by name
                 node.name = f"{node.op_type}_{i}" if not node.name else f"{node.name}_{i}"
+                self._renamed = True
             seen.add(node.name)
             if node.name in self.exclude_nodes:
                 self.report.setdefault("excluded_by_option", []).append(node.name)
@@ -188,6 +189,7 @@ class Quantize(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.quantized = {}
         self.report = {"mode": self.mode}
+        self._renamed = False
         graph = model.graph
         candidates = self._candidates(graph)
         for node in [n for n in candidates if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
@@ -210,7 +212,7 @@ class Quantize(ir.passes.InPlacePass):
             model.opset_imports.setdefault(MS, 1)
         self.report["quantized"] = len(self.quantized)
         self.report["nodes"] = sorted(self.quantized)
-        return ir.passes.PassResult(model, bool(self.quantized))
+        return ir.passes.PassResult(model, bool(self.quantized) or self._renamed)
 
     def _skip(self, why: str, node: ir.Node) -> None:
         self.report.setdefault("skipped", {}).setdefault(why, []).append(node.name)
