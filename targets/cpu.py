@@ -64,7 +64,6 @@ CPU_LOWERING = (
         },
     ),
     PassSpec("dedup-initializers"),
-    PassSpec("dedup-derived"),
     PassSpec("remove-dead"),
 )
 
@@ -73,7 +72,9 @@ CPU_FP32 = Target(
     description="onnxruntime CPU EP, fp32: canonicalized graph, attention fused (packed Attention, else MultiHeadAttention)",
     providers=(Provider("CPUExecutionProvider"),),
     precision="fp32",
-    passes=CLEANUP + FUSION + CPU_LOWERING,
+    # Semantic dedup last (fp32 only: a tied LM head read through FusedMatMul transB would stay
+    # fp32 under cpu-int8's MatMul quantization, so that target keeps the transposed copy to quantize).
+    passes=CLEANUP + FUSION + CPU_LOWERING + (PassSpec("dedup-derived"), PassSpec("remove-dead")),
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
 )
