@@ -140,6 +140,7 @@ class PipelineExecutor:
         max_in_flight: int | None = None,
         threads_per_stage: int | None = None,
         resources: Sequence[Mapping[str, float]] | None = None,
+        timeout_s: float | None = None,
     ):
         if executor not in ("local", "ray"):
             raise BadInputError(f"executor '{executor}': expected local or ray")
@@ -147,6 +148,7 @@ class PipelineExecutor:
             raise BadInputError("micro-batches must be at least 1")
         self.specs, self.input_names, self.output_names, options = _specs_from(source)
         self.kind = executor
+        self.timeout_s = timeout_s  # ray: how long to wait for actors and results (None: forever)
         self.micro_batches = micro_batches
         self.stats: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -214,7 +216,7 @@ class PipelineExecutor:
         for i, spec in enumerate(self.specs):
             opts = {"resources": dict(resources[i])} if resources and resources[i] else {}
             self._actors.append(actor_cls.options(**opts).remote(spec.source, spec.inputs, spec.outputs, spec.keep, dict(options), threads))
-        ray.get([a.ready.remote() for a in self._actors])
+        ray.get([a.ready.remote() for a in self._actors], timeout=self.timeout_s)
         self._max_in_flight = max_in_flight or len(self.specs) + 1
 
     def _run_ray(self, parts: list[dict]) -> list[dict]:
@@ -224,13 +226,13 @@ class PipelineExecutor:
         pending: list = []
         for part in parts:
             while len(pending) >= self._max_in_flight:
-                _, pending = ray.wait(pending, num_returns=1)
+                _, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
             ref = ray.put(part)
             for actor in self._actors:
                 ref = actor.run.remote(ref)  # resolved actor to actor; the driver holds only references
             finals.append(ref)
             pending.append(ref)
-        return ray.get(finals)
+        return ray.get(finals, timeout=self.timeout_s)
 
     def actor_nodes(self) -> list[str]:
         """The Ray node id of each stage actor (ray executor)."""
@@ -293,12 +295,14 @@ class _StageActor:
         return _run_stage(self.session, self.spec, env)
 
 
-def init_local_ray(num_cpus: int | None = None, temp_dir: str | None = None):
+def init_local_ray(num_cpus: int | None = None, temp_dir: str | None = None, resources: Mapping[str, float] | None = None):
     """Start a private Ray instance on loopback: own temp dir, no usage stats, no dashboard.
 
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is what keeps Ray's servers on 127.0.0.1 on
-    these machines (otherwise it binds to the host's network address); the node address is
-    checked after start.
+    these machines (otherwise it binds to the host's network address); Ray reads it when it
+    is imported, so it is set here before the import (set it yourself if Ray was imported
+    earlier). The node address is checked after start: anything but 127.0.0.1 shuts Ray
+    down and raises.
     """
     import tempfile
 
@@ -309,7 +313,7 @@ def init_local_ray(num_cpus: int | None = None, temp_dir: str | None = None):
     os.environ["RAY_TMPDIR"] = temp_dir
     import ray
 
-    context = ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+    context = ray.init(num_cpus=num_cpus, resources=dict(resources or {}), include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
                        configure_logging=False)
     address = context.address_info.get("node_ip_address")
     if address != "127.0.0.1":
