@@ -6,11 +6,12 @@ modes:
 
 * ``dynamic`` — onnxruntime CPU's run-time quantized kernels: ``MatMul(x, W)`` (+ a following
   bias ``Add``) becomes ``com.microsoft.DynamicQuantizeMatMul(x, Wq, scale, zero_point, bias)``;
-  activations are quantized per tensor by the kernel at run time; no calibration. Other placed ops
-  with constant weights (the packed ``com.microsoft.Attention``) get weight-only storage: the integer
-  weight behind a ``DequantizeLinear`` (onnxruntime's QAttention has no attention-bias input, which
-  is how tfgraph's lowering passes the mask, and its accuracy on MiniLM measured 0.970 vs 0.994
-  without it — see targets/cpu.py).
+  activations are quantized per tensor by the kernel at run time; no calibration. A packed
+  ``com.microsoft.Attention`` whose input (0) is placed has its Q/K/V projection moved out into one
+  ``DynamicQuantizeMatMul`` + ``Split`` + ``com.microsoft.MultiHeadAttention`` (onnxruntime's
+  QAttention has no attention-bias input, which is how tfgraph's lowering passes the mask). Other
+  placed ops with only constant inputs placed get weight-only storage: the integer weight behind a
+  ``DequantizeLinear`` (smaller, not faster: see targets/cpu.py).
 * ``static`` — ``QuantizeLinear``/``DequantizeLinear`` pairs: weights stored quantized behind a
   ``DequantizeLinear`` (per-channel on ``weight_axes``), activations behind a Q/DQ pair with a range
   from the calibration set (one pair per tensor, shared by its consumers).
@@ -200,6 +201,9 @@ class Quantize(ir.passes.InPlacePass):
             for node in candidates:
                 if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
                     self._dynamic_matmul(graph, node)
+                elif node.op_type == "Attention" and node.domain == MS and 0 in self.placement[op_key(node)]:
+                    if not self._dynamic_attention(graph, node):
+                        rest.append(node)
                 else:
                     rest.append(node)
             # Other placed ops (the packed Attention's weight): stored quantized behind a DequantizeLinear.
@@ -293,6 +297,54 @@ class Quantize(ir.passes.InPlacePass):
             graph.remove(old, safe=True)
         new.outputs[0].name = new_name
         self.quantized[node.name] = record
+
+    def _dynamic_attention(self, graph: ir.Graph, node: ir.Node) -> bool:
+        """Packed ``com.microsoft.Attention(x, W, b, attention_bias=...)`` with its input placed: the
+        Q/K/V projection moves out of the op into one ``DynamicQuantizeMatMul`` (per-column int8 packed
+        weight, bias folded in), split into Q, K, V for ``com.microsoft.MultiHeadAttention`` (which,
+        unlike QAttention, takes the attention bias)."""
+        allowed = {"num_heads", "scale", "qkv_hidden_sizes", "mask_filter_value"}
+        extra = set(node.attributes) - allowed
+        if extra or node.attributes.get_int("unidirectional", 0):
+            self._skip(f"attributes MultiHeadAttention lacks: {sorted(extra)}", node)
+            return False
+        inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+        if inputs[3] is not None or inputs[4] is not None or len(node.inputs) > 6:
+            self._skip("mask_index/past inputs", node)
+            return False
+        w = _const(inputs[1])
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
+            self._skip("packed weight is not a 2-D float32 constant", node)
+            return False
+        sizes = list(node.attributes["qkv_hidden_sizes"].value) if "qkv_hidden_sizes" in node.attributes else [w.shape[1] // 3] * 3
+        weight = self._weight(graph, node, 1, 1)
+        record = _record([node], node.outputs[0])
+        mm = ir.Node(MS, "DynamicQuantizeMatMul", [inputs[0], *weight, inputs[2]], name=f"{node.name}_qkv", num_outputs=1)
+        mm.outputs[0].name = f"{node.name}_qkv"
+        mm.outputs[0].dtype = ir.DataType.FLOAT
+        split_sizes = _initializer(graph, f"{node.name}_qkv_sizes", np.array(sizes, dtype=np.int64))
+        split = ir.Node("", "Split", [mm.outputs[0], split_sizes], attributes=[ir.AttrInt64("axis", -1)],
+                        name=f"{node.name}_split", num_outputs=3)
+        for value, tag in zip(split.outputs, "qkv"):
+            value.name = f"{node.name}_{tag}"
+            value.dtype = ir.DataType.FLOAT
+        mha_inputs = [*split.outputs, None, None, inputs[5]] if inputs[5] is not None else list(split.outputs)
+        attrs = [ir.AttrInt64("num_heads", node.attributes.get_int("num_heads"))]
+        if "scale" in node.attributes:
+            attrs.append(ir.AttrFloat32("scale", node.attributes.get_float("scale")))
+        if "mask_filter_value" in node.attributes:
+            attrs.append(ir.AttrFloat32("mask_filter_value", node.attributes.get_float("mask_filter_value")))
+        mha = ir.Node(MS, "MultiHeadAttention", mha_inputs, attributes=attrs, name=node.name, num_outputs=1)
+        old = node.outputs[0]
+        mha.outputs[0].dtype = ir.DataType.FLOAT
+        mha.outputs[0].shape = old.shape
+        graph.insert_before(node, [mm, split, mha])
+        ir.convenience.replace_all_uses_with(old, mha.outputs[0], replace_graph_outputs=True)
+        name = old.name
+        graph.remove(node, safe=True)
+        mha.outputs[0].name = name
+        self.quantized[node.name] = record
+        return True
 
     # -- static (QDQ) -----------------------------------------------------------------------
     def _static(self, model: ir.Model, candidates: list[ir.Node], weights_only: bool = False) -> None:

@@ -81,22 +81,26 @@ CPU_FP32 = Target(
 
 # --- int8 -------------------------------------------------------------------------------------
 # Measured on a 2-core AMD EPYC (AVX2, no VNNI/AMX), onnxruntime 1.32, all-MiniLM-L6-v2 real weights
-# compiled by cpu-fp32, 64 real sentences for the sentence-embedding cosine, b8 s128 latency
-# (medians of 4-6 interleaved rounds on a shared, loaded machine: ±15%):
-#   fp32 0.92-1.10 s; onnxruntime quantize_dynamic defaults 0.75 s at cosine 0.940 (it also
-#   quantizes the packed Attention into QAttention, per-tensor); MatMul-only per-channel s8
-#   0.81-0.86 s at 0.9944; MatMul+Attention per-channel 0.77 s at 0.970 (QAttention hurts);
-#   u8 weights 0.86-1.02 s at 0.974/0.9947 (no faster: without VNNI u8u8 takes the slow path).
-# So cpu-int8 is *dynamic* (activations quantized per tensor by DynamicQuantizeMatMul at run time,
-# no calibration needed for the kernels), weights int8 symmetric per output column (u8 x s8 is
-# onnxruntime's fast CPU pair), the packed Attention's weight stored int8 per column behind a
-# DequantizeLinear (QAttention has no attention-bias input, which is how lower-attention passes
-# the mask, and measured less accurate), embedding tables int8 per row (gathered, then scaled):
-# 23.0 MB vs 90.5 MB fp32. Quantization runs after lowering so the packed Attention still forms.
-# The sentence-embedding cosine of this recipe (0.994) is just under the 0.995 budget: compile's
-# max-drop loop (min_cosine below) reverts the most harmful MatMuls to float until it holds.
-# Static QDQ measured slower and less accurate on onnxruntime CPU (MEASUREMENTS.md: 60-81 ms at
-# 0.76-0.95 vs 68 ms at 0.993 on the AMX Xeon); its placement is in INT8_QDQ_SCHEMES below as data.
+# compiled by cpu-fp32, 64 real sentences for the sentence-embedding cosine; medians of 5-10
+# interleaved rounds on a shared, heavily loaded machine (±15%), b1 s128 (b8 s128 in brackets):
+#   fp32 329 ms (1874); onnxruntime quantize_dynamic defaults 205 ms (1408) at cosine 0.940 (it
+#   turns the packed Attention into QAttention with per-tensor weights); MatMul-only per-channel
+#   265 ms (1628) at 0.994; static QDQ per-channel 0.85 (MiniLM, 16 calibration sentences).
+#   tfgraph dynamic MatMul + int8 embeddings, Attention left fp32: 253 ms (1566) at 0.9945;
+#   + the Attention's packed weight stored int8 behind a DequantizeLinear: 339 ms (slower than
+#   fp32 there: the weight is no longer a constant onnxruntime can prepack);
+#   + the Attention's Q/K/V projection moved out into one DynamicQuantizeMatMul + Split +
+#   MultiHeadAttention (which, unlike QAttention, takes the attention bias): 210 ms (1464) at 0.993.
+#   Weight types: u8 weights (u8u8 kernel) ~9% slower, no more accurate; 7-bit weights
+#   (reduce_range, against u8 x s8 int16 saturation without VNNI) 0.9936 vs 0.9942: not used.
+# So cpu-int8 is *dynamic* (activations quantized per tensor by the kernel at run time: no
+# calibration is needed for the kernels, only for the accuracy budget), weights int8 symmetric
+# per output column, the packed Attention's projection quantized as above, embedding tables int8
+# per row (rows gathered, then scaled): 23 MB vs 90.5 MB fp32. Quantization runs after lowering so
+# the Q/K/V packing is found by the fp32 pipeline. The cosine of this recipe (0.993) is under the
+# 0.995 budget: compile's max-drop loop (min_cosine below) reverts the most harmful nodes to float
+# until it holds. Static QDQ measured less accurate and no faster on onnxruntime CPU (also on the
+# AMX Xeon in MEASUREMENTS.md); its placement lives in INT8_QDQ_SCHEMES below as data.
 CPU_INT8_SCHEME = Quantization(
     mode="dynamic",
     activation_type="uint8",
@@ -104,15 +108,17 @@ CPU_INT8_SCHEME = Quantization(
     activation_symmetric=False,
     weight_symmetric=True,
     per_channel=True,
-    placement={"MatMul": (0, 1), "com.microsoft.Attention": (1,), "Gather": (0,)},
+    placement={"MatMul": (0, 1), "com.microsoft.Attention": (0, 1), "Gather": (0,)},
     weight_axes={"MatMul": {1: 1}, "com.microsoft.Attention": {1: 1}, "Gather": {0: 0}},
     reason="measured fastest accurate recipe on onnxruntime CPU (see targets/cpu.py)",
+    # Reverted nodes compute in float32 from float16-stored weights (the artifact stays small).
+    revert_weights_float16=True,
 )
 
 CPU_INT8 = Target(
     name="cpu-int8",
-    description="onnxruntime CPU EP, int8: cpu-fp32's graph, MatMul weights int8 per channel with dynamic "
-    "activation quantization (DynamicQuantizeMatMul), int8 packed-attention and embedding weights",
+    description="onnxruntime CPU EP, int8: cpu-fp32's graph, MatMul and packed Q/K/V weights int8 per channel "
+    "with dynamic activation quantization (DynamicQuantizeMatMul), int8 embeddings",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int8",
     passes=CLEANUP + FUSION + CPU_LOWERING + (

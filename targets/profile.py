@@ -68,6 +68,9 @@ class Quantization:
     # Weights use one bit less (int8: [-64, 63]): u8 x s8 pair products then cannot saturate the
     # int16 accumulator of AVX2/AVX-512 kernels without VNNI (VPMADDUBSW).
     reduce_range: bool = False
+    # What the max-drop loop reverts a harmful node to: float compute with its weights stored in
+    # float16 behind a Cast (True: keeps the artifact small), or plain float32 (False).
+    revert_weights_float16: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "placement", _freeze({k: tuple(v) for k, v in self.placement.items()}))
@@ -91,7 +94,7 @@ class Quantization:
         }
 
     def to_json(self) -> dict:
-        return {**self.to_options(), "reason": self.reason}
+        return {**self.to_options(), "revert_weights_float16": self.revert_weights_float16, "reason": self.reason}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -381,7 +381,23 @@ def test_cli_compile_cpu_int8_max_drop(cli, mlp_path, tmp_path):
     section = manifest["precision"]
     assert section["calibration"]["source"] == "generated" and any("generated" in w for w in manifest["warnings"])
     budget = section["max_drop"]
-    assert budget["met"] and budget["max_drop"] == 0.0 and sorted(budget["reverted"]) == sorted(section["passes"][0]["nodes"])
-    assert budget["final_score"] == pytest.approx(1.0, abs=1e-6)
+    # A zero budget reverts every quantized node; cpu-int8 reverts to float compute on float16-stored
+    # weights, so even then the budget is not met exactly, and the manifest says so.
+    assert budget["max_drop"] == 0.0 and sorted(budget["reverted"]) == sorted(section["passes"][0]["nodes"])
+    assert not budget["met"] and any("budget not met" in w for w in manifest["warnings"])
+    assert 0.9999 < budget["final_score"] < 1.0
     compiled = ir.load(out / "model.onnx")
-    assert not any(n.op_type == "DynamicQuantizeMatMul" for n in compiled.graph)
+    ops = [n.op_type for n in compiled.graph]
+    assert "DynamicQuantizeMatMul" not in ops and ops.count("MatMul") >= 2
+    assert all(n.inputs[1].producer().op_type == "Cast" for n in compiled.graph if n.op_type == "MatMul")
+
+
+def test_max_drop_revert_with_float16_weights():
+    model, records, evaluate = _budget_setup()
+    report = precision.budget(model, records, evaluate, 1e-4, weights_float16=True)
+    assert report["met"] and report["reverted"][0] == "mm2"
+    mm2 = next(n for n in model.graph if n.name == "mm2")
+    assert mm2.op_type == "MatMul"
+    cast = mm2.inputs[1].producer()
+    assert cast.op_type == "Cast" and cast.inputs[0].const_value.dtype == ir.DataType.FLOAT16
+    assert "W2" not in model.graph.initializers  # the float32 weight is not stored

@@ -200,7 +200,9 @@ def _finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
     budget_value = max_drop if max_drop is not None else (1.0 - profile.min_cosine if profile.min_cosine is not None else None)
     budget_report = None
     if budget_value is not None and records:
-        budget_report = precision.budget(model_ir, records, evaluate, budget_value, progress=progress)
+        half = bool(profile.quantization is not None and profile.quantization.revert_weights_float16)
+        budget_report = precision.budget(model_ir, records, evaluate, budget_value, weights_float16=half,
+                                         progress=progress)
     acc = evaluate(model_ir)
     warnings = list(state["notes"])
     if budget_report is not None and not budget_report["met"]:

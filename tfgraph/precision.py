@@ -63,10 +63,15 @@ def score(report: Mapping[str, dict]) -> float:
     return min((r["cosine"] for r in report.values()), default=1.0)
 
 
-def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[str]) -> list[str]:
+def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[str], *,
+                 weights_float16: bool = False) -> list[str]:
     """Rebuild the float nodes of the quantized nodes ``names`` (``records``: the quantize pass's
     ``quantized``), in place; returns the names reverted. Leftover integer weights and Q/DQ nodes
-    that no longer feed anything are removed."""
+    that no longer feed anything are removed. With ``weights_float16``, 2-D weights of reverted
+    nodes other than Gather are stored as float16 behind a ``Cast`` to float (onnxruntime folds the
+    Cast at load: float compute, half the bytes; a weight-only ``DequantizeLinear`` was rewritten
+    back into integer compute by onnxruntime's QDQ fusions, so it is not used)."""
+
     graph = model.graph
     done = []
     for name in names:
@@ -81,7 +86,7 @@ def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[s
                 values[out.name] = out
         # Where the output goes: the quantized node's output (static QDQ keeps the same node).
         target_out = values[record["output"]]
-        new_nodes = []
+        new_nodes, main_nodes = [], []
         local: dict[str, ir.Value] = {}
         for entry in record["nodes"]:
             inputs = []
@@ -91,7 +96,22 @@ def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[s
                 elif input_name in local:
                     inputs.append(local[input_name])
                 elif input_name in record["weights"]:
-                    if input_name in graph.initializers:
+                    array = record["weights"][input_name]
+                    if weights_float16 and entry["op_type"] != "Gather" and array.ndim == 2:
+                        half_name = f"{input_name}_float16"
+                        if half_name not in graph.initializers:
+                            half = np.clip(array, -65504, 65504).astype(np.float16)
+                            graph.register_initializer(ir.Value(
+                                name=half_name, shape=ir.Shape(half.shape), type=ir.TensorType(ir.DataType.FLOAT16),
+                                const_value=ir.tensor(half, name=half_name)))
+                        cast = ir.Node("", "Cast", [graph.initializers[half_name]],
+                                       attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
+                                       name=f"{name}__cast_{input_name}", num_outputs=1)
+                        cast.outputs[0].name = f"{input_name}__{name}_float"
+                        cast.outputs[0].dtype = ir.DataType.FLOAT
+                        new_nodes.append(cast)
+                        inputs.append(cast.outputs[0])
+                    elif input_name in graph.initializers:
                         inputs.append(graph.initializers[input_name])
                     else:
                         array = record["weights"][input_name]
@@ -103,21 +123,22 @@ def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[s
                 else:
                     inputs.append(values[input_name])
             node = ir.Node(entry["domain"], entry["op_type"], inputs, attributes=list(entry["attributes"].values()),
-                           name=f"{name}__float{len(new_nodes)}", num_outputs=1)
+                           name=f"{name}__float{len(main_nodes)}", num_outputs=1)
             node.outputs[0].dtype = ir.DataType.FLOAT
             node.outputs[0].name = entry["output"] + "__float"
             local[entry["output"]] = node.outputs[0]
             new_nodes.append(node)
+            main_nodes.append(node)
         graph.insert_before(quantized, new_nodes)
-        final = new_nodes[-1].outputs[0]
+        final = main_nodes[-1].outputs[0]
         final.shape = target_out.shape
         ir.convenience.replace_all_uses_with(target_out, final, replace_graph_outputs=True)
         producer = target_out.producer()
         out_name = target_out.name
-        if producer is not None and producer is not new_nodes[-1]:
+        if producer is not None and producer is not main_nodes[-1]:
             graph.remove(producer, safe=True)
         final.name = out_name
-        new_nodes[0].name = name
+        main_nodes[0].name = name
         done.append(name)
     _remove_dead(graph)
     return done
@@ -146,6 +167,7 @@ def budget(
     evaluate: Callable[[ir.Model], dict],
     max_drop: float,
     *,
+    weights_float16: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Revert quantized nodes to float until ``1 - score(evaluate(model)) <= max_drop``.
@@ -164,16 +186,17 @@ def budget(
         if progress:
             progress("max-drop: rank quantized nodes", i, len(names))
         copy = _copy(model)
-        revert_nodes(copy, records, [name])
+        revert_nodes(copy, records, [name], weights_float16=weights_float16)
         gains[name] = float(score(evaluate(copy)) - start)
     order = sorted(names, key=lambda n: -gains[n])
     reverted, current = [], start
     for name in order:
         if 1.0 - current <= max_drop:
             break
-        revert_nodes(model, records, [name])
+        revert_nodes(model, records, [name], weights_float16=weights_float16)
         reverted.append(name)
         current = float(score(evaluate(model)))
         history.append({"reverted": name, "gain_alone": gains[name], "score": current})
     return {"max_drop": max_drop, "initial_score": start, "final_score": current, "reverted": reverted,
+            "reverted_weights": "float16 storage, float compute" if weights_float16 else "float",
             "steps": history, "met": bool(1.0 - current <= max_drop)}
