@@ -277,8 +277,12 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
             outputs = await state["batcher"].submit(feeds)
         except BadInputError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
-        except Exception as e:  # an onnxruntime failure on a validated request: report, keep serving
-            return JSONResponse({"error": f"inference failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"}, status_code=500)
+        except Exception as e:
+            # onnxruntime refusing a request that fits the signature is a limit of the model (e.g. a sequence
+            # longer than its position table): the request's fault, 422. Anything else is ours: 500.
+            status = 422 if type(e).__module__.startswith("onnxruntime") else 500
+            return JSONResponse({"error": f"the model cannot run this input: {type(e).__name__}: {' '.join(str(e).split())[:300]}"},
+                                status_code=status)
         if NPZ in request.headers.get("accept", ""):
             buf = io.BytesIO()
             np.savez(buf, **outputs)
