@@ -104,6 +104,9 @@ class ConvertFloat16(ir.passes.InPlacePass):
 
     # -- 3. decisions -----------------------------------------------------------------------
     def _reason(self, node: ir.Node, ranges: dict[str, tuple[float, float]]) -> str | None:
+        unknown = [v.name for v in [*node.inputs, *node.outputs] if v is not None and v.dtype is None]
+        if unknown:
+            return f"element type of {unknown[0]!r} unknown (cannot tell float from integer)"
         if node.op_type in self.keep_ops:
             return f"{node.op_type} kept in float32 by option"
         if node.name in self.exclude_nodes:

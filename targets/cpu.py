@@ -126,9 +126,12 @@ CPU_INT8 = Target(
         PassSpec("dedup-initializers"),  # the per-column zero points (all 0) of same-width weights
         PassSpec("remove-dead"),
     ),
-    # Verification of the passes after quantization and of the final session against the quantized
-    # graph; the change against fp32 is the accuracy report's (min_cosine).
-    tolerance=Tolerance(atol=2e-2, rtol=2e-2),
+    # Element-wise checks after quantization (each pass, and the final ORT_ENABLE_ALL session) are
+    # against the quantized graph run unoptimized: they catch broken graphs, not int8 error. Run-time
+    # activation quantization makes them loose: a fusion that changes float rounding flips quantization
+    # levels, measured up to 0.1 on MiniLM hidden states (|x| up to ~10). The change against fp32 is
+    # the accuracy report's business (min_cosine, max-drop).
+    tolerance=Tolerance(atol=0.25, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=CPU_INT8_SCHEME,
     min_cosine=0.995,
