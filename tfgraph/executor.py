@@ -234,6 +234,12 @@ class PipelineExecutor:
             pending.append(ref)
         return ray.get(finals, timeout=self.timeout_s)
 
+    def actor_cpu_seconds(self) -> float:
+        """Total CPU seconds of the stage actors' processes (ray executor)."""
+        import ray
+
+        return float(sum(ray.get([a.cpu_seconds.remote() for a in self._actors])))
+
     def actor_nodes(self) -> list[str]:
         """The Ray node id of each stage actor (ray executor)."""
         import ray
@@ -293,6 +299,10 @@ class _StageActor:
 
     def run(self, env):
         return _run_stage(self.session, self.spec, env)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this actor's process (for benchmarks: Ray actors run outside the driver)."""
+        return time.process_time()
 
 
 def init_local_ray(num_cpus: int | None = None, temp_dir: str | None = None, resources: Mapping[str, float] | None = None):
