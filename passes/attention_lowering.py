@@ -234,8 +234,9 @@ WINDOW_LOWERINGS = ("blocked", "auto")
 
 
 def _window_applies(node: ir.Node) -> bool:
-    """An exactly banded block (``classify-attention-masks`` kind ``window``) with static heads and head size."""
-    if node.attributes.get_string("mask_kind", "bias") != "window":
+    """An exactly banded or block-diagonal block (``classify-attention-masks`` kinds ``window``,
+    ``blocks``) with static heads and head size."""
+    if node.attributes.get_string("mask_kind", "bias") not in ("window", "blocks"):
         return False
     return _heads_and_size(node) is not None and is_self_attention(node)
 
@@ -303,7 +304,13 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     run time with an ``If`` on it. Returns the nodes, the output and the form chosen."""
     q, k, v, _ = node.inputs
     heads, size = _heads_and_size(node)
-    left, right = node.attributes.get_int("window_left"), node.attributes.get_int("window_right")
+    own_block = node.attributes.get_string("mask_kind") == "blocks"
+    if own_block:  # block-diagonal: tiles of the block size, always blocked (O(S·block) at every length)
+        block = node.attributes.get_int("block_size")
+        left = right = block - 1
+        mode = "blocked"
+    else:
+        left, right = node.attributes.get_int("window_left"), node.attributes.get_int("window_right")
     global_tokens = node.attributes.get_int("global_tokens", 0)
     block = block or default_block(left, right)
     padding = _key_padding(graph, node)
@@ -320,7 +327,8 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     def long_form(nodes):
         return blocked.blocked_attention(nodes, q, k, v, scale=scale, left=left, right=right, block=block,
                                          heads=heads, head_size=size, key_padding=padding, kernel=kernel,
-                                         global_tokens=global_tokens, prefix=f"{stem}/blocked")
+                                         global_tokens=global_tokens, own_block_only=own_block,
+                                         prefix=f"{stem}/blocked")
 
     def short_form(nodes):
         return _window_small(nodes, node, q, k, v, heads, size, left, right, padding, global_tokens)

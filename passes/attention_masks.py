@@ -20,6 +20,8 @@ aligned diagonal ``j - i <= T - S``, so cached keys count as visible):
 * ``window``: exactly a band, ``-left <= j - i - (T - S) <= right`` (``window_left``,
   ``window_right`` attributes; ``right == 0`` is causal with a sliding window).
 * ``window_bias``: the band is masked as above, plus more (padding).
+* ``blocks``: block-diagonal (Swin-like local windows): a query sees exactly the keys of its
+  own block of ``block_size`` positions.
 * ``bias``: anything else; stays a general additive bias.
 
 When the extra masking of a ``*_bias`` kind is exactly the zeros of a ``(batch, keys)``
@@ -186,6 +188,50 @@ def classify(biases: list[np.ndarray]) -> dict:
     return {"kind": "bias"}
 
 
+def _same_block(s: int, w: int) -> np.ndarray:
+    positions = np.arange(s)
+    return (positions[:, None] // w) == (positions[None, :] // w)
+
+
+def classify_blocks(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]]) -> dict | None:
+    """Block-diagonal masks (Swin-like local windows: a query sees the keys of its own block of
+    ``w`` positions), optionally combined with a padding input: ``{"kind": "blocks",
+    "block_size": w[, "key_padding": name]}``, or None."""
+    size = None
+    for raw in biases:
+        bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
+        s, t = bias.shape[-2:]
+        if s != t or np.isnan(bias).any():
+            return None
+        visible = (bias > MASKED).reshape(-1, s, t).any(axis=0)  # padding only removes keys
+        w = int(visible[0].sum())
+        if size not in (None, w) and w < s:
+            return None
+        if w < s:
+            size = w
+    if size is None or size < 1:
+        return None
+    for name in [None] + sorted(set.intersection(*(set(p) for p in paddings)) if paddings else []):
+        for raw, pads in zip(biases, paddings or [{}] * len(biases)):
+            bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
+            s = bias.shape[-1]
+            expected = _same_block(s, size)[None, None]
+            if name is not None:
+                keys = np.asarray(pads[name]) != 0
+                if keys.shape != (bias.shape[0] if bias.shape[0] > 1 else keys.shape[0], s):
+                    break
+                expected = expected & keys[:, None, None, :]
+            masked = bias <= MASKED
+            shape = np.broadcast_shapes(masked.shape, expected.shape)
+            if not np.array_equal(np.broadcast_to(masked, shape), np.broadcast_to(~expected, shape)):
+                break
+            if not np.all(bias[~masked] == 0):
+                break
+        else:
+            return {"kind": "blocks", "block_size": size, **({"key_padding": name} if name else {})}
+    return None
+
+
 def explain_padding(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]], kind: dict) -> str | None:
     """The name of the (batch, keys) input whose zeros, combined with ``kind``'s band, are
     exactly the masked entries of every probe's bias (visible entries exactly 0); or None."""
@@ -253,6 +299,8 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
         kinds = {}
         for value, result in zip(values, results):
             kind = classify(result) if result else {"kind": "bias"}
+            if kind["kind"] in ("bias", "window_bias") and result:  # block-diagonal fits inside a band
+                kind = classify_blocks(result, paddings) or kind
             padding = explain_padding(result, paddings, kind)
             if padding is not None:  # structure + the key padding of a (batch, keys) input, exactly
                 base = "padding" if kind["kind"] == "bias" else kind["kind"].removesuffix("_bias")
@@ -260,9 +308,10 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
             kinds[id(value)] = kind
         if unprobed:  # structure not confirmed at every size the model may run: keep the bias in the op
             for kind in kinds.values():
-                if kind["kind"] in ("causal", "window", "padding"):
-                    kind["kind"] = "bias" if kind["kind"] == "padding" else kind["kind"] + "_bias"
+                if kind["kind"] in ("causal", "window", "padding", "blocks"):
+                    kind["kind"] = "bias" if kind["kind"] in ("padding", "blocks") else kind["kind"] + "_bias"
                     kind.pop("key_padding", None)
+                    kind.pop("block_size", None)
         counts: dict[str, int] = {}
         modified = False
         for node in nodes:
@@ -272,7 +321,7 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
             if kind["kind"] == "bias":
                 continue
             node.attributes["mask_kind"] = ir.AttrString("mask_kind", kind["kind"])
-            for key in ("window_left", "window_right"):
+            for key in ("window_left", "window_right", "block_size"):
                 if key in kind:
                     node.attributes[key] = ir.AttrInt64(key, kind[key])
             if "key_padding" in kind:

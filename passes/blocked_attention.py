@@ -93,11 +93,15 @@ def blocked_attention(
     head_size: int,
     key_padding: ir.Value | None = None,
     global_tokens: int = 0,
+    own_block_only: bool = False,
     kernel: str = "standard",
     prefix: str = "blocked",
 ) -> ir.Value:
     """Attention of (B, S, N·H) ``q``/``k``/``v`` under the band ``-left <= j - i <= right``
     (and ``key_padding``, (B, S), nonzero = visible), output (B, S, N·H).
+
+    ``own_block_only``: block-diagonal attention (Swin-like local windows): query block ``t``
+    sees exactly key block ``t`` (pass ``left = right = block - 1``).
 
     ``global_tokens=g`` (Longformer/BigBird-style): the first ``g`` keys are visible to
     every query (to every later one when the band is causal, ``right == 0``); they join
@@ -114,8 +118,9 @@ def blocked_attention(
     if kernel not in KERNELS:
         raise ValueError(f"unknown blocked-attention kernel {kernel!r}")
     b = _Builder(nodes, prefix)
-    before = math.ceil(left / block)
-    after = math.ceil(right / block)
+    # own_block_only: block-diagonal attention (Swin-like), each tile sees its own block only.
+    before = 0 if own_block_only else math.ceil(left / block)
+    after = 0 if own_block_only else math.ceil(right / block)
     count = before + 1 + after
     width = count * block
     hidden = heads * head_size

@@ -74,3 +74,29 @@ def test_blocked_matches_dense_reference(kernel, left, right, block, length, pad
     np.testing.assert_allclose(got["y"][rows], want[rows], atol=2e-6, rtol=1e-5)
     assert np.array_equal(np.broadcast_to(got["mask"] == 0, visible.shape), visible)
     assert np.all(got["mask"][got["mask"] != 0] == np.finfo(np.float32).min)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("length", [12, 14, 3])
+def test_own_block_only_is_block_diagonal(kernel, length):
+    """Swin-like local windows: a query sees exactly the keys of its own block (last block partial)."""
+    block = 4
+    width = HEADS * HEAD_SIZE
+    q, k, v = (ir.Value(name=n, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "S", width])) for n in "qkv")
+    nodes: list[ir.Node] = []
+    out = blocked_attention(nodes, q, k, v, scale=0.3, left=block - 1, right=block - 1, block=block, heads=HEADS,
+                            head_size=HEAD_SIZE, own_block_only=True, kernel=kernel)
+    out.name = "y"
+    model = ir.Model(ir.Graph([q, k, v], [out], nodes=nodes, opset_imports={"": 18, "com.microsoft": 1}), ir_version=9)
+    rng = np.random.default_rng(1)
+    x = {n: rng.standard_normal((2, length, width)).astype(np.float32) for n in "qkv"}
+    got = verify.run(model, x)["y"]
+    b, s, d = x["q"].shape
+    split = lambda t: t.reshape(b, s, HEADS, HEAD_SIZE).transpose(0, 2, 1, 3)  # noqa: E731
+    positions = np.arange(s)
+    visible = (positions[:, None] // block) == (positions[None, :] // block)
+    scores = np.where(visible, split(x["q"]) @ split(x["k"]).transpose(0, 1, 3, 2) * 0.3, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = (probs @ split(x["v"])).transpose(0, 2, 1, 3).reshape(b, s, d)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)

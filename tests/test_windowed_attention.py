@@ -158,3 +158,51 @@ def test_manifest_reports_padded_positions(tmp_path, exports):
     artifact = tfgraph.compile(raw, _target(blocked_min_sequence=CROSSOVER), output=tmp_path / "out")
     verification = json.loads((tmp_path / "out" / "manifest.json").read_text())["verification"]
     assert verification["passed"] and verification["padded_positions_excluded"] > 0
+
+
+def _block_diagonal_export(path, exporter: str, block: int = 4):
+    """A one-layer encoder whose mask is block-diagonal (Swin-like local windows of ``block``
+    tokens, computed from positions) combined with key padding."""
+    import torch
+
+    class LocalBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(50, 16)
+            self.qkv = torch.nn.Linear(16, 48)
+            self.out = torch.nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            b, s, _ = x.shape
+            q, k, v = (t.reshape(b, s, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, dim=-1))
+            positions = torch.arange(s)
+            same = (positions[:, None] // block) == (positions[None, :] // block)
+            keys = attention_mask[:, None, None, :].bool()
+            minimum = torch.finfo(x.dtype).min
+            bias = torch.where(same[None, None] & keys, 0.0, minimum)
+            probs = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5 + bias, dim=-1)
+            return self.out((probs @ v).transpose(1, 2).reshape(b, s, 16))
+
+    ids = torch.randint(0, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.int64)
+    kwargs = dict(input_names=["input_ids", "attention_mask"], output_names=["y"])
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2)
+        torch.onnx.export(LocalBlocks().eval(), (ids, mask), path, dynamo=True, **kwargs,
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+    else:
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        torch.onnx.export(LocalBlocks().eval(), (ids, mask), path, dynamo=False, dynamic_axes=axes, opset_version=18,
+                          **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_block_diagonal_local_windows(tmp_path, exporter):
+    raw = _block_diagonal_export(tmp_path / "blocks.onnx", exporter)
+    artifact = tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out")
+    assert _report(artifact.manifest, "classify-attention-masks") == {"blocks+padding(attention_mask)": 1}
+    assert _report(artifact.manifest, "lower-attention")["window:blocked"] == 1
+    _check_against_export(raw, tmp_path / "out" / "model.onnx", lengths=(4, 9, 16, 30))
