@@ -140,10 +140,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these (tfgraph cpu-fp32 always)")
     parser.add_argument("--out", default=str(RESULTS / "window_cpu"))
     args = parser.parse_args()
 
     started = time.time()
+    if args.variants:
+        for name in [n for n in VARIANTS if n not in args.variants and n not in ("tfgraph cpu-fp32", "dense unfused")]:
+            del VARIANTS[name]
     built = {name: build(name) for name in VARIANTS}
     rows = []
     # Exactness first: every exact variant against the dense unfused definition.
@@ -159,7 +163,7 @@ def main() -> None:
 
     for batch in args.batch:
         for seq in args.seq:
-            names = [n for n in VARIANTS if not (n == "dense unfused" and seq > DENSE_UNFUSED_MAX)]
+            names = [n for n in VARIANTS if not (n == "dense unfused" and (seq > DENSE_UNFUSED_MAX or args.variants))]
             sessions = {n: session(built[n], args.threads) for n in names}
             inputs = feeds(batch, seq)
             for _ in range(args.warmup):
@@ -189,7 +193,8 @@ def main() -> None:
     memory = {}
     if not args.no_memory:
         for seq in args.seq:
-            for n in ("tfgraph cpu-fp32", "GQA local_window_size", "GQA causal (no window)", "MHA + dense band mask"):
+            for n in [v for v in ("tfgraph cpu-fp32", "GQA local_window_size", "GQA causal (no window)",
+                                  "MHA + dense band mask") if v in VARIANTS]:
                 memory[f"{n} @ S={seq}"] = peak_memory(n, 1, seq)
                 print(f"peak memory {n} S={seq}: {memory[f'{n} @ S={seq}'] / 2**20:.0f} MiB", flush=True)
 
