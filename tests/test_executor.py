@@ -86,25 +86,32 @@ def test_run_cli(pipelines, tmp_path, cli):
     assert cli("run", dst, "--inputs", tmp_path / "missing.npz").code == 2
 
 
-def test_ray_executor_on_loopback(pipelines, cli, tmp_path):
-    """A private local Ray instance on 127.0.0.1; stage actors placed by custom resources; same outputs as local."""
-    from tfgraph.executor import init_local_ray
-
+def test_ray_executor_two_nodes_on_loopback(pipelines, cli, tmp_path):
+    """Two Ray nodes (ray.cluster_utils.Cluster) on 127.0.0.1, one stage actor on each by custom resources;
+    the Ray executor returns what the whole model and the local executor return."""
     temp = tempfile.mkdtemp(prefix="tfgraph-ray-test-")
-    # Ray reads these when it is imported: set them first.
+    os.makedirs(os.path.join(temp, "ray"))  # Ray records the cluster address under RAY_TMPDIR/ray
+    # Ray reads these when it is imported: set them first (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps it on loopback).
     env = {"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = None
     try:
-        context = init_local_ray(num_cpus=2, temp_dir=temp, resources={"stage0": 1, "stage1": 1})
-        assert context.address_info["node_ip_address"] == "127.0.0.1"
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "resources": {"stage0": 1}, "include_dashboard": False, "temp_dir": temp})
+        cluster.add_node(num_cpus=1, resources={"stage1": 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert cluster.address.startswith("127.0.0.1:")
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        assert context.address_info["gcs_address"].startswith("127.0.0.1:")
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         src, dst, feeds, ref = pipelines["gpt-small"]
         with tfgraph.PipelineExecutor(dst, executor="ray", resources=[{"stage0": 1}, {"stage1": 1}], max_in_flight=2,
                                       timeout_s=120) as ex, tfgraph.PipelineExecutor(dst) as local:
-            assert len(ex.actor_nodes()) == 2
+            assert len(set(ex.actor_nodes())) == 2  # one stage per node
             for m in (1, 3):
                 got = ex.run(feeds, micro_batches=m)
                 _close(ref, got)
@@ -117,6 +124,8 @@ def test_ray_executor_on_loopback(pipelines, cli, tmp_path):
             _close(ref, {k: data[k] for k in data.files})
     finally:
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
