@@ -200,13 +200,21 @@ def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, em
                                     "budget_score": prec["score"]}
     if fp16:
         log(f"{tag}: compile cpu-fp32 + convert-float16")
-        art16 = tfgraph.compile(str(source), "cpu-fp32", output=work / "fp16", force=True,
-                                extra_passes=["convert-float16"], calibration=calibration)
-        variants["tfgraph fp16 (accuracy only)"] = {
-            "path": work / "fp16" / "model.onnx",
-            "kept_float32": len(art16.manifest["precision"]["passes"][0]["kept_float32"]),
-            "converted": art16.manifest["precision"]["passes"][0]["converted_nodes"],
-        }
+        try:
+            art16 = tfgraph.compile(str(source), "cpu-fp32", output=work / "fp16", force=True,
+                                    extra_passes=["convert-float16", "dedup-initializers", "remove-dead"],
+                                    calibration=calibration)
+            fp16_pass = art16.manifest["precision"]["passes"][0]
+            variants["tfgraph fp16 (accuracy only)"] = {
+                "path": work / "fp16" / "model.onnx",
+                "kept_float32": len(fp16_pass["kept_float32"]),
+                "kept_reasons": fp16_pass["kept_float32"],
+                "converted": fp16_pass["converted_nodes"],
+                "verified": art16.manifest["verification"]["passed"],
+            }
+        except Exception as e:
+            variants["tfgraph fp16 (accuracy only)"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            log(f"fp16 failed: {variants['tfgraph fp16 (accuracy only)']['error']}")
     log(f"{tag}: onnxruntime quantizers")
     calib_feeds = calibration.batches if hasattr(calibration, "batches") else None
     variants.update(ort_variants(fp32_path, work, calib_feeds))

@@ -116,7 +116,11 @@ class ConvertFloat16(ir.passes.InPlacePass):
             if value is None or value.dtype != FLOAT:
                 continue
             if value.const_value is not None:
-                amax = float(np.abs(value.const_value.numpy()).max()) if value.const_value.size else 0.0
+                array = value.const_value.numpy()
+                amax = float(np.abs(array).max()) if array.size else 0.0
+                lost = (array != 0) & (array.astype(self.np_type) == 0)
+                if lost.any():  # e.g. a 1e-12 epsilon: it would become 0 (a division by zero waiting)
+                    return f"constant '{value.name}' has values that underflow to 0 in {self.float_type}"
             elif value.name in ranges:
                 lo, hi = ranges[value.name]
                 amax = max(abs(lo), abs(hi))

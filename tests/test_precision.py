@@ -401,3 +401,22 @@ def test_max_drop_revert_with_float16_weights():
     cast = mm2.inputs[1].producer()
     assert cast.op_type == "Cast" and cast.inputs[0].const_value.dtype == ir.DataType.FLOAT16
     assert "W2" not in model.graph.initializers  # the float32 weight is not stored
+
+
+def test_float16_keeps_nodes_whose_constants_underflow():
+    model = _mlp()
+    ln = next(n for n in model.graph if n.name == "ln")
+    tiny = ir.Value(name="tiny", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                    const_value=ir.tensor(np.array(1e-12, np.float32), name="tiny"))
+    model.graph.register_initializer(tiny)
+    add = ir.node("Add", [ln.outputs[0], tiny], name="add_eps")
+    add.outputs[0].dtype = ir.DataType.FLOAT
+    add.outputs[0].shape = ln.outputs[0].shape
+    model.graph.insert_after(ln, add)
+    mm2 = next(n for n in model.graph if n.name == "mm2")
+    mm2.replace_input_with(0, add.outputs[0])
+    p = create_pass("convert-float16", calibration=_feeds())
+    p(model)
+    kept = {k["node"]: k["reason"] for k in p.report["kept_float32"]}
+    assert "underflow to 0" in kept["add_eps"]
+    assert np.isfinite(run(model, _feeds())["y"]).all()
