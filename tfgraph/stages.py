@@ -233,7 +233,7 @@ def _node_flops(node: ir.Node, shape, dims_out) -> float:
     return out_n * _ELEMENTWISE_FLOPS.get(op, 1)
 
 
-def _profile_costs(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 3) -> dict[str, float]:
+def _profile_costs(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 10) -> dict[str, float]:
     """Kernel time (s) per node name from an onnxruntime profile (graph optimizations off, so names match)."""
     import onnxruntime as ort
 
