@@ -40,6 +40,7 @@ class _Builder:
     def __init__(self, nodes: list[ir.Node], prefix: str = "tfgraph"):
         self.nodes = nodes
         self.prefix = prefix
+        self._constants: dict[tuple, ir.Value] = {}
 
     def __call__(self, op: str, *inputs, num_outputs: int = 1, **attributes):
         node = ir.node(op, list(inputs), attributes=attributes or None, num_outputs=num_outputs)
@@ -50,7 +51,12 @@ class _Builder:
         return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
 
     def const(self, array) -> ir.Value:
-        return self("Constant", value=ir.tensor(np.asarray(array)))
+        """A Constant, made once per value within this builder's nodes."""
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self("Constant", value=ir.tensor(array))
+        return self._constants[key]
 
     def i64(self, *values: int) -> ir.Value:
         return self.const(np.array(values, dtype=np.int64))

@@ -31,7 +31,9 @@ def _check_artifact(out: pathlib.Path, exported: pathlib.Path, shapes: dict) -> 
     # Compiling never adds weights (only the few small constants rewrites need), and never
     # leaves duplicate initializers behind that the input did not have.
     summary = manifest["summary"]
-    assert summary["bytes_after"] <= summary["bytes_before"] + 256
+    # (Windowed blocks take a few shape/scalar constants in each branch of their If.)
+    allowance = 256 + 512 * sum(n for op, n in manifest["attention"]["fused_ops"].items() if op.startswith("If["))
+    assert summary["bytes_after"] <= summary["bytes_before"] + allowance
     compiled = ir_load(out / "model.onnx").model
     source = ir_load(exported).model
     assert analysis.summarize(compiled)["duplicate_bytes"] <= analysis.summarize(source)["duplicate_bytes"]
@@ -62,14 +64,19 @@ def test_builtin_models_compile(cli, tmp_path, name, exporter):
     shapes = {"batch": 3, "sequence": 11, "past_sequence": 5}
     manifest = _check_artifact(out, exported, shapes)
     if exporter == "torchscript":
-        # TorchScript output carries Identity nodes and shape chains the cleanup removes.
-        assert manifest["summary"]["nodes_after"] < manifest["summary"]["nodes_before"]
+        # TorchScript output carries Identity nodes and shape chains the cleanup removes (counted
+        # where cleanup ends: windowed lowerings add nodes later, in their If branches).
+        cleaned = next(r for r in manifest["passes"] if r["name"] == "remove-dead")
+        assert cleaned["nodes_after"] < manifest["passes"][0]["nodes_before"]
     attention = manifest["attention"]
     # Every layer fused, the KV-cache decoder included (keys/values concatenated with the past).
     assert (attention["found"], attention["fused"], attention["unfused"]) == (2, 2, 0)
     # Plain Q/K/V projections take the packed Attention op; the KV-cache decoder (keys
-    # concatenated with the past) takes MultiHeadAttention.
+    # concatenated with the past) takes MultiHeadAttention; the local encoder's two-sided
+    # window an If between the blocked form and MultiHeadAttention with the band mask.
     expected_op = "com.microsoft::MultiHeadAttention" if name.endswith("-kv") else "com.microsoft::Attention"
+    if name.startswith("local"):
+        expected_op = "If[com.microsoft::MultiHeadAttention|com.microsoft::MultiHeadAttention]"
     assert attention["fused_ops"] == {expected_op: 2}
     assert manifest["warnings"] == []
     if name.startswith("albert"):
