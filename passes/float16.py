@@ -118,8 +118,11 @@ class ConvertFloat16(ir.passes.InPlacePass):
             if value.const_value is not None:
                 array = value.const_value.numpy()
                 amax = float(np.abs(array).max()) if array.size else 0.0
-                lost = (array != 0) & (array.astype(self.np_type) == 0)
-                if lost.any():  # e.g. a 1e-12 epsilon: it would become 0 (a division by zero waiting)
+                with np.errstate(over="ignore", under="ignore"):
+                    lost = (array != 0) & (array.astype(self.np_type) == 0)
+                # e.g. a 1e-12 epsilon: it would become 0 (a division by zero waiting); in a large weight a
+                # few tiny values flushing to 0 do not matter, a sizeable fraction does.
+                if lost.any() and (array.size <= 16 or lost.mean() > 0.01):
                     return f"constant '{value.name}' has values that underflow to 0 in {self.float_type}"
             elif value.name in ranges:
                 lo, hi = ranges[value.name]
@@ -176,6 +179,9 @@ class ConvertFloat16(ir.passes.InPlacePass):
         from tfgraph.calibration import CalibrationSet, collect_ranges, load_calibration
 
         graph = model.graph
+        for value in graph.initializers.values():  # constants made by earlier passes may lack a declared type
+            if value.dtype is None and value.const_value is not None:
+                value.dtype = value.const_value.dtype
         clamped = self._clamp(graph) if self.clamp_masks else []
         names = [v.name for v in graph.inputs if v.dtype == FLOAT]
         names += [o.name for n in graph for o in n.outputs if o.dtype == FLOAT]
