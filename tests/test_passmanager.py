@@ -183,7 +183,9 @@ def test_targets_are_frozen_data():
     with pytest.raises(TypeError):
         target.session_options["x"] = 1  # type: ignore[index]
     assert json.loads(json.dumps(target.to_json()))["passes"][0]["name"] in available_passes()
-    assert [t.name for t in tfgraph.list_targets()] == ["cpu-fp32"]
+    assert [t.name for t in tfgraph.list_targets()] == ["cpu-fp32", "cpu-int8"]
+    for registered in tfgraph.list_targets():  # every pass a registered target names exists
+        assert all(spec.name in available_passes() for spec in registered.passes)
 
 
 def _transpose_model(*, tied: bool) -> ir.Model:
