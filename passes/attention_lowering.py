@@ -158,24 +158,26 @@ CAUSAL_LOWERINGS = ("com.microsoft.GroupQueryAttention",)
 GQA_HEAD_SIZE_MULTIPLE = 8
 
 
-def _gqa_applies(node: ir.Node, seq_axis: int) -> bool:
+def _gqa_applies(node: ir.Node) -> bool:
     """A causal (or left-windowed) block without cached keys: queries and keys have the same length."""
     kind = node.attributes.get_string("mask_kind", "bias")
     if kind not in CAUSAL_KINDS or node.attributes.get_int("window_right", 0) != 0:
         return False
-    q, k = node.inputs[0], node.inputs[1]
-    if q.shape is None or k.shape is None or not _same_dim(q.shape[seq_axis], k.shape[seq_axis]):
-        return False
+    dims = _heads_and_size(node)
     # The kernel needs head sizes that are multiples of 8.
-    if node.op_type == "AttentionBHSD":
-        head_size = q.shape[3]
-    else:
-        width, heads = q.shape[2], node.attributes.get_int("num_heads")
-        head_size = width // heads if isinstance(width, int) and width % heads == 0 else None
-    return isinstance(head_size, int) and head_size % GQA_HEAD_SIZE_MULTIPLE == 0
+    return is_self_attention(node) and dims is not None and dims[1] % GQA_HEAD_SIZE_MULTIPLE == 0
 
 
-def _lower_gqa(node: ir.Node, seq_axis: int) -> tuple[list[ir.Node], ir.Value]:
+def _prompt_lengths(b: "blocked._Builder", q: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """GroupQueryAttention's ``seqlens_k`` (S - 1 per batch row) and ``total_sequence_length`` (S)
+    for a prompt without past, from (B, S, D) queries."""
+    shape = b("Shape", q)
+    total = b("Cast", b("Gather", shape, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
+    seqlens = b("Expand", b("Sub", total, b.const(np.array(1, np.int32))), b("Gather", shape, b.i64(0)))
+    return seqlens, total
+
+
+def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     """com.microsoft.GroupQueryAttention as a prompt without past: ``seqlens_k = S - 1`` per batch row,
     ``total_sequence_length = S``; the kernel applies the causal mask (and the window,
     ``local_window_size = left + 1``: it counts the current key), the exporter's mask rides
@@ -198,13 +200,7 @@ def _lower_gqa(node: ir.Node, seq_axis: int) -> tuple[list[ir.Node], ir.Value]:
         heads = node.attributes.get_int("num_heads")
         q_in, k_in, v_in = q, k, v
         kv_heads = heads
-    shape = ir.node("Shape", [q_in])
-    batch = ir.node("Gather", [shape.outputs[0], _const(new, np.array([0], dtype=np.int64))])
-    seq = ir.node("Gather", [shape.outputs[0], _const(new, np.array(1, dtype=np.int64))])
-    total = ir.node("Cast", [seq.outputs[0]], attributes={"to": ir.DataType.INT32})
-    last = ir.node("Sub", [total.outputs[0], _const(new, np.array(1, dtype=np.int32))])
-    seqlens = ir.node("Expand", [last.outputs[0], batch.outputs[0]])
-    new += [shape, batch, seq, total, last, seqlens]
+    seqlens, total = _prompt_lengths(blocked._Builder(new, f"{node.name or node.outputs[0].name}/gqa"), q_in)
     kind = node.attributes.get_string("mask_kind")
     padded = kind.endswith("_bias") or node.attributes.get_string("key_padding") is not None
     bias = _mha_bias(new, node, q_in, 1, k_in, 1) if padded else None
@@ -215,7 +211,7 @@ def _lower_gqa(node: ir.Node, seq_axis: int) -> tuple[list[ir.Node], ir.Value]:
     }
     if kind.startswith("window"):
         attributes["local_window_size"] = node.attributes.get_int("window_left") + 1
-    inputs = [q_in, k_in, v_in, None, None, seqlens.outputs[0], total.outputs[0]]
+    inputs = [q_in, k_in, v_in, None, None, seqlens, total]
     if bias is not None:
         inputs += [None, None, None, bias]
     gqa = ir.node(
@@ -277,9 +273,7 @@ def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value,
     b = blocked._Builder(nodes, prefix)
     scale = node.attributes.get_float("scale")
     if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0 and not global_tokens:
-        shape = b("Shape", q)
-        total = b("Cast", b("Gather", shape, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
-        seqlens = b("Expand", b("Sub", total, b.const(np.array(1, np.int32))), b("Gather", shape, b.i64(0)))
+        seqlens, total = _prompt_lengths(b, q)
         inputs = [q, k, v, None, None, seqlens, total]
         if padding is not None:
             inputs += [None, None, None,
@@ -427,15 +421,14 @@ class LowerAttentionPass(ir.passes.InPlacePass):
                     if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
                         continue
                     lowered = None
-                    seq_axis = 1 if node.op_type == "Attention" else 2
                     if self.window_to is not None and _window_applies(node):
                         new_nodes, output, form = _lower_window(
                             graph, node, self.window_to, self.blocked_min_sequence, self.block, self.window_kernel
                         )
                         lowered = (new_nodes, output)
                         windows[form] = windows.get(form, 0) + 1
-                    elif self.causal_to is not None and _gqa_applies(node, seq_axis):
-                        lowered = _lower_gqa(node, seq_axis)
+                    elif self.causal_to is not None and _gqa_applies(node):
+                        lowered = _lower_gqa(node)
                         causal += 1
                     elif self.to == "com.microsoft.Attention" and node.op_type == "Attention":
                         lowered = _lower_packed(graph, node)
