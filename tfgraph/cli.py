@@ -134,7 +134,7 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
     if approx:
         console.print(f"[bold red]approximation[/bold red]: attention {approx['attention']} on blocks {approx['blocks']}")
         for name, change in approx["output_change_vs_dense"].items():
-            console.print(f"  {name}: cosine to dense {change['cosine']:.6f} (worst row {change['min_row_cosine']:.6f}), "
+            console.print(f"  {name}: cosine to dense {change['cosine']:.6f} (worst row {change['row_cosine_min']:.6f}), "
                           f"max abs {change['max_abs']:.3g}")
     att = manifest.get("attention")
     if att and att["found"]:

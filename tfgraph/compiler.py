@@ -109,23 +109,6 @@ def _with_window_approximation(pipeline: list, spec: str, target_name: str) -> l
     return pipeline[:at] + [PassSpec(APPROXIMATION_PASS, options)] + pipeline[at:]
 
 
-def _output_change(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict:
-    """Per float output: max abs difference and cosine similarity (flattened, and per row of the
-    leading axis: the worst one) of ``outputs`` against ``reference``."""
-    change = {}
-    for name, want in reference.items():
-        got = outputs.get(name)
-        want = np.asarray(want)
-        if got is None or not np.issubdtype(want.dtype, np.floating):
-            continue
-        a = np.asarray(got, dtype=np.float64).reshape(len(want) if want.ndim else 1, -1)
-        e = want.astype(np.float64).reshape(a.shape)
-        rows = (a * e).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1), 1e-30)
-        flat = float((a * e).sum() / max(np.linalg.norm(a) * np.linalg.norm(e), 1e-30))
-        change[name] = {"max_abs": float(np.abs(a - e).max()), "cosine": flat, "min_row_cosine": float(rows.min())}
-    return change
-
-
 def _tokenizer_dir(source: Mapping[str, Any]) -> str | None:
     if source.get("kind") == "huggingface":
         return source["source"]
@@ -400,7 +383,9 @@ def compile(  # noqa: A001 - the product's verb
         approximation = None
         if approximate_attention is not None:
             record = next(r for r in manager.records if r.name == APPROXIMATION_PASS)
-            change = _output_change(dense_reference, final)
+            from tfgraph.precision import accuracy
+
+            change = accuracy(dense_reference, final)
             approximation = {
                 "attention": approximate_attention,
                 "options": dict(record.options),
@@ -410,7 +395,7 @@ def compile(  # noqa: A001 - the product's verb
             }
             warnings.append(
                 f"APPROXIMATION: attention restricted to {approximate_attention}; outputs changed vs the dense model: "
-                + ", ".join(f"{k} cosine {c['cosine']:.6f} (worst row {c['min_row_cosine']:.6f}), max abs {c['max_abs']:.3g}"
+                + ", ".join(f"{k} cosine {c['cosine']:.6f} (worst row {c['row_cosine_min']:.6f}), max abs {c['max_abs']:.3g}"
                             for k, c in change.items())
                 + ("" if inputs is not None else " (on generated inputs: pass --inputs with real data for a meaningful figure)")
             )
