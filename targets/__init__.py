@@ -6,7 +6,7 @@ Only targets that work end to end are registered; ``tfgraph targets`` lists them
 from __future__ import annotations
 
 from tfgraph.errors import BadInputError
-from tfgraph.targets.cpu import CPU_FP32, CPU_INT8
+from tfgraph.targets import cpu, cuda, npu, openvino
 from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 
 _TARGETS: dict[str, Target] = {}
@@ -32,7 +32,9 @@ def get_target(name: str | Target) -> Target:
         raise BadInputError(f"unknown target '{name}'; valid targets: {', '.join(sorted(_TARGETS))}") from None
 
 
-register_target(CPU_FP32)
-register_target(CPU_INT8)
+# Each profile module lists its targets in TARGETS.
+for _module in (cpu, cuda, openvino, npu):
+    for _target in _module.TARGETS:
+        register_target(_target)
 
 __all__ = ["Provider", "Quantization", "Target", "Tolerance", "get_target", "list_targets", "register_target"]

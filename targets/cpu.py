@@ -151,3 +151,5 @@ NPU_A8W8 = Quantization(
     reason="QNN-style NPUs: uint8 activations and uint8 weights, asymmetric, per tensor",
 )
 INT8_QDQ_SCHEMES = {"tensorrt-like-int8": TENSORRT_LIKE_INT8, "npu-a8w8": NPU_A8W8}
+
+TARGETS = (CPU_FP32, CPU_INT8)

@@ -16,16 +16,22 @@ def _freeze(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
-    """An onnxruntime execution provider with its options."""
+    """An onnxruntime execution provider with its options.
+
+    ``plugin``: for plugin EPs (shipped as their own package and registered with onnxruntime at
+    run time, e.g. ``onnxruntime_ep_openvino``, ``onnxruntime_qnn``) the Python module whose
+    ``get_library_path()`` gives the EP library; None for EPs built into onnxruntime.
+    """
 
     name: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    plugin: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _freeze(self.options))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "options": dict(self.options)}
+        return {"name": self.name, "options": dict(self.options), **({"plugin": self.plugin} if self.plugin else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +123,27 @@ class Target:
     # verification uses instead of ``tolerance`` (cosine of each output to the fp32 model).
     quantization: Quantization | None = None
     min_cosine: float | None = None
+    # What the execution provider runs: a checked-in operator table (targets/op_tables/<name>.json,
+    # for EPs not installable here) or None: the installed runtime's kernel registry of the first
+    # provider. Used for the placement report when the EP cannot run here.
+    op_table: str | None = None
+    # Op types (``domain.op`` outside ai.onnx) the EP is known to leave to the CPU EP; the placement
+    # report counts any other fallback as unexpected (``--strict`` fails on it).
+    allowed_fallbacks: tuple[str, ...] = ()
+    # Every input dimension must be fixed at compile time (``--shape``); the pipeline then folds
+    # all shape computation away (NPU compilers take static graphs only).
+    static_shapes: bool = False
+    # ai.onnx opset versions the EP takes (inclusive); the compiled model must import one of them.
+    opset: tuple[int, int] = (17, 25)
+    # How attention ends up on this target, in words (the passes carry the exact options).
+    attention: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
         object.__setattr__(self, "passes", tuple(self.passes))
         object.__setattr__(self, "session_options", _freeze(self.session_options))
+        object.__setattr__(self, "allowed_fallbacks", tuple(self.allowed_fallbacks))
+        object.__setattr__(self, "opset", tuple(self.opset))
 
     def to_json(self) -> dict:
         return {
@@ -134,4 +156,9 @@ class Target:
             "session_options": dict(self.session_options),
             **({"quantization": self.quantization.to_json()} if self.quantization is not None else {}),
             **({"min_cosine": self.min_cosine} if self.min_cosine is not None else {}),
+            "op_table": self.op_table or f"runtime kernel registry ({self.providers[0].name})",
+            "allowed_fallbacks": list(self.allowed_fallbacks),
+            "static_shapes": self.static_shapes,
+            "opset": list(self.opset),
+            "attention": self.attention,
         }

@@ -1,0 +1,206 @@
+"""Execution providers: which ones this machine can run, sessions on them, and where nodes land.
+
+onnxruntime has two kinds of execution providers. Built-in ones (CPU; CUDA and TensorRT in
+onnxruntime-gpu) are named in ``InferenceSession(providers=[...])``. Plugin EPs ship as separate
+packages (``onnxruntime-ep-openvino``, ``onnxruntime-qnn``): their shared library is registered
+with ``onnxruntime.register_execution_provider_library``, they list the devices they can drive
+(``onnxruntime.get_ep_devices()``), and a session takes them through
+``SessionOptions.add_provider_for_devices``. A target's :class:`~tfgraph.targets.profile.Provider`
+says which kind it is (``plugin``: the Python module whose ``get_library_path()`` gives the
+library); this module hides the difference.
+
+Placement ("which EP runs which node") comes from the real session where the EP is usable here
+(``session.record_ep_graph_assignment_info``), otherwise from the target's operator table.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+CPU = "CPUExecutionProvider"
+_registered: dict[str, str] = {}  # EP name -> library path registered in this process
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def _register_plugin(name: str, module: str) -> str | None:
+    """Register a plugin EP's library once per process; None when done, else why it cannot be."""
+    if name in _registered:
+        return None
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        return f"plugin package '{module}' is not installed"
+    try:
+        path = package.get_library_path()
+        _ort().register_execution_provider_library(name, path)
+    except Exception as e:  # noqa: BLE001 - reported as the EP's unavailability
+        return f"plugin '{module}' failed to register: {str(e).splitlines()[0]}"
+    _registered[name] = path
+    return None
+
+
+def _devices(name: str) -> list:
+    return [d for d in _ort().get_ep_devices() if d.ep_name == name]
+
+
+def unavailable_reason(provider) -> str | None:
+    """None when ``provider`` (a targets.profile.Provider) can run sessions here, else a one-line reason."""
+    ort = _ort()
+    if provider.plugin is None:
+        if provider.name in ort.get_available_providers():
+            return None
+        return f"{provider.name} is not in this onnxruntime build ({ort.__version__}, {ort.get_device()})"
+    why = _register_plugin(provider.name, provider.plugin)
+    if why is not None:
+        return why
+    if not _devices(provider.name):
+        return f"{provider.name} (plugin '{provider.plugin}') lists no device it can drive on this machine"
+    return None
+
+
+def usable(providers: Sequence) -> tuple[list, dict[str, str]]:
+    """The providers that can run here (in order) and, for the others, why not."""
+    ok, missing = [], {}
+    for p in providers:
+        why = unavailable_reason(p)
+        if why is None:
+            ok.append(p)
+        else:
+            missing[p.name] = why
+    return ok, missing
+
+
+def _session_options(options: Mapping[str, Any] | None, config: Mapping[str, str] | None = None):
+    from tfgraph.verify import session_options
+
+    so = session_options(options)
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    return so
+
+
+def session(model: ir.Model | str | bytes, providers: Sequence, *, options: Mapping[str, Any] | None = None,
+            config: Mapping[str, str] | None = None):
+    """An onnxruntime session on ``providers`` (Provider objects; unusable ones must be filtered by
+    the caller with :func:`usable`). Plugin EPs go through their devices; CPU stays the fallback."""
+    from tfgraph.verify import SerializedModel
+
+    ort = _ort()
+    providers = list(providers) or [_cpu()]
+    so = _session_options(options, config)
+    if any(p.plugin is not None for p in providers):
+        for p in providers:
+            if p.plugin is None and p.name == CPU:
+                continue  # onnxruntime appends the CPU EP itself
+            if p.plugin is None:
+                raise ValueError(f"cannot mix built-in {p.name} with plugin EPs in one session")
+            if unavailable_reason(p) is not None:
+                raise RuntimeError(unavailable_reason(p))
+            so.add_provider_for_devices(_devices(p.name)[:1], {k: str(v) for k, v in p.options.items()})
+        plain = None
+    else:
+        plain = [(p.name, dict(p.options)) for p in providers]
+    if isinstance(model, ir.Model):
+        with SerializedModel(model) as serialized:
+            return ort.InferenceSession(serialized.source, so, **({"providers": plain} if plain else {}))
+    return ort.InferenceSession(model, so, **({"providers": plain} if plain else {}))
+
+
+def _cpu():
+    from tfgraph.targets.profile import Provider
+
+    return Provider(CPU)
+
+
+def run(model: ir.Model, feeds: Mapping[str, Any], providers: Sequence, *, options: Mapping[str, Any] | None = None):
+    sess = session(model, providers, options=options)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds))))
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a compiled model's nodes run: per EP counts, and the nodes that fall back to CPU."""
+
+    source: str  # "onnxruntime session" or "op table <name> (<version>)"
+    target_providers: list[str]
+    nodes: dict[str, int]  # EP -> node count
+    fallback: list[dict]  # {"name", "op_type", "domain", "reason"?} of nodes not on a target EP
+    allowed: list[str]  # op types the profile documents as CPU fallbacks
+    note: str = ""
+
+    @property
+    def unexpected(self) -> list[dict]:
+        return [n for n in self.fallback if _op_name(n) not in self.allowed and n["op_type"] not in self.allowed]
+
+    def to_json(self) -> dict:
+        counts = collections.Counter(_op_name(n) for n in self.fallback)
+        return {
+            "source": self.source,
+            "target_providers": self.target_providers,
+            "nodes": self.nodes,
+            "fallback_count": len(self.fallback),
+            "fallback_ops": dict(sorted(counts.items())),
+            "unexpected_fallback": len(self.unexpected),
+            "fallback": self.fallback[:50],
+            "allowed_fallbacks": self.allowed,
+            **({"note": self.note} if self.note else {}),
+        }
+
+
+def _op_name(node: Mapping[str, str]) -> str:
+    domain = node.get("domain") or ""
+    return node["op_type"] if domain in ("", "ai.onnx") else f"{domain}.{node['op_type']}"
+
+
+def placement(model: ir.Model, profile) -> Placement:
+    """The placement report of ``model`` under ``profile``: from a real session when the profile's
+    accelerator EPs run here, else from the profile's operator table."""
+    accelerators = [p for p in profile.providers if p.name != CPU]
+    names = [p.name for p in profile.providers]
+    allowed = list(profile.allowed_fallbacks)
+    if not accelerators:  # a CPU target: everything runs where it should, if it loads at all
+        return Placement("onnxruntime session", names, {CPU: _count_nodes(model)}, [], allowed)
+    ok, missing = usable(accelerators)
+    if not missing:
+        return _session_placement(model, profile, names, allowed)
+    from tfgraph.targets.op_table import load_table, runtime_table
+
+    table = load_table(profile.op_table) if profile.op_table else runtime_table(accelerators[0].name)
+    unsupported = table.coverage(model)
+    total = _count_nodes(model)
+    fallback = [{"name": u.name, "op_type": u.op_type, "domain": u.domain, "reason": u.reason} for u in unsupported]
+    return Placement(
+        f"op table {table.name} ({table.version})", names,
+        {accelerators[0].name: total - len(fallback), **({CPU: len(fallback)} if fallback else {})},
+        fallback, allowed, note="; ".join(f"{k}: {v}" for k, v in missing.items()),
+    )
+
+
+def _session_placement(model: ir.Model, profile, names: list[str], allowed: list[str]) -> Placement:
+    sess = session(model, profile.providers, options=profile.session_options,
+                   config={"session.record_ep_graph_assignment_info": "1"})
+    nodes: collections.Counter = collections.Counter()
+    fallback = []
+    for subgraph in sess.get_provider_graph_assignment_info():
+        for node in subgraph.get_nodes():
+            nodes[subgraph.ep_name] += 1
+            if subgraph.ep_name == CPU:
+                fallback.append({"name": node.name, "op_type": node.op_type, "domain": node.domain})
+    return Placement("onnxruntime session", names, dict(nodes), fallback, allowed,
+                     note="nodes as onnxruntime runs them, after its own graph optimizations")
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
