@@ -23,6 +23,7 @@ from tfgraph.passes import (  # noqa: E402
     dedup_initializers,
     float16,
     identity,
+    inline_functions,
     lift_constants,
     norm_fusion,
     ort_operator_fusion,
@@ -33,6 +34,7 @@ from tfgraph.passes import (  # noqa: E402
     reshape_simplify,
     shape_inference,
     shape_sources,
+    static_shapes,
     shrink_pruned,
 )  # noqa: E402,F401
 

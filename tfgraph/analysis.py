@@ -73,6 +73,8 @@ def _reaches_matmul_downstream(value: ir.Value, depth: int = 0) -> bool:
 
 
 BLOCKED_ATTENTION_MARK = "tfgraph.blocked_attention"  # in the names of the blocked form's Softmax nodes
+# In the Softmax names of a neutral attention op inlined into standard ops on purpose (inline-neutral-ops).
+STANDARD_ATTENTION_MARK = "tfgraph.standard_attention"
 
 
 def _scan_attention(graph: ir.Graph) -> tuple[collections.Counter, list[str]]:
@@ -83,6 +85,8 @@ def _scan_attention(graph: ir.Graph) -> tuple[collections.Counter, list[str]]:
             fused[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
         elif node.op_type == "Softmax" and node.domain == "" and BLOCKED_ATTENTION_MARK in (node.name or ""):
             fused["tfgraph::BlockedAttention"] += 1
+        elif node.op_type == "Softmax" and node.domain == "" and STANDARD_ATTENTION_MARK in (node.name or ""):
+            fused["tfgraph::StandardAttention"] += 1
         elif node.op_type == "Softmax" and node.domain == "":
             if _reaches_matmul_upstream(node.inputs[0]) and _reaches_matmul_downstream(node.outputs[0]):
                 softmax_blocks.append(node.name or "")
@@ -100,7 +104,8 @@ def _scan_attention(graph: ir.Graph) -> tuple[collections.Counter, list[str]]:
 def attention_blocks(model: ir.Model) -> dict[str, Any]:
     """Softmax-based attention subgraphs (a MatMul before the Softmax, one after) and fused attention ops.
 
-    The blocked windowed form counts as fused (``tfgraph::BlockedAttention``), and an ``If``
+    The blocked windowed form counts as fused (``tfgraph::BlockedAttention``), as does a neutral
+    attention op inlined into standard ops for a target (``tfgraph::StandardAttention``); an ``If``
     that picks between two forms of one block at run time counts once."""
     fused, softmax_blocks = _scan_attention(model.graph)
     return {"unfused": len(softmax_blocks), "fused": sum(fused.values()), "fused_ops": dict(fused), "softmax_nodes": softmax_blocks}
