@@ -83,21 +83,23 @@ class Artifact:
         """An onnxruntime session for the artifact (from disk when saved)."""
         if self.path is not None:
             return load(self.path)
-        from tfgraph.verify import make_session
+        from tfgraph import runtime
 
-        return make_session(self.model, providers=_providers(self.manifest), options=self.manifest.get("session_options"))
+        return runtime.session(self.model, _providers(self.manifest), options=self.manifest.get("session_options"))
 
 
 def _providers(manifest: dict) -> list:
-    import onnxruntime as ort
+    """The manifest's providers that run here (plugin EPs registered); CPU stays onnxruntime's fallback."""
+    from tfgraph import runtime
+    from tfgraph.targets.profile import Provider
 
-    available = set(ort.get_available_providers())
-    wanted = manifest.get("providers") or [{"name": "CPUExecutionProvider", "options": {}}]
-    chosen = [(p["name"], p.get("options", {})) for p in wanted if p["name"] in available]
-    missing = [p["name"] for p in wanted if p["name"] not in available]
+    wanted = [Provider(p["name"], p.get("options", {}), p.get("plugin"))
+              for p in manifest.get("providers") or [{"name": runtime.CPU}]]
+    chosen, missing = runtime.usable(wanted)
     if missing and not chosen:
         raise BadInputError(
-            f"this artifact needs execution provider(s) {', '.join(missing)}, which the installed onnxruntime lacks"
+            "this artifact needs execution provider(s) that cannot run here: "
+            + "; ".join(f"{k} ({v})" for k, v in missing.items())
         )
     return chosen
 
@@ -115,15 +117,11 @@ def read_manifest(path: os.PathLike | str) -> dict:
 
 def load(path: os.PathLike | str):
     """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options."""
-    import onnxruntime as ort
-
-    from tfgraph.verify import session_options
+    from tfgraph import runtime
 
     path = pathlib.Path(path)
     manifest = read_manifest(path)
     model_path = path / MODEL_FILE
     if not model_path.is_file():
         raise BadInputError(f"{path}: artifact has no {MODEL_FILE}")
-    return ort.InferenceSession(
-        str(model_path), session_options(manifest.get("session_options")), providers=_providers(manifest)
-    )
+    return runtime.session(str(model_path), _providers(manifest), options=manifest.get("session_options"))

@@ -172,6 +172,12 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
         outputs = ", ".join(f"{k}: max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}" for k, v in ver["outputs"].items())
         shapes = ", ".join(f"{k}={'x'.join(map(str, v['shape']))}" for k, v in ver["inputs"].items())
         console.print(f"[green]verified[/green] on {', '.join(ver['session']['providers'])} ({shapes}): {outputs}")
+    place = manifest.get("placement")
+    if place:
+        counts = ", ".join(f"{ep} {n}" for ep, n in place["nodes"].items())
+        fallback = (f"; CPU fallback {place['fallback_count']} ({', '.join(f'{k} {v}' for k, v in place['fallback_ops'].items())})"
+                    f", {place['unexpected_fallback']} unexpected" if place["fallback_count"] else "; no CPU fallback")
+        console.print(f"placement ({place['source']}): {counts}{fallback}")
     if out:
         console.print(f"artifact: {out} ({', '.join(manifest.get('files', []))}, manifest.json)")
 
@@ -458,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="artifact folder to create")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip numeric verification (on by default)")
-    p.add_argument("--strict", action="store_true", help="fail (exit 1) when attention blocks are left unfused")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) when attention blocks are left unfused or nodes fall back to CPU beyond what the target documents")
     p.add_argument("--inputs", help=".npz file of input arrays to verify on (default: generated from the input signature)")
     p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="input shape (input_ids=2x128) or symbolic dimension (sequence=128) for generated inputs; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")

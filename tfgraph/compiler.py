@@ -17,13 +17,13 @@ import onnx_ir as ir
 from tfgraph import ir as tir
 from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, check_output_dir
-from tfgraph import analysis
+from tfgraph import analysis, runtime
 from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
 from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
 from tfgraph.prune import RebaselineInstrument
-from tfgraph.targets import Target, get_target
+from tfgraph.targets import Provider, Target, get_target
 from tfgraph.verify import UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, padded_positions, run
 
 Progress = Callable[[str, int, int], None]
@@ -168,10 +168,10 @@ def _finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
     from tfgraph import precision
 
     calib = state["calibration"]
-    providers = [(p.name, dict(p.options)) for p in profile.providers]
+    providers = runtime.usable(profile.providers)[0] or [Provider(runtime.CPU)]
 
     def evaluate(model):
-        outs = [run(model, batch, providers=providers, options=profile.session_options) for batch in calib.batches]
+        outs = [runtime.run(model, batch, providers, options=profile.session_options) for batch in calib.batches]
         return precision.accuracy(state["fp32"], outs)
 
     records: dict = {}
@@ -212,6 +212,48 @@ def _finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
 
 def _count(mask: np.ndarray | None) -> int:
     return 0 if mask is None else int(np.count_nonzero(mask))
+
+
+def pin_input_shapes(model: ir.Model, shapes: Mapping[str, Any] | None, target: str,
+                     feeds: Mapping[str, np.ndarray] | None = None) -> None:
+    """Fix every graph input's shape for a static-shape target, from ``shapes`` (whole shapes by input
+    name, ``{"input_ids": (1, 128)}``, or sizes of symbolic dimensions, ``{"sequence": 128}``) or the
+    given input arrays; fails naming each input left with a dynamic dimension."""
+    shapes = dict(shapes or {})
+    missing = []
+    for value in model.graph.inputs:
+        given = shapes.get(value.name)
+        if value.shape is None:
+            dims: list = [] if isinstance(given, (tuple, list)) else [None]
+        else:
+            dims = list(value.shape)
+        if isinstance(given, (tuple, list)):
+            if value.shape is not None and (len(given) != len(dims) or any(
+                isinstance(d, int) and d != g for d, g in zip(dims, given)
+            )):
+                raise BadInputError(f"--shape {value.name}={'x'.join(map(str, given))} does not fit input '{value.name}' {dims}")
+            dims = [int(g) for g in given]
+        elif feeds is not None and value.name in feeds:
+            dims = list(np.shape(feeds[value.name]))
+        unknown = []
+        for i, d in enumerate(dims):
+            if isinstance(d, int):
+                continue
+            name = getattr(d, "value", None) if d is not None else None
+            if name is not None and isinstance(shapes.get(name), int):
+                dims[i] = shapes[name]
+            else:
+                unknown.append(str(name) if name else f"axis {i}")
+        if unknown:
+            missing.append(f"'{value.name}' ({', '.join(unknown)})")
+            continue
+        value.shape = ir.Shape(dims)
+    if missing:
+        example = missing[0].split("'")[1]
+        raise BadInputError(
+            f"target '{target}' needs static shapes: input {', '.join(missing)} has dynamic dimensions; "
+            f"give them with --shape (e.g. --shape {example}=1x128)"
+        )
 
 
 def compile(  # noqa: A001 - the product's verb
@@ -285,6 +327,8 @@ def compile(  # noqa: A001 - the product's verb
             attention=attention,
             progress=progress,
         )
+        if profile.static_shapes:
+            pin_input_shapes(model_ir, shapes, profile.name, inputs if isinstance(inputs, Mapping) else None)
         attention_before = analysis.attention_blocks(model_ir)
         nodes_before = count_nodes(model_ir)
         params_before = tir.parameter_count(model_ir)
@@ -344,12 +388,15 @@ def compile(  # noqa: A001 - the product's verb
             assert feeds is not None and reference is not None
             if progress:
                 progress("final verification", 0, 1)
-            providers = [(p.name, dict(p.options)) for p in profile.providers]
+            providers, unavailable = runtime.usable(profile.providers)
+            providers = providers or [Provider(runtime.CPU)]
             try:
-                final = run(model_ir, feeds, providers=providers, options=profile.session_options)
+                final = runtime.run(model_ir, feeds, providers, options=profile.session_options)
             except Exception as e:
                 message = first_line(e)
-                raise VerificationError(f"the compiled model does not load with the target's session: {message}") from None
+                raise VerificationError(
+                    f"the compiled model does not run with the target's session ({', '.join(p.name for p in providers)}): {message}"
+                ) from None
             diffs = compare(
                 reference, final, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol, padded=padded_positions(feeds)
             )
@@ -362,12 +409,14 @@ def compile(  # noqa: A001 - the product's verb
                 # Positions where the mask input is 0 carry no defined value (see verify.compare).
                 "padded_positions_excluded": _count(padded_positions(feeds)),
                 "outputs": {d.name: d.to_json() for d in diffs},
-                "session": {"providers": [p[0] for p in providers], "options": dict(profile.session_options)},
+                "session": {"providers": [p.name for p in providers], "options": dict(profile.session_options)},
+                # Providers of the profile that cannot run here: verified on the others (the same graph).
+                "providers_unavailable": unavailable,
             }
             if not verification["passed"]:
                 worst = max((d for d in diffs if not d.ok), key=lambda d: d.max_abs)
                 raise VerificationError(
-                    f"the compiled model diverges under the target's session ({', '.join(p[0] for p in providers)}, "
+                    f"the compiled model diverges under the target's session ({', '.join(p.name for p in providers)}, "
                     f"{dict(profile.session_options)}): output '{worst.name}' max abs error {worst.max_abs:.3g}",
                     report=verification,
                 )
@@ -401,6 +450,22 @@ def compile(  # noqa: A001 - the product's verb
             )
         if precision_report is not None:
             warnings.extend(precision_report.pop("warnings"))
+        if progress:
+            progress("placement", 0, 1)
+        place = runtime.placement(model_ir, profile)
+        if place.unexpected:
+            ops = sorted({runtime.op_name(n) for n in place.unexpected})
+            warnings.append(
+                f"{len(place.unexpected)} node(s) fall back to CPU on {profile.name} ({place.source}): {', '.join(ops[:8])}"
+            )
+            if strict:
+                raise StrictError(f"--strict: {warnings[-1]}")
+        opset = model_ir.opset_imports.get("", None)
+        if opset is not None and not profile.opset[0] <= opset <= profile.opset[1]:
+            raise VerificationError(
+                f"the compiled model imports ai.onnx opset {opset}, outside {profile.name}'s range "
+                f"{profile.opset[0]}..{profile.opset[1]}"
+            )
         if attention["unfused"]:
             warnings.append(
                 f"partial attention fusion: {attention['unfused']} of {attention['found']} attention blocks left unfused "
@@ -429,6 +494,7 @@ def compile(  # noqa: A001 - the product's verb
             "attention": attention,
             "approximation": approximation,
             "precision": precision_report,
+            "placement": place.to_json(),
             "warnings": warnings,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),

@@ -61,8 +61,10 @@ class PassManager:
             record.modified = bool(result.modified)
             any_modified |= record.modified
             report = getattr(pass_, "report", None)
-            if report:  # rule passes: per-rule match counts and near misses
-                record.extra["rules"] = report
+            if report and all(isinstance(v, dict) for v in report.values()):
+                record.extra["rules"] = report  # rule passes: per-rule match counts and near misses
+            elif report:
+                record.extra["report"] = report  # other passes' own accounts (e.g. what was quantized)
             # Timing first (it closes the clock), then the checks, in the order given.
             for instrument in self.instruments:
                 instrument.after_pass(pass_, record, model)

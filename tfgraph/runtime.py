@@ -142,10 +142,10 @@ class Placement:
 
     @property
     def unexpected(self) -> list[dict]:
-        return [n for n in self.fallback if _op_name(n) not in self.allowed and n["op_type"] not in self.allowed]
+        return [n for n in self.fallback if op_name(n) not in self.allowed and n["op_type"] not in self.allowed]
 
     def to_json(self) -> dict:
-        counts = collections.Counter(_op_name(n) for n in self.fallback)
+        counts = collections.Counter(op_name(n) for n in self.fallback)
         return {
             "source": self.source,
             "target_providers": self.target_providers,
@@ -159,7 +159,7 @@ class Placement:
         }
 
 
-def _op_name(node: Mapping[str, str]) -> str:
+def op_name(node: Mapping[str, str]) -> str:
     domain = node.get("domain") or ""
     return node["op_type"] if domain in ("", "ai.onnx") else f"{domain}.{node['op_type']}"
 

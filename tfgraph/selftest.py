@@ -18,11 +18,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph import ops
+from tfgraph import ops, runtime
 from tfgraph.passes import blocked_attention as blocked
 from tfgraph.passes.registry import PassSpec, create_pass
 from tfgraph.targets import Target, get_target
-from tfgraph.verify import make_session
 
 HEADS, HEAD_SIZE = 2, 8
 CASES = (("causal window", 7, 0), ("two-sided window", 4, 4))
@@ -87,7 +86,7 @@ def window_self_test(target: str | Target, *, atol: float | None = None) -> list
     lowering = _lowering(profile)
     crossover = next((int(s.options.get("blocked_min_sequence", 0)) for s in lowering if s.name == "lower-attention"), 0)
     lengths = sorted({37, max(crossover, 64) + 13})
-    providers = [(p.name, dict(p.options)) for p in profile.providers]
+    providers = runtime.usable(profile.providers)[0]
     results = []
     for case, left, right in CASES:
         model = _model(left, right)
@@ -95,7 +94,7 @@ def window_self_test(target: str | Target, *, atol: float | None = None) -> list
             create_pass(spec.name, **dict(spec.options))(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         try:
-            session = make_session(model, providers=providers, options=profile.session_options)
+            session = runtime.session(model, providers, options=profile.session_options)
         except Exception as e:  # noqa: BLE001 - reported as a failed self-test
             results.append(SelfTestResult(profile.name, case, 0, float("inf"), False, f"does not load: {e}"[:300]))
             continue
