@@ -36,6 +36,7 @@ from tfgraph.passes import (  # noqa: E402
     shape_sources,
     static_shapes,
     shrink_pruned,
+    weight_only_quant,
 )  # noqa: E402,F401
 
 __all__ = ["PassSpec", "available_passes", "create_pass", "get_pass_class", "register_pass"]

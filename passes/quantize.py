@@ -37,6 +37,29 @@ INT_TYPES = {
     "int16": (np.int16, ir.DataType.INT16, -32768, 32767),
 }
 MS = "com.microsoft"
+# ai.onnx QuantizeLinear/DequantizeLinear take 16-bit integers from opset 21 on.
+SIXTEEN_BIT_OPSET = 21
+
+
+def upgrade_opset(model: ir.Model, version: int) -> bool:
+    """Convert ``model`` to ai.onnx ``version`` in place (onnx's version converter) when it imports
+    an older one; True when converted."""
+    import onnx.version_converter
+
+    current = model.opset_imports.get("", None)
+    if current is None or current >= version:
+        return False
+    try:
+        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
+    except Exception as e:  # noqa: BLE001 - reported with what was asked
+        raise ValueError(f"cannot convert the model from opset {current} to {version} for 16-bit Q/DQ: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    converted = ir.serde.deserialize_model(proto)
+    model.graph = converted.graph
+    model.functions.clear()
+    model.functions.update(converted.functions)
+    model.ir_version = max(model.ir_version, converted.ir_version)
+    return True
 
 
 def op_key(node: ir.Node) -> str:
@@ -191,6 +214,11 @@ class Quantize(ir.passes.InPlacePass):
         self.quantized = {}
         self.report = {"mode": self.mode}
         self._renamed = False
+        upgraded = False
+        if self.mode == "static" and {self.activation_type, self.weight_type} & {"uint16", "int16"}:
+            upgraded = upgrade_opset(model, SIXTEEN_BIT_OPSET)
+            if upgraded:
+                self.report["opset_upgraded_to"] = SIXTEEN_BIT_OPSET
         graph = model.graph
         candidates = self._candidates(graph)
         for node in [n for n in candidates if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
@@ -216,7 +244,7 @@ class Quantize(ir.passes.InPlacePass):
             model.opset_imports.setdefault(MS, 1)
         self.report["quantized"] = len(self.quantized)
         self.report["nodes"] = sorted(self.quantized)
-        return ir.passes.PassResult(model, bool(self.quantized) or self._renamed)
+        return ir.passes.PassResult(model, bool(self.quantized) or self._renamed or upgraded)
 
     def _skip(self, why: str, node: ir.Node) -> None:
         self.report.setdefault("skipped", {}).setdefault(why, []).append(node.name)

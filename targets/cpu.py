@@ -145,11 +145,7 @@ TENSORRT_LIKE_INT8 = Quantization(
     weight_axes={"MatMul": {1: 1}, "Gemm": {1: 0}}, calibrator="entropy",
     reason="TensorRT fuses Q/DQ on GEMM-like inputs only, symmetric int8, per-channel weights",
 )
-NPU_A8W8 = Quantization(
-    mode="static", activation_type="uint8", weight_type="uint8", activation_symmetric=False, weight_symmetric=False,
-    per_channel=False, placement={"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0, 1)}, calibrator="percentile",
-    reason="QNN-style NPUs: uint8 activations and uint8 weights, asymmetric, per tensor",
-)
-INT8_QDQ_SCHEMES = {"tensorrt-like-int8": TENSORRT_LIKE_INT8, "npu-a8w8": NPU_A8W8}
+# (The QNN-style NPU schemes, npu-a8w8 and npu-a16w8, are registered targets in targets/npu.py.)
+INT8_QDQ_SCHEMES = {"tensorrt-like-int8": TENSORRT_LIKE_INT8}
 
 TARGETS = (CPU_FP32, CPU_INT8)
