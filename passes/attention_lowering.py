@@ -226,7 +226,7 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     return new, back.outputs[0]
 
 
-WINDOW_LOWERINGS = ("blocked", "auto")
+WINDOW_LOWERINGS = ("blocked", "auto", "fused")
 
 
 def _window_applies(node: ir.Node) -> bool:
@@ -327,7 +327,11 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     def short_form(nodes):
         return _window_small(nodes, node, q, k, v, heads, size, left, right, padding, global_tokens)
 
-    if mode == "blocked" or (isinstance(length, int) and length >= threshold):
+    if mode == "fused":  # GroupQueryAttention's window at every length where it applies (CUDA skips the work)
+        mode = "fused" if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0 and not global_tokens else "auto"
+    if mode == "fused":
+        out, form = short_form(new), "fused"
+    elif mode == "blocked" or (isinstance(length, int) and length >= threshold):
         out, form = long_form(new), "blocked"
     elif isinstance(length, int):
         out, form = short_form(new), "fused"
@@ -375,7 +379,11 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     the blocked standard-ONNX form (``"blocked"``), or (``"auto"``) to it when the
     sequence is at least ``blocked_min_sequence`` long and to the fused kernel below
     (GroupQueryAttention's ``local_window_size`` for causal windows, else
-    MultiHeadAttention) — from the static length, or at run time with an ``If``.
+    MultiHeadAttention) — from the static length, or at run time with an ``If``; or
+    (``"fused"``) causal windows always to GroupQueryAttention's ``local_window_size`` (for EPs
+    whose kernel skips the out-of-window work, as CUDA's does), other windows as ``"auto"``.
+    With ``to="function"`` only the blocks a ``causal_to``/``window_to`` takes are lowered; the
+    rest keep the neutral op (for ``inline-neutral-ops``).
     ``block``: the blocked form's query block (default: half the window, multiple of 8);
     ``window_kernel``: how its tiles are computed (``"standard"`` ONNX ops, or onnxruntime's
     ``"com.microsoft.MultiHeadAttention"`` over the batch of tiles).
@@ -415,30 +423,34 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = causal = 0
         windows: dict[str, int] = {}
-        if self.to != "function":
-            for graph in model.graphs():
-                for node in list(graph):
-                    if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
-                        continue
-                    lowered = None
-                    if self.window_to is not None and _window_applies(node):
-                        new_nodes, output, form = _lower_window(
-                            graph, node, self.window_to, self.blocked_min_sequence, self.block, self.window_kernel
-                        )
-                        lowered = (new_nodes, output)
-                        windows[form] = windows.get(form, 0) + 1
-                    elif self.causal_to is not None and _gqa_applies(node):
-                        lowered = _lower_gqa(node)
-                        causal += 1
-                    elif self.to == "com.microsoft.Attention" and node.op_type == "Attention":
-                        lowered = _lower_packed(graph, node)
-                    new_nodes, output = lowered if lowered is not None else _TO_MHA[node.op_type](node)
-                    old = node.outputs[0]
-                    output.name, output.shape, output.type = old.name, old.shape, old.type
-                    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [output])
-                    count += 1
-            if count:
-                model.opset_imports.setdefault("com.microsoft", 1)
+        for graph in model.graphs():
+            for node in list(graph):
+                if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
+                    continue
+                lowered = None
+                if self.to == "function" and not (
+                    (self.window_to is not None and _window_applies(node))
+                    or (self.causal_to is not None and _gqa_applies(node))
+                ):
+                    continue
+                if self.window_to is not None and _window_applies(node):
+                    new_nodes, output, form = _lower_window(
+                        graph, node, self.window_to, self.blocked_min_sequence, self.block, self.window_kernel
+                    )
+                    lowered = (new_nodes, output)
+                    windows[form] = windows.get(form, 0) + 1
+                elif self.causal_to is not None and _gqa_applies(node):
+                    lowered = _lower_gqa(node)
+                    causal += 1
+                elif self.to == "com.microsoft.Attention" and node.op_type == "Attention":
+                    lowered = _lower_packed(graph, node)
+                new_nodes, output = lowered if lowered is not None else _TO_MHA[node.op_type](node)
+                old = node.outputs[0]
+                output.name, output.shape, output.type = old.name, old.shape, old.type
+                ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [output])
+                count += 1
+        if any(n.domain == "com.microsoft" for n in ir.traversal.RecursiveGraphIterator(model.graph)):
+            model.opset_imports.setdefault("com.microsoft", 1)
         self.report = {self.to: {"matches": count - causal - sum(windows.values())}}
         if self.causal_to is not None:
             self.report[self.causal_to] = {"matches": causal}

@@ -104,7 +104,10 @@ class ConvertFloat16(ir.passes.InPlacePass):
 
     # -- 3. decisions -----------------------------------------------------------------------
     def _reason(self, node: ir.Node, ranges: dict[str, tuple[float, float]]) -> str | None:
-        unknown = [v.name for v in [*node.inputs, *node.outputs] if v is not None and v.dtype is None]
+        # Optional outputs nothing reads (SkipLayerNormalization's mean/inv_std_var, GroupQueryAttention's
+        # present key/value) often carry no type: they do not decide the node's precision.
+        used_outputs = [v for v in node.outputs if v.uses() or v.is_graph_output()]
+        unknown = [v.name for v in [*node.inputs, *used_outputs] if v is not None and v.dtype is None]
         if unknown:
             return f"element type of {unknown[0]!r} unknown (cannot tell float from integer)"
         if node.op_type in self.keep_ops:

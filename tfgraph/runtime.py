@@ -180,7 +180,7 @@ def placement(model: ir.Model, profile) -> Placement:
     table = load_table(profile.op_table) if profile.op_table else runtime_table(accelerators[0].name)
     unsupported = table.coverage(model)
     total = _count_nodes(model)
-    fallback = [{"name": u.name, "op_type": u.op_type, "domain": u.domain, "reason": u.reason} for u in unsupported]
+    fallback = [{"name": u.node_name, "op_type": u.op_type, "domain": u.domain, "reason": u.reason} for u in unsupported]
     return Placement(
         f"op table {table.name} ({table.version})", names,
         {accelerators[0].name: total - len(fallback), **({CPU: len(fallback)} if fallback else {})},

@@ -1,0 +1,139 @@
+"""quantize-weights-nbits: block-wise weight-only integer MatMuls (com.microsoft.MatMulNBits).
+
+GPU inference of Transformers at small batch is bound by reading weights, not by arithmetic;
+onnxruntime's CUDA EP runs static Q/DQ int8 graphs no faster than fp16 (it has no fused int8
+GEMM for them: only TensorRT builds those), but its ``MatMulNBits`` kernel reads 8- or 4-bit
+weights and dequantizes them inside the GEMM. This pass turns ``MatMul(x, W)`` with a constant
+2-D ``W`` (K×N) into ``MatMulNBits(x, B, scales, zero_points)``: each column of ``W`` cut into
+blocks of ``block_size`` along K, each block with its own scale and zero point (asymmetric, the
+full [0, 2^bits) range), ``scales`` in the activation's float type (run it after float16
+conversion for fp16 graphs). The activations stay float: no calibration is needed. Each node's
+relative weight error is recorded in ``self.report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from tfgraph.passes.registry import register_pass
+
+_FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w`` (K, N) → (B uint8 (N, blocks, block_size·bits/8), scales float32 (N·blocks), zero points uint8).
+
+    Zero points are packed like B (two 4-bit values per byte for bits=4, low nibble first)."""
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float32)
+    padded[:k] = w
+    cols = padded.T.reshape(n, blocks, block_size)
+    qmax = (1 << bits) - 1
+    lo = np.minimum(cols.min(-1), 0.0)
+    hi = np.maximum(cols.max(-1), 0.0)
+    scale = (hi - lo) / qmax
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
+    q = np.clip(np.round(cols / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        flat = zero.reshape(n, blocks)
+        if blocks % 2:
+            flat = np.concatenate([flat, np.zeros((n, 1), np.uint8)], axis=1)
+        zero = (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
+    return q, scale.astype(np.float32).reshape(-1), zero.reshape(-1)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int, bits: int, block_size: int) -> np.ndarray:
+    """The float (K, N) weight that ``quantize_blocks``'s output stands for (the reference for tests)."""
+    n, blocks = q.shape[0], q.shape[1]
+    if bits == 4:
+        q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(n, blocks, block_size)
+        zero = np.stack([zero.reshape(n, -1) & 0xF, zero.reshape(n, -1) >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    w = (q.astype(np.float32) - zero.reshape(n, blocks, 1)) * scale.reshape(n, blocks, 1)
+    return w.reshape(n, blocks * block_size)[:, :k].T
+
+
+@register_pass("quantize-weights-nbits")
+class QuantizeWeightsNBits(ir.passes.InPlacePass):
+    """MatMul with a constant 2-D weight → com.microsoft.MatMulNBits (block-wise int weights, float activations)."""
+
+    changes_outputs = True
+
+    def __init__(self, *, bits: int = 8, block_size: int = 32, min_elements: int = 4096,
+                 exclude_nodes: Sequence[str] = (), accuracy_level: int = 0):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
+        self.bits, self.block_size, self.min_elements = bits, block_size, min_elements
+        self.exclude_nodes = set(exclude_nodes)
+        self.accuracy_level = accuracy_level
+        self.report: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        done: dict[str, float] = {}
+        skipped: dict[str, int] = {}
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain != "" or node.name in self.exclude_nodes:
+                continue
+            x, w = node.inputs
+            why = self._unfit(x, w)
+            if why:
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            weight = w.const_value.numpy().astype(np.float32)
+            k, n = weight.shape
+            q, scale, zero = quantize_blocks(weight, self.bits, self.block_size)
+            approx = dequantize_blocks(q, scale, zero, k, self.bits, self.block_size)
+            stem = (w.name or node.name or "w").replace("/", "_")
+            values = [
+                _initializer(graph, f"{stem}_q{self.bits}", q),
+                _initializer(graph, f"{stem}_scales", scale.astype(_FLOATS[x.dtype])),
+                _initializer(graph, f"{stem}_zero_points", zero),
+            ]
+            new = ir.node("MatMulNBits", [x, *values], domain="com.microsoft", name=node.name, attributes={
+                "K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level})
+            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+            graph.insert_before(node, new)
+            node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+            out_name = node.outputs[0].name
+            graph.remove(node, safe=True)
+            new.outputs[0].name = out_name
+            done[node.name or out_name] = float(np.linalg.norm(approx - weight) / max(np.linalg.norm(weight), 1e-30))
+        for value in list(graph.initializers.values()):
+            if not value.uses() and not value.is_graph_output():
+                del graph.initializers[value.name]
+        if done:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        self.report = {"bits": self.bits, "block_size": self.block_size, "quantized": len(done),
+                       "max_relative_weight_error": max(done.values(), default=0.0), "skipped": skipped}
+        return ir.passes.PassResult(model, bool(done))
+
+    def _unfit(self, x: ir.Value | None, w: ir.Value | None) -> str | None:
+        if x is None or w is None or w.const_value is None:
+            return "weight not constant"
+        if w.shape is None or len(w.shape) != 2:
+            return "weight not 2-D"
+        if x.dtype not in _FLOATS:
+            return f"activation type {x.dtype}"
+        if w.const_value.size < self.min_elements:
+            return "weight too small"
+        return None
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
