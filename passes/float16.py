@@ -26,6 +26,9 @@ import onnx_ir as ir
 from tfgraph.passes.registry import register_pass
 
 FLOAT = ir.DataType.FLOAT
+# The additive-mask input of onnxruntime's attention ops (clamped to the float16 range when computed at run time).
+MASK_INPUTS = {("com.microsoft", "Attention"): 5, ("com.microsoft", "MultiHeadAttention"): 5,
+               ("com.microsoft", "GroupQueryAttention"): 10}
 
 
 def _float_types() -> dict[str, tuple[Any, ir.DataType, float, float]]:
@@ -118,6 +121,8 @@ class ConvertFloat16(ir.passes.InPlacePass):
         for value in [*node.inputs, *node.outputs]:
             if value is None or value.dtype != FLOAT:
                 continue
+            if self._runtime_mask(node, value, ranges):
+                continue  # clamped to the float16 range at conversion (a mask's "minus infinity")
             if value.const_value is not None:
                 array = value.const_value.numpy()
                 amax = float(np.abs(array).max()) if array.size else 0.0
@@ -152,6 +157,17 @@ class ConvertFloat16(ir.passes.InPlacePass):
             if n > self.reduction_max:
                 return f"{node.op_type} over {n} elements (> {self.reduction_max})"
         return None
+
+    def _runtime_mask(self, node: ir.Node, value: ir.Value, ranges: dict[str, tuple[float, float]]) -> bool:
+        """``value`` is the additive mask an attention op reads, computed at run time (e.g.
+        ``(1 - mask) * finfo(float32).min``): its low end is a stand-in for minus infinity, the rest
+        is in range. Clamping it to ``mask_fill`` keeps the op's result and lets the op run in fp16."""
+        index = MASK_INPUTS.get((node.domain, node.op_type))
+        if (not self.clamp_masks or index is None or len(node.inputs) <= index or node.inputs[index] is not value
+                or value.const_value is not None or value.name not in ranges):
+            return False
+        lo, hi = ranges[value.name]
+        return lo <= self.mask_threshold and abs(hi) <= self.max * self.overflow_fraction
 
     @staticmethod
     def _reduced_elements(node: ir.Node) -> int | None:
@@ -233,6 +249,17 @@ class ConvertFloat16(ir.passes.InPlacePass):
                         converted_consts[value.name] = new
                     node.replace_input_with(index, converted_consts[value.name])
                 else:
+                    original = value
+                    if value.name not in to_half and self._runtime_mask(node, value, ranges):
+                        fill = ir.Value(name=f"{value.name}_mask_fill", shape=ir.Shape([]), type=ir.TensorType(FLOAT),
+                                        const_value=ir.tensor(np.array(self.mask_fill, np.float32)))
+                        graph.register_initializer(fill)
+                        clamp = ir.Node("", "Max", [value, fill], name=f"{value.name}_clamp", num_outputs=1)
+                        clamp.outputs[0].name, clamp.outputs[0].dtype = f"{value.name}_clamped", FLOAT
+                        clamp.outputs[0].shape = value.shape
+                        graph.insert_before(node, clamp)
+                        clamped.append({"value": value.name, "to": self.mask_fill})
+                        value = clamp.outputs[0]
                     if value.name not in to_half:
                         cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", self.dtype)],
                                        name=f"{value.name}_to_{self.float_type}", num_outputs=1)
@@ -242,6 +269,7 @@ class ConvertFloat16(ir.passes.InPlacePass):
                         graph.insert_before(node, cast)
                         to_half[value.name] = cast.outputs[0]
                     node.replace_input_with(index, to_half[value.name])
+                    to_half.setdefault(original.name, to_half[value.name])
             for out in node.outputs:
                 if out.dtype != FLOAT:
                     continue
