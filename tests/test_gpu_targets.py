@@ -162,3 +162,19 @@ def test_cpu_int8_summary_prints(cli, exported, tmp_path):
     result = cli("compile", exported["bert-small"], "--target", "cpu-int8", "-o", tmp_path / "q")
     assert result.code == 0, result.err
     assert "placement (onnxruntime session): CPUExecutionProvider" in result.out
+
+
+def test_gpu_check_skips_cleanly_without_cuda(capsys):
+    import importlib.util
+    import pathlib
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA EP: gpu_check would run for real")
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 0
+    assert "skipped: onnxruntime" in capsys.readouterr().out

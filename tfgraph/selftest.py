@@ -89,22 +89,60 @@ def window_self_test(target: str | Target, *, atol: float | None = None) -> list
     providers = runtime.usable(profile.providers)[0]
     results = []
     for case, left, right in CASES:
-        model = _model(left, right)
-        for spec in lowering:
-            create_pass(spec.name, **dict(spec.options))(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        # Static-shape targets (NPUs) get one model per length, its inputs pinned like `--shape` does.
+        builds = [(lengths, None)] if not profile.static_shapes else [([n], n) for n in lengths]
+        for run_lengths, static in builds:
+            model = _model(left, right)
+            if static is not None:
+                for value in model.graph.inputs:
+                    value.shape = ir.Shape([2, static, *list(value.shape)[2:]])
+            try:
+                for spec in lowering:
+                    create_pass(spec.name, **dict(spec.options))(model)
+                ir.passes.common.RemoveUnusedNodesPass()(model)
+                session = runtime.session(model, providers, options=profile.session_options)
+            except Exception as e:  # noqa: BLE001 - reported as a failed self-test
+                results.append(SelfTestResult(profile.name, case, 0, float("inf"), False, f"does not load: {e}"[:300]))
+                continue
+            for length in run_lengths:
+                rng = np.random.default_rng(length)
+                q, k, v = (rng.standard_normal((2, length, HEADS * HEAD_SIZE)).astype(np.float32) for _ in range(3))
+                keys = np.ones((2, length), np.int64)
+                keys[1, length - length // 3:] = 0
+                want, rows = _reference(q, k, v, keys, left, right)
+                got = session.run(None, {"q": q, "k": k, "v": v, "attention_mask": keys})[0]
+                err = float(np.abs(got - want)[rows].max())
+                results.append(SelfTestResult(profile.name, case, length, err, bool(err <= tolerance)))
+    return results
+
+
+MODELS = ("bert-small", "gpt-small")  # tiny BERT-style encoder and GPT-style decoder (2 layers)
+
+
+def profile_self_test(target: str | Target, *, models: tuple[str, ...] = MODELS) -> list[SelfTestResult]:
+    """Tiny BERT- and GPT-style models through the target's whole pipeline (precision passes
+    included), verified on the target's own providers against the fp32 model, with the placement
+    report: a result fails on a verification error or an undocumented CPU fallback. Needs torch
+    (the built-in models are exported with TorchScript)."""
+    import tfgraph
+    from tfgraph.errors import TfgraphError
+
+    profile = get_target(target)
+    shapes = {"batch": 1, "sequence": 16} if profile.static_shapes else {"batch": 2, "sequence": 16}
+    results = []
+    for name in models:
         try:
-            session = runtime.session(model, providers, options=profile.session_options)
-        except Exception as e:  # noqa: BLE001 - reported as a failed self-test
-            results.append(SelfTestResult(profile.name, case, 0, float("inf"), False, f"does not load: {e}"[:300]))
+            artifact = tfgraph.compile(name, target=profile, exporter="torchscript", shapes=shapes)
+        except TfgraphError as e:
+            results.append(SelfTestResult(profile.name, f"{name} compile", 16, float("inf"), False, str(e)[:300]))
             continue
-        for length in lengths:
-            rng = np.random.default_rng(length)
-            q, k, v = (rng.standard_normal((2, length, HEADS * HEAD_SIZE)).astype(np.float32) for _ in range(3))
-            keys = np.ones((2, length), np.int64)
-            keys[1, length - length // 3:] = 0
-            want, rows = _reference(q, k, v, keys, left, right)
-            got = session.run(None, {"q": q, "k": k, "v": v, "attention_mask": keys})[0]
-            err = float(np.abs(got - want)[rows].max())
-            results.append(SelfTestResult(profile.name, case, length, err, bool(err <= tolerance)))
+        manifest = artifact.manifest
+        worst = max((d["max_abs"] for d in manifest["verification"]["outputs"].values()), default=0.0)
+        place = manifest["placement"]
+        ran_on = ",".join(manifest["verification"]["session"]["providers"])
+        detail = f"on {ran_on}; placement {place['nodes']} ({place['source']})"
+        passed = bool(manifest["verification"]["passed"]) and place["unexpected_fallback"] == 0
+        if place["unexpected_fallback"]:
+            detail += f"; unexpected CPU fallback {place['fallback_ops']}"
+        results.append(SelfTestResult(profile.name, f"{name} compile", 16, float(worst), passed, detail))
     return results
