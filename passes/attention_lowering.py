@@ -230,10 +230,17 @@ WINDOW_LOWERINGS = ("blocked", "auto", "fused")
 
 
 def _window_applies(node: ir.Node) -> bool:
-    """An exactly banded or block-diagonal block (``classify-attention-masks`` kinds ``window``,
-    ``blocks``) with static heads and head size."""
-    if node.attributes.get_string("mask_kind", "bias") not in ("window", "blocks"):
+    """An exactly banded, block-diagonal or block-sparse block (``classify-attention-masks`` kinds
+    ``window``, ``blocks``, ``block_sparse``) with static heads and head size; a fixed
+    block-sparse layout also needs the static sequence length it was found for."""
+    kind = node.attributes.get_string("mask_kind", "bias")
+    if kind not in ("window", "blocks", "block_sparse"):
         return False
+    if kind == "block_sparse" and node.attributes.get_ints("block_layout") is not None:
+        q = node.inputs[0]
+        axis = 2 if node.op_type == "AttentionBHSD" else 1
+        if q.shape is None or q.shape[axis] != node.attributes.get_int("block_sequence"):
+            return False
     return _heads_and_size(node) is not None and is_self_attention(node)
 
 
@@ -296,6 +303,8 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     """A banded block: the blocked form (O(S·window)) when the sequence is at least
     ``threshold`` long, the fused kernel below; decided from the static length, or at
     run time with an ``If`` on it. Returns the nodes, the output and the form chosen."""
+    if node.attributes.get_string("mask_kind") == "block_sparse":
+        return _lower_block_sparse(graph, node, kernel)
     q, k, v, _ = node.inputs
     heads, size = _heads_and_size(node)
     own_block = node.attributes.get_string("mask_kind") == "blocks"
@@ -350,6 +359,37 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     if bhsd:
         out = b("Transpose", b("Reshape", out, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
     return new, out, form
+
+
+def _lower_block_sparse(graph: ir.Graph, node: ir.Node, kernel: str) -> tuple[list[ir.Node], ir.Value, str]:
+    """A block-sparse block: the generalised blocked form (per query block, a list of key
+    blocks) at every length, O(S·(most key blocks)·block_size)."""
+    q, k, v, _ = node.inputs
+    heads, size = _heads_and_size(node)
+    block = node.attributes.get_int("block_size")
+    layout = node.attributes.get_ints("block_layout")
+    options: dict = {}
+    if layout is not None:
+        n = math.isqrt(len(layout))
+        options = {"layout": np.array(layout, bool).reshape(n, n),
+                   "sequence_length": node.attributes.get_int("block_sequence")}
+    else:
+        options = {"offsets": list(node.attributes.get_ints("block_offsets")),
+                   "global_blocks": node.attributes.get_int("global_blocks", 0)}
+    new: list[ir.Node] = []
+    stem = node.name or node.outputs[0].name
+    b = blocked._Builder(new, stem)
+    bhsd = node.op_type == "AttentionBHSD"
+    if bhsd:  # to (B, S, N·H)
+        merge = b.i64(0, 0, -1)
+        q, k, v = (b("Reshape", b("Transpose", x, perm=[0, 2, 1, 3]), merge) for x in (q, k, v))
+    out = blocked.block_sparse_attention(
+        new, q, k, v, scale=node.attributes.get_float("scale"), block=block, heads=heads, head_size=size,
+        causal=bool(node.attributes.get_int("block_causal", 0)), key_padding=_key_padding(graph, node),
+        kernel=kernel, prefix=f"{stem}/block_sparse", **options)
+    if bhsd:
+        out = b("Transpose", b("Reshape", out, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
+    return new, out, "block_sparse"
 
 
 def default_block(left: int, right: int) -> int:

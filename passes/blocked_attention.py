@@ -186,6 +186,23 @@ def blocked_attention(
                  b("Expand", global_bias, b("Concat", lead, b.i64(g), axis=0)), axis=3)
         width += g
 
+    context = _attend(b, q, q_tiles, k_windows, v_windows, mask, blocks, block=block, width=width, heads=heads,
+                      head_size=head_size, scale=scale, kernel=kernel)
+    context = b("Slice", context, b.i64(0), sequence, b.i64(1))
+    if global_tokens and right > 0:
+        rows = _global_rows(b, q, k, v, scale=scale, heads=heads, head_size=head_size, count=global_tokens,
+                            key_padding=key_padding)
+        context = b("Concat", rows, b("Slice", context, b.i64(global_tokens), b.i64(2**62), b.i64(1)), axis=1)
+    return context
+
+
+def _attend(b: _Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_windows: ir.Value, mask: ir.Value,
+            blocks: ir.Value, *, block: int, width: int, heads: int, head_size: int, scale: float, kernel: str
+            ) -> ir.Value:
+    """Attention of every tile: (B, blocks, block, D) queries against (B, blocks, width, D)
+    keys and values under the additive (B|1, blocks, block|1, width) ``mask``; the context
+    as (B, blocks·block, D)."""
+    hidden = heads * head_size
     if kernel == "standard":
         split = b.i64(0, 0, 0, heads, head_size)
         q_h = b("Transpose", b("Reshape", q_tiles, split), perm=[0, 1, 3, 2, 4])  # (B, blocks, N, block, H)
@@ -194,7 +211,7 @@ def blocked_attention(
         v_h = b("Transpose", b("Reshape", v_windows, split), perm=[0, 1, 3, 2, 4])  # (B, blocks, N, width, H)
         scores = b("Add", b("MatMul", q_h, k_t), b("Unsqueeze", mask, b.i64(2)))
         probs = b("Softmax", scores, axis=-1)
-        probs.producer().name = f"{prefix}/{BLOCKED_ATTENTION_MARK}/Softmax"  # counted as fused by analysis
+        probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/Softmax"  # counted as fused by analysis
         context = b("MatMul", probs, v_h)  # (B, blocks, N, block, H)
         context = b("Reshape", b("Transpose", context, perm=[0, 1, 3, 2, 4]), b.i64(0, -1, hidden))
     else:
@@ -207,16 +224,171 @@ def blocked_attention(
         bias = b("Reshape", b("Expand", mask, full), b.i64(-1, 1, block, width))
         node = ir.node("MultiHeadAttention", [q_flat, k_flat, v_flat, None, None, bias], domain="com.microsoft",
                        attributes={"num_heads": heads, "scale": scale})
-        node.outputs[0].name = f"{prefix}/MultiHeadAttention"
-        nodes.append(node)
+        node.outputs[0].name = f"{b.prefix}/MultiHeadAttention"
+        b.nodes.append(node)
         batch_first = b("Concat", batch, b.i64(-1, hidden), axis=0)
         context = b("Reshape", node.outputs[0], batch_first)
-    context = b("Slice", context, b.i64(0), sequence, b.i64(1))
-    if global_tokens and right > 0:
-        rows = _global_rows(b, q, k, v, scale=scale, heads=heads, head_size=head_size, count=global_tokens,
-                            key_padding=key_padding)
-        context = b("Concat", rows, b("Slice", context, b.i64(global_tokens), b.i64(2**62), b.i64(1)), axis=1)
     return context
+
+
+def sparse_rows(layout: np.ndarray) -> np.ndarray:
+    """Query blocks of a block layout computed as tiles (the rest, which see far more key
+    blocks than the typical one — global query blocks — are computed densely): a block is
+    dense when it sees more than twice the median count of key blocks (and more than 2)."""
+    counts = layout.sum(axis=1)
+    dense = counts > max(2.0, 2 * float(np.median(counts)))
+    return ~dense if not dense.all() else np.ones_like(dense)
+
+
+def block_sparse_attention(
+    nodes: list[ir.Node],
+    q: ir.Value,
+    k: ir.Value,
+    v: ir.Value,
+    *,
+    scale: float,
+    block: int,
+    heads: int,
+    head_size: int,
+    causal: bool,
+    layout: np.ndarray | None = None,
+    sequence_length: int | None = None,
+    offsets: tuple[int, ...] | list[int] = (),
+    global_blocks: int = 0,
+    key_padding: ir.Value | None = None,
+    kernel: str = "standard",
+    prefix: str = "block_sparse",
+) -> ir.Value:
+    """Attention of (B, S, N·H) ``q``/``k``/``v`` under a block-sparse layout: query block ``t``
+    (positions ``t·block …``) sees whole key blocks (and, when ``causal``, only keys ``j <= i``,
+    so diagonal tiles are triangular), and ``key_padding`` ((B, S), nonzero = visible).
+
+    Either a fixed ``layout`` ((n, n) bool, n = ceil(S / block)) for the static length
+    ``sequence_length``: a constant (query blocks, most key blocks) table of key blocks
+    (empty slots masked) feeds one Gather per tensor; query blocks that see far more key
+    blocks than the others (:func:`sparse_rows`) are computed densely and put back in
+    place by one Gather. Or a repeating pattern for any length (``offsets``, ``global_blocks``:
+    see ``attention_masks.block_pattern``): the key blocks ``t + d`` and the first
+    ``global_blocks`` blocks, computed at run time; the global query blocks (two-sided
+    patterns) are computed densely.
+
+    O(S·(most key blocks)·block) work and memory. As in :func:`blocked_attention`, a row that
+    sees no key at all differs from dense attention (which averages over every key there).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown blocked-attention kernel {kernel!r}")
+    b = _Builder(nodes, prefix)
+    hidden = heads * head_size
+    slot = np.arange(block, dtype=np.int64)
+    dense_rows = None
+    if layout is not None:
+        layout = np.asarray(layout, bool)
+        length = int(sequence_length)
+        tiles = np.flatnonzero(sparse_rows(layout))
+        dense = np.flatnonzero(~sparse_rows(layout))
+        most = int(layout[tiles].sum(axis=1).max())
+        table = np.full((tiles.size, most), -1, np.int64)
+        for r, t in enumerate(tiles):
+            seen = np.flatnonzero(layout[t])
+            table[r, : seen.size] = seen
+        q_pos = tiles[:, None] * block + slot  # (tiles, block)
+        k_pos = (table[:, :, None] * block + slot).reshape(tiles.size, -1)  # (tiles, width)
+        valid = np.repeat(table >= 0, block, axis=1) & (k_pos < length)
+        width = most * block
+        blocks = b.i64(tiles.size)
+        q_rows = b.const(np.minimum(q_pos, length - 1))
+        k_rows = b.const(np.clip(k_pos, 0, length - 1))
+        if causal:  # (1, tiles, block, width), compared at run time (a constant would be S·width)
+            visible = b("And", b.const(valid[:, None, :]),
+                        b("LessOrEqual", b.const(np.where(valid, k_pos, 0)[:, None, :]), b.const(q_pos[:, :, None])))
+            visible = b("Unsqueeze", visible, b.i64(0))
+        else:
+            visible = b.const(valid[None, :, None, :])  # (1, tiles, 1, width)
+        if dense.size:
+            positions = np.arange(length)
+            rows = positions[np.isin(positions // block, dense)]  # dense query positions (R,)
+            dense_rows = (rows, layout[rows // block][:, positions // block] & ((positions[None, :] <= rows[:, None])
+                                                                              if causal else True))
+            order = np.empty(length, np.int64)
+            where = np.searchsorted(tiles, positions // block)
+            is_tile = np.isin(positions // block, tiles)
+            order[is_tile] = where[is_tile] * block + positions[is_tile] % block
+            order[~is_tile] = tiles.size * block + np.arange(rows.size)
+            dense_rows += (order,)
+    else:
+        offsets = sorted(int(d) for d in offsets)
+        g = global_blocks
+        width = (len(offsets) + g) * block
+        sequence = b("Shape", q, start=1, end=2)
+        blocks = b("Div", b("Add", sequence, b.i64(block - 1)), b.i64(block))
+        last = b("Squeeze", b("Sub", sequence, b.i64(1)), b.i64(0))
+        count = b("Squeeze", blocks, b.i64(0))
+        starts = b("Range", b.const(np.array(0, np.int64)), count, b.const(np.array(1, np.int64)))  # (n,)
+        t = b("Unsqueeze", starts, b.i64(1))  # (n, 1)
+        q_pos = b("Add", b("Mul", t, b.const(np.array(block, np.int64))), b.const(slot[None, :]))  # (n, block)
+        q_rows = b("Min", q_pos, last)
+        key_blocks = b("Add", t, b.const(np.array(offsets, np.int64)[None, :]))  # (n, K)
+        in_range = b("And", b("GreaterOrEqual", key_blocks, b.const(np.array(max(0, g), np.int64))),
+                     b("Less", key_blocks, count))  # a global block is seen through its own slot only
+        if g:
+            shape = b("Concat", blocks, b.i64(g), axis=0)
+            key_blocks = b("Concat", key_blocks, b("Expand", b.const(np.arange(g, dtype=np.int64)[None, :]), shape), axis=1)
+            in_range = b("Concat", in_range, b("Expand", b.const(np.ones((1, g), bool)), shape), axis=1)
+        k_pos = b("Reshape", b("Add", b("Mul", b("Unsqueeze", key_blocks, b.i64(2)), b.const(np.array(block, np.int64))),
+                               b.const(slot[None, None, :])), b.i64(0, -1))  # (n, width)
+        in_range = b("Reshape", b("Expand", b("Unsqueeze", in_range, b.i64(2)), b.i64(1, 1, block)), b.i64(0, -1))
+        valid = b("And", in_range, b("LessOrEqual", k_pos, last))
+        k_rows = b("Min", b("Max", k_pos, b.const(np.array(0, np.int64))), last)
+        if causal:
+            visible = b("And", b("Unsqueeze", valid, b.i64(1)),
+                        b("LessOrEqual", b("Unsqueeze", k_pos, b.i64(1)), b("Unsqueeze", q_pos, b.i64(2))))
+            visible = b("Unsqueeze", visible, b.i64(0))  # (1, n, block, width)
+        else:
+            visible = b("Unsqueeze", valid, b.i64(0, 2))  # (1, n, 1, width)
+
+    q_tiles = b("Gather", q, q_rows, axis=1)  # (B, n, block, D)
+    k_windows = b("Gather", k, k_rows, axis=1)  # (B, n, width, D)
+    v_windows = b("Gather", v, k_rows, axis=1)
+    if key_padding is not None:
+        keys = b("Cast", key_padding, to=ir.DataType.BOOL)
+        visible = b("And", visible, b("Unsqueeze", b("Gather", keys, k_rows, axis=1), b.i64(2)))  # (B, n, ., width)
+    mask = b("Where", visible, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
+    context = _attend(b, q, q_tiles, k_windows, v_windows, mask, blocks, block=block, width=width, heads=heads,
+                      head_size=head_size, scale=scale, kernel=kernel)
+    if layout is not None:
+        if dense_rows is None:
+            return b("Slice", context, b.i64(0), b.i64(length), b.i64(1))
+        rows, seen, order = dense_rows
+        dense_context = _dense_rows(b, q, k, v, rows, seen, scale=scale, heads=heads, head_size=head_size,
+                                    key_padding=key_padding)
+        return b("Gather", b("Concat", context, dense_context, axis=1), b.const(order), axis=1)
+    context = b("Slice", context, b.i64(0), sequence, b.i64(1))
+    if global_blocks and not causal:
+        count = global_blocks * block
+        rows = _global_rows(b, q, k, v, scale=scale, heads=heads, head_size=head_size, count=count,
+                            key_padding=key_padding)
+        context = b("Concat", rows, b("Slice", context, b.i64(count), b.i64(2**62), b.i64(1)), axis=1)
+    return context
+
+
+def _dense_rows(b: _Builder, q, k, v, rows: np.ndarray, seen: np.ndarray, *, scale: float, heads: int,
+                head_size: int, key_padding) -> ir.Value:
+    """Dense attention of the queries at ``rows`` over the keys ``seen`` ((R, S) bool) and
+    unpadded, (B, R, N·H)."""
+    split = b.i64(0, 0, heads, head_size)
+    q_r = b("Gather", q, b.const(rows.astype(np.int64)), axis=1)
+    q_h = b("Mul", b("Transpose", b("Reshape", q_r, split), perm=[0, 2, 1, 3]), b.const(np.array(scale, np.float32)))
+    k_t = b("Transpose", b("Reshape", k, split), perm=[0, 2, 3, 1])
+    v_h = b("Transpose", b("Reshape", v, split), perm=[0, 2, 1, 3])
+    visible = b.const(np.broadcast_to(seen, (rows.size, seen.shape[-1]))[None, None].copy())  # (1, 1, R, S)
+    if key_padding is not None:
+        keys = b("Unsqueeze", b("Cast", key_padding, to=ir.DataType.BOOL), b.i64(1, 2))
+        visible = b("And", visible, keys)
+    mask = b("Where", visible, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
+    probs = b("Softmax", b("Add", b("MatMul", q_h, k_t), mask), axis=-1)
+    probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/dense_rows/Softmax"
+    context = b("MatMul", probs, v_h)
+    return b("Reshape", b("Transpose", context, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
 
 
 def _global_rows(b: _Builder, q, k, v, *, scale: float, heads: int, head_size: int, count: int, key_padding):
