@@ -21,6 +21,7 @@ from tfgraph.passes import (  # noqa: E402
     dead_code,
     dedup_derived,
     dedup_initializers,
+    decompose,
     float16,
     identity,
     inline_functions,

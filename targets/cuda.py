@@ -109,6 +109,8 @@ CUDA_INT8 = Target(
 
 # --- TensorRT ---------------------------------------------------------------------------------
 STANDARD_LOWERING = (
+    # Contrib ops an input model may carry (e.g. from onnxruntime's optimizer) → standard ONNX.
+    PassSpec("decompose-unsupported", {"table": "tensorrt"}),
     PassSpec("lower-attention", {"to": "function", "window_to": "blocked", "window_kernel": "standard",
                                  "blocked_min_sequence": 1024}),
     PassSpec("inline-neutral-ops"),
