@@ -36,23 +36,6 @@ def _feeds(compiled, batch: int, seq: int) -> dict:
     return feeds
 
 
-def _placement_hook():
-    from tfgraph import runtime
-    from tfgraph.targets import get_target
-    from tfgraph.targets import openvino as ovt
-
-    if runtime.unavailable_reason(get_target("openvino-fp32").providers[0]) is None:
-        return
-    original = runtime.placement
-
-    def placement(model, profile):
-        if profile.providers and profile.providers[0].plugin == ovt.PLUGIN:
-            return ovt.query_placement(model, profile)
-        return original(model, profile)
-
-    runtime.placement = placement
-
-
 def bench(pairs: dict, shapes, runs: int, warmup: int = 3) -> dict:
     """pairs: label -> compiled OpenVINO model; returns {(label, batch): [seconds...]}."""
     times = {}
@@ -89,7 +72,6 @@ def main(argv=None) -> int:
     from tfgraph.targets import get_target
     from tfgraph.targets import openvino as ovt
 
-    _placement_hook()
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="bench-ov-"))
     work.mkdir(parents=True, exist_ok=True)
     core = ov.Core()

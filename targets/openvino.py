@@ -118,6 +118,7 @@ OPENVINO_FP32 = Target(
     allowed_fallbacks=OV_FALLBACKS,
     opset=(17, 22),
     attention=ATTENTION,
+    standalone_runtime="tfgraph.targets.openvino",
 )
 
 # bf16: OpenVINO's own CPU default on hardware with bf16 (AMX / AVX512_BF16); asked for explicitly.
@@ -137,6 +138,7 @@ OPENVINO_BF16 = Target(
     allowed_fallbacks=OV_FALLBACKS,
     opset=(17, 22),
     attention=ATTENTION,
+    standalone_runtime="tfgraph.targets.openvino",
 )
 
 # int8: static QDQ, uint8 activations (asymmetric, calibrated) and int8 weights (symmetric, per output
@@ -176,6 +178,7 @@ OPENVINO_INT8 = Target(
     allowed_fallbacks=OV_FALLBACKS,
     opset=(17, 22),
     attention=ATTENTION,
+    standalone_runtime="tfgraph.targets.openvino",
 )
 
 TARGETS: tuple = (OPENVINO_FP32, OPENVINO_BF16, OPENVINO_INT8)
@@ -267,3 +270,21 @@ def query_placement(model: Any, profile: Target):
         counts["CPUExecutionProvider"] = len(fallback)
     return Placement(f"openvino {ov.__version__} query_model", names, dict(counts), fallback,
                      list(profile.allowed_fallbacks), note=note)
+
+
+# --- the standalone-runtime interface (Target.standalone_runtime) --------------------------------
+# Where the plugin EP lists no device (any non-Intel CPU), compile verifies on plain OpenVINO and
+# takes the placement report from it: the same OpenVINO runtime and ONNX frontend the EP embeds.
+NAME = "OpenVINO (plain openvino runtime, CPU)"
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "the openvino package is not installed (extra 'openvino')"
+    return None
+
+
+run = run_openvino
+placement = query_placement

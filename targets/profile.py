@@ -137,6 +137,11 @@ class Target:
     opset: tuple[int, int] = (17, 25)
     # How attention ends up on this target, in words (the passes carry the exact options).
     attention: str = ""
+    # Where the profile's EP cannot run here but its runtime can (OpenVINO's plugin EP claims Intel
+    # CPUs only; plain OpenVINO runs on any x86): a module with ``unavailable_reason()``,
+    # ``run(model, feeds, target)`` and ``placement(model, target)``, used for the final verification
+    # and the placement report instead of onnxruntime's CPU EP and the op table.
+    standalone_runtime: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -161,4 +166,5 @@ class Target:
             "static_shapes": self.static_shapes,
             "opset": list(self.opset),
             "attention": self.attention,
+            **({"standalone_runtime": self.standalone_runtime} if self.standalone_runtime else {}),
         }

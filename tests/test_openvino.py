@@ -40,27 +40,6 @@ def raw_models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def placement_from_openvino():
-    """Where the EP lists no device here, the placement report comes from plain OpenVINO's
-    query_model (until tfgraph.runtime.placement asks targets/openvino.py itself)."""
-    if _ep_usable():
-        yield
-        return
-    original = runtime.placement
-
-    def placement(model, profile):
-        if profile.providers and profile.providers[0].plugin == ovt.PLUGIN:
-            return ovt.query_placement(model, profile)
-        return original(model, profile)
-
-    runtime.placement = placement
-    try:
-        yield
-    finally:
-        runtime.placement = original
-
-
 def _compiled(raw_models, tmp_path_factory, name, profile, cache={}):  # noqa: B006 - module cache
     key = (name, profile)
     if key not in cache:
@@ -96,7 +75,7 @@ def test_plugin_ep_devices_or_reason():
 
 @pytest.mark.parametrize("name", ["bert-small", "gpt-small"])
 @pytest.mark.parametrize("profile", PROFILES)
-def test_runs_on_openvino_within_tolerance(raw_models, tmp_path_factory, placement_from_openvino, name, profile):
+def test_runs_on_openvino_within_tolerance(raw_models, tmp_path_factory, name, profile):
     target = get_target(profile)
     artifact = _compiled(raw_models, tmp_path_factory, name, profile)
     manifest = artifact.manifest
@@ -104,6 +83,9 @@ def test_runs_on_openvino_within_tolerance(raw_models, tmp_path_factory, placeme
     # Placement: from the EP's session or plain OpenVINO; no fallback beyond what the profile documents.
     placement = manifest["placement"]
     assert placement["unexpected_fallback"] == 0, placement
+    if not _ep_usable():  # verified and placed by plain OpenVINO, the runtime the EP embeds
+        assert manifest["verification"]["session"]["providers"] == [ovt.NAME]
+        assert placement["source"].startswith("openvino ")
     # Attention fused and lowered to what the profile says (no window attributes, no tfgraph ops left).
     compiled = onnx.load(artifact.path / "model.onnx", load_external_data=False)
     domains = {n.domain for n in compiled.graph.node}
@@ -135,7 +117,7 @@ def test_runs_on_openvino_within_tolerance(raw_models, tmp_path_factory, placeme
             assert _cosine(actual, expected) >= target.min_cosine, (profile, name, out)
 
 
-def test_int8_emits_8bit_qdq_only(raw_models, tmp_path_factory, placement_from_openvino):
+def test_int8_emits_8bit_qdq_only(raw_models, tmp_path_factory):
     artifact = _compiled(raw_models, tmp_path_factory, "bert-small", "openvino-int8")
     model = onnx.load(artifact.path / "model.onnx")
     inits = {t.name: t for t in model.graph.initializer}

@@ -459,7 +459,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
     from tfgraph.passes import available_passes, get_pass_class
 
     _load_plugins(args.plugin)
-    rows = [{"name": n, "class": get_pass_class(n).__qualname__, "doc": (get_pass_class(n).__doc__ or "").strip().splitlines()[0]} for n in available_passes()]
+    rows = [{"name": n, "class": get_pass_class(n).__qualname__, "doc": next(iter((get_pass_class(n).__doc__ or "").strip().splitlines()), "")} for n in available_passes()]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

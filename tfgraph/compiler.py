@@ -390,12 +390,17 @@ def compile(  # noqa: A001 - the product's verb
                 progress("final verification", 0, 1)
             providers, unavailable = runtime.usable(profile.providers)
             providers = providers or [Provider(runtime.CPU)]
+            standalone = runtime.standalone_runtime(profile)
+            ran_on = [p.name for p in providers] if standalone is None else [standalone.NAME]
             try:
-                final = runtime.run(model_ir, feeds, providers, options=profile.session_options)
+                if standalone is not None:  # the EP's own runtime, used directly (its EP cannot run here)
+                    final = standalone.run(model_ir, feeds, profile)
+                else:
+                    final = runtime.run(model_ir, feeds, providers, options=profile.session_options)
             except Exception as e:
                 message = first_line(e)
                 raise VerificationError(
-                    f"the compiled model does not run with the target's session ({', '.join(p.name for p in providers)}): {message}"
+                    f"the compiled model does not run with the target's session ({', '.join(ran_on)}): {message}"
                 ) from None
             diffs = compare(
                 reference, final, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol, padded=padded_positions(feeds)
@@ -409,14 +414,14 @@ def compile(  # noqa: A001 - the product's verb
                 # Positions where the mask input is 0 carry no defined value (see verify.compare).
                 "padded_positions_excluded": _count(padded_positions(feeds)),
                 "outputs": {d.name: d.to_json() for d in diffs},
-                "session": {"providers": [p.name for p in providers], "options": dict(profile.session_options)},
+                "session": {"providers": ran_on, "options": dict(profile.session_options)},
                 # Providers of the profile that cannot run here: verified on the others (the same graph).
                 "providers_unavailable": unavailable,
             }
             if not verification["passed"]:
                 worst = max((d for d in diffs if not d.ok), key=lambda d: d.max_abs)
                 raise VerificationError(
-                    f"the compiled model diverges under the target's session ({', '.join(p.name for p in providers)}, "
+                    f"the compiled model diverges under the target's session ({', '.join(ran_on)}, "
                     f"{dict(profile.session_options)}): output '{worst.name}' max abs error {worst.max_abs:.3g}",
                     report=verification,
                 )

@@ -175,6 +175,11 @@ def placement(model: ir.Model, profile) -> Placement:
     ok, missing = usable(accelerators)
     if not missing:
         return _session_placement(model, profile, names, allowed)
+    standalone = standalone_runtime(profile)
+    if standalone is not None:
+        report = standalone.placement(model, profile)
+        report.note = "; ".join(x for x in (report.note, *(f"{k}: {v}" for k, v in missing.items())) if x)
+        return report
     from tfgraph.targets.op_table import load_table, runtime_table
 
     table = load_table(profile.op_table) if profile.op_table else runtime_table(accelerators[0].name)
@@ -186,6 +191,14 @@ def placement(model: ir.Model, profile) -> Placement:
         {accelerators[0].name: total - len(fallback), **({CPU: len(fallback)} if fallback else {})},
         fallback, allowed, note="; ".join(f"{k}: {v}" for k, v in missing.items()),
     )
+
+
+def standalone_runtime(profile):
+    """The profile's standalone runtime module when its EP cannot run here but that runtime can; else None."""
+    if profile.standalone_runtime is None or not usable(p for p in profile.providers if p.name != CPU)[1]:
+        return None
+    module = importlib.import_module(profile.standalone_runtime)
+    return module if module.unavailable_reason() is None else None
 
 
 def _session_placement(model: ir.Model, profile, names: list[str], allowed: list[str]) -> Placement:
