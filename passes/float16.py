@@ -48,6 +48,8 @@ UNTOUCHED = {"Cast", "CastLike", "ConstantOfShape", "Range", "RandomNormal", "Ra
 
 @register_pass("convert-float16")
 class ConvertFloat16(ir.passes.InPlacePass):
+    """float32 → float16/bfloat16 compute with fp32 IO; nodes whose calibrated ranges or reductions demand it stay fp32."""
+
     changes_outputs = True
     uses_calibration = True
 
