@@ -67,6 +67,11 @@ CPU_LOWERING = (
     PassSpec("remove-dead"),
 )
 
+CPU_ATTENTION = (
+    "packed com.microsoft.Attention (else MultiHeadAttention); windows: the blocked form with MultiHeadAttention "
+    f"tiles from {WINDOW_CROSSOVER} tokens, GroupQueryAttention/MultiHeadAttention below (an If when the length is dynamic)"
+)
+
 CPU_FP32 = Target(
     name="cpu-fp32",
     description="onnxruntime CPU EP, fp32: canonicalized graph, attention fused (packed Attention, else MultiHeadAttention)",
@@ -77,6 +82,7 @@ CPU_FP32 = Target(
     passes=CLEANUP + FUSION + CPU_LOWERING + (PassSpec("dedup-derived"), PassSpec("remove-dead")),
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    attention=CPU_ATTENTION,
 )
 
 # --- int8 -------------------------------------------------------------------------------------
@@ -100,7 +106,7 @@ CPU_FP32 = Target(
 # the Q/K/V packing is found by the fp32 pipeline. The cosine of this recipe (0.993) is under the
 # 0.995 budget: compile's max-drop loop (min_cosine below) reverts the most harmful nodes to float
 # until it holds. Static QDQ measured less accurate and no faster on onnxruntime CPU (also on the
-# AMX Xeon in MEASUREMENTS.md); its placement lives in INT8_QDQ_SCHEMES below as data.
+# AMX Xeon in MEASUREMENTS.md); its placement lives with the targets that use it (targets/cuda.py, openvino.py, npu.py).
 CPU_INT8_SCHEME = Quantization(
     mode="dynamic",
     activation_type="uint8",
@@ -135,17 +141,9 @@ CPU_INT8 = Target(
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=CPU_INT8_SCHEME,
     min_cosine=0.995,
+    attention=CPU_ATTENTION + "; the packed Q/K/V projection moved out into one DynamicQuantizeMatMul",
 )
 
-# Static QDQ schemes as data (for runtimes that fuse QDQ into integer kernels). Not registered as
-# targets: their execution providers are not installed here.
-TENSORRT_LIKE_INT8 = Quantization(
-    mode="static", activation_type="int8", weight_type="int8", activation_symmetric=True, weight_symmetric=True,
-    per_channel=True, placement={"MatMul": (0, 1), "Gemm": (0, 1)},
-    weight_axes={"MatMul": {1: 1}, "Gemm": {1: 0}}, calibrator="entropy",
-    reason="TensorRT fuses Q/DQ on GEMM-like inputs only, symmetric int8, per-channel weights",
-)
-# (The QNN-style NPU schemes, npu-a8w8 and npu-a16w8, are registered targets in targets/npu.py.)
-INT8_QDQ_SCHEMES = {"tensorrt-like-int8": TENSORRT_LIKE_INT8}
-
+# The static Q/DQ schemes of other runtimes live with their targets: targets/cuda.py (TensorRT),
+# targets/openvino.py, targets/npu.py.
 TARGETS = (CPU_FP32, CPU_INT8)

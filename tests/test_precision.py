@@ -11,7 +11,8 @@ from tfgraph import calibration as cal
 from tfgraph import precision
 from tfgraph.passes.quantize import quantize_array
 from tfgraph.passes.registry import create_pass
-from tfgraph.targets.cpu import CPU_INT8_SCHEME, TENSORRT_LIKE_INT8
+from tfgraph.targets.cpu import CPU_INT8_SCHEME
+from tfgraph.targets.cuda import TENSORRT_INT8_SCHEME as TENSORRT_LIKE_INT8
 from tfgraph.targets.npu import NPU_A8W8
 from tfgraph.verify import run
 
