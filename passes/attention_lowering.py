@@ -422,6 +422,10 @@ class LowerAttentionPass(ir.passes.InPlacePass):
     MultiHeadAttention) — from the static length, or at run time with an ``If``; or
     (``"fused"``) causal windows always to GroupQueryAttention's ``local_window_size`` (for EPs
     whose kernel skips the out-of-window work, as CUDA's does), other windows as ``"auto"``.
+    With ``window_to`` set (any value), block-diagonal (``blocks``) and block-sparse
+    (``block_sparse``) blocks always take the blocked form (for a block-sparse layout, a list
+    of key blocks per query block: O(S·most key blocks·block_size)); without it they stay
+    dense with their bias.
     With ``to="function"`` only the blocks a ``causal_to``/``window_to`` takes are lowered; the
     rest keep the neutral op (for ``inline-neutral-ops``).
     ``block``: the blocked form's query block (default: half the window, multiple of 8);

@@ -22,11 +22,25 @@ aligned diagonal ``j - i <= T - S``, so cached keys count as visible):
 * ``window_bias``: the band is masked as above, plus more (padding).
 * ``blocks``: block-diagonal (Swin-like local windows): a query sees exactly the keys of its
   own block of ``block_size`` positions.
+* ``block_sparse``: a block-sparse layout (BigBird/Longformer-style sliding, global and
+  random blocks, Child et al.'s fixed pattern, …): for some block size ``b`` >= 4
+  (``block_size``), every (query block, key block) tile is entirely visible or entirely
+  masked, except that when no query sees a later key (``block_causal=1``) the visible
+  diagonal tiles are lower-triangular (``j <= i``); queries and keys of one length, every
+  query sees a key. Probes of one size (a static length, or a mask built from constants):
+  any such layout, ``block_layout`` (n × n 0/1 row-major, n = ceil(S / b)) for
+  ``block_sequence = S``. Probes of several sizes: only a layout that repeats along the
+  diagonal — query block ``t`` sees key blocks ``t + d`` for ``d`` in ``block_offsets`` and
+  the first ``global_blocks`` key blocks, and (two-sided) the first ``global_blocks`` query
+  blocks see every key — fitted on the probes and confirmed at a longer one
+  (:func:`block_pattern`); other layouts that change with the length stay ``bias``. A
+  block band is not a ``window``: its reach depends on the query's place in its block.
+  Only tried when nothing exact (causal, window, blocks, padding) explains the mask.
 * ``bias``: anything else; stays a general additive bias.
 
 When the extra masking of a ``*_bias`` kind is exactly the zeros of a ``(batch, keys)``
 mask input (the usual ``attention_mask``), the kind becomes ``causal``/``window`` with a
-``key_padding`` attribute naming that input (and a ``bias`` that is nothing but such
+``key_padding`` attribute (``blocks`` and ``block_sparse`` take it too) naming that input (and a ``bias`` that is nothing but such
 padding becomes ``padding``): a target can then build the mask in O(S)
 from the structure and that input instead of reading the exporter's (B, 1, S, T) tensor.
 

@@ -14,7 +14,8 @@ lowers nothing gets a correct standard-ONNX graph.
     (a scalar 0 when the attention has no mask). Attributes: ``num_heads`` (int),
     ``scale`` (float), ``mask_kind`` (``"none"``, ``"bias"``, or what
     ``classify-attention-masks`` found: ``"padding"``, ``"causal"``, ``"causal_bias"``, ``"window"``,
-    ``"window_bias"``, the last two with ``window_left``/``window_right``; informs
+    ``"window_bias"``, the last two with ``window_left``/``window_right``, ``"blocks"`` and
+    ``"block_sparse"`` with ``block_size`` and the layout (see ``classify-attention-masks``); informs
     lowering only: the bias always holds the whole mask). A query row whose keys are all
     masked with ``-inf`` gives 0 (the NaN guard transformers' SDPA exports carry), not NaN.
 
