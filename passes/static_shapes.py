@@ -29,7 +29,16 @@ def _dims(shape: ir.Shape | None) -> list:
 
 def pin_input_shapes(graph: ir.Graph, shapes: Mapping[str, Any]) -> bool:
     """Fix graph input dims from ``shapes`` (``name -> tuple`` for an input, ``symbol -> int`` for a
-    named dimension, as ``tfgraph.verify.parse_shapes`` gives). True when a dim changed."""
+    named dimension, as ``tfgraph.verify.parse_shapes`` gives). A whole input shape also fixes the
+    named dims it binds (``input_ids=1x128`` on ``(batch, sequence)``: batch 1, sequence 128 for
+    every input sharing them). True when a dim changed."""
+    shapes = dict(shapes)
+    for value in graph.inputs:  # symbols bound by whole shapes (explicit symbol sizes win)
+        given = shapes.get(value.name)
+        if isinstance(given, tuple) and value.shape is not None and len(given) == len(value.shape):
+            for dim, size in zip(value.shape, given):
+                if not isinstance(dim, int) and dim.value and dim.value not in shapes:
+                    shapes[dim.value] = int(size)
     changed = False
     for value in graph.inputs:
         if value.shape is None:
@@ -102,10 +111,13 @@ class SpecializeShapesPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        before_inputs = [v.shape for v in graph.inputs]
         modified = pin_input_shapes(graph, self.shapes) if self.shapes else False
         missing = [f"{v.name} {_dims(v.shape) if v.shape is not None else '(no shape)'}"
                    for v in graph.inputs if not _static(v.shape)]
         if missing:
+            for value, shape in zip(graph.inputs, before_inputs):  # a failed pass changes nothing
+                value.shape = shape
             raise BadInputError(
                 "static shapes required: input(s) with unknown dimensions: " + "; ".join(missing)
                 + " (pass --shape NAME=DIMS, e.g. --shape input_ids=1x128)")
@@ -118,6 +130,7 @@ class SpecializeShapesPass(ir.passes.InPlacePass):
             changed = self._replace_shape_reads(graph, counts)
             changed |= self._fold(model)
             changed |= self._static_shape_inputs(graph, counts)
+            changed |= self._gathernd_to_reshape(graph, counts)
             changed |= RemoveUnusedNodesPass()(model).modified
             changed = changed or _graph_key(graph) != key
             modified |= changed
@@ -193,6 +206,10 @@ class SpecializeShapesPass(ir.passes.InPlacePass):
         from onnxscript.optimizer import _constant_folding
 
         def should_fold(node: ir.Node) -> bool | None:
+            # ConstantOfShape (kept by the folder's defaults) becomes its value: a static graph has no
+            # shape-driven ops left (the output size limit still applies).
+            if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx"):
+                return True
             # Never copy a shared weight (as fold-constants); shape arithmetic is small.
             for value in node.inputs:
                 tensor = value.const_value if value is not None else None
@@ -236,12 +253,48 @@ class SpecializeShapesPass(ir.passes.InPlacePass):
         return changed
 
     @staticmethod
+    def _gathernd_to_reshape(graph: ir.Graph, counts: dict) -> bool:
+        """``GatherND(x, indices)`` whose constant indices (built from ``Range`` over dims that are now
+        static: SDPA's mask reads ``mask[batch, key]`` this way) enumerate the leading axes of ``x`` in
+        order is a ``Reshape`` of ``x`` (QNN HTP has no GatherND: measured, it falls back to CPU)."""
+        changed = False
+        for node in list(graph):
+            if node.op_type != "GatherND" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("batch_dims", 0):
+                continue
+            x, indices, out = node.inputs[0], node.inputs[1], node.outputs[0]
+            if indices is None or indices.const_value is None or not _static(x.shape) or not _static(out.shape):
+                continue
+            idx = indices.const_value.numpy().astype(np.int64)
+            dims = [int(d) for d in x.shape]
+            k = idx.shape[-1] if idx.ndim else 0
+            if not 0 < k <= len(dims):
+                continue
+            lead = dims[:k]
+            flat = np.ravel_multi_index(tuple(np.mod(idx.reshape(-1, k), lead).T), lead)
+            if not np.array_equal(flat, np.arange(int(np.prod(lead)))):
+                continue
+            target = np.array([int(d) for d in out.shape], dtype=np.int64)
+            if 0 in target:
+                continue
+            shape = _const_node(graph, node, target, f"{out.name}_shape_static")
+            reshape = ir.node("Reshape", [x, shape], name=f"{node.name}_reshape")
+            reshape.outputs[0].dtype, reshape.outputs[0].shape = out.dtype, out.shape
+            graph.insert_before(node, reshape)
+            ir.convenience.replace_all_uses_with(out, reshape.outputs[0], replace_graph_outputs=True)
+            name = out.name
+            graph.remove(node, safe=True)
+            reshape.outputs[0].name = name
+            counts["gathernd_reshaped"] = counts.get("gathernd_reshaped", 0) + 1
+            changed = True
+        return changed
+
+    @staticmethod
     def _dynamic_left(graph: ir.Graph) -> list[str]:
         left = []
         for node in graph:
             if node.domain not in ("", "ai.onnx"):
                 continue
-            if node.op_type in _SHAPE_READS:
+            if node.op_type in _SHAPE_READS or node.op_type == "GatherND":
                 left.append(f"{node.op_type} {node.name}")
             index = _SHAPE_INPUTS.get(node.op_type)
             if index is not None and index < len(node.inputs) and node.inputs[index] is not None:
