@@ -133,6 +133,9 @@ def blocked_attention(
 
     sequence = b("Shape", q, start=1, end=2)
     blocks = b("Div", b("Add", sequence, b.i64(block - 1)), b.i64(block))
+    if kernel != "standard" and key_padding is None and not global_tokens and right == 0 and not own_block_only:
+        return _shared_band(b, q, k, v, sequence, blocks, scale=scale, left=left, block=block, before=before,
+                            count=count, heads=heads, head_size=head_size)
 
     # One Gather per tensor (no padding copies): (B, blocks, block, D) query tiles (rows past
     # the end repeat the last query and are cut off at the end) and (B, blocks, width, D)
@@ -196,11 +199,55 @@ def blocked_attention(
     return context
 
 
+def _shared_band(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: int, block: int, before: int,
+                 count: int, heads: int, head_size: int) -> ir.Value:
+    """The MultiHeadAttention-tiles form of a causal band without key padding or global tokens,
+    with one (block, width) band mask broadcast over the tiles instead of a (tiles, block,
+    width) one (the fused kernel reads a broadcast bias as cheaply as none).
+
+    Only the first ``before`` tiles reach keys before the sequence and need them masked:
+    they are a second, small MultiHeadAttention call with their own mask. Keys past the end
+    (clipped into the sequence) are never masked by anything but the band, which already
+    hides them from every real query (``right == 0``); the rows past the end are cut off.
+    At least one tile follows the first ``before`` (rows past the end when the sequence is
+    that short), so neither call is empty."""
+    width = count * block
+    total = b("Max", blocks, b.i64(before + 1))  # tiles computed: (before) + at least 1
+    q_rows, _ = _positions(b, sequence, total, block, 0, 1)
+    keys, valid = _positions(b, sequence, total, block, before, count)
+    offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
+               b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
+    in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
+                b("LessOrEqual", offset, b.const(np.array(0, np.int64))))
+    band = b("Where", in_band, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
+    parts = []
+    dims = dict(block=block, width=width, heads=heads, head_size=head_size, scale=scale,
+                kernel="com.microsoft.MultiHeadAttention")
+    if before:
+        first = (b.i64(0), b.i64(before), b.i64(0))
+        head_keys = b("Slice", keys, *first)
+        head_valid = b("Slice", valid, *first)
+        key_bias = b("Where", b("Unsqueeze", head_valid, b.i64(0, 2)), b.const(np.array(0.0, np.float32)),
+                     b.const(np.array(_HALF_MIN, np.float32)))  # (1, before, 1, width)
+        mask = b("Add", key_bias, b("Where", in_band, b.const(np.array(0.0, np.float32)),
+                                    b.const(np.array(_HALF_MIN, np.float32))))
+        parts.append(_attend(b, q, b("Gather", q, b("Slice", q_rows, *first), axis=1),
+                             b("Gather", k, head_keys, axis=1), b("Gather", v, head_keys, axis=1), mask,
+                             b.i64(before), name="MultiHeadAttention_first", **dims))
+    rest = (b.i64(before), b.i64(2**62), b.i64(0))
+    rest_keys = b("Slice", keys, *rest)
+    parts.append(_attend(b, q, b("Gather", q, b("Slice", q_rows, *rest), axis=1), b("Gather", k, rest_keys, axis=1),
+                         b("Gather", v, rest_keys, axis=1), band, None, shared=True, **dims))
+    context = b("Concat", *parts, axis=1) if len(parts) > 1 else parts[0]
+    return b("Slice", context, b.i64(0), sequence, b.i64(1))
+
+
 def _attend(b: _Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_windows: ir.Value, mask: ir.Value,
-            blocks: ir.Value, *, block: int, width: int, heads: int, head_size: int, scale: float, kernel: str
-            ) -> ir.Value:
+            blocks: ir.Value, *, block: int, width: int, heads: int, head_size: int, scale: float, kernel: str,
+            shared: bool = False, name: str = "MultiHeadAttention") -> ir.Value:
     """Attention of every tile: (B, blocks, block, D) queries against (B, blocks, width, D)
-    keys and values under the additive (B|1, blocks, block|1, width) ``mask``; the context
+    keys and values under the additive (B|1, blocks, block|1, width) ``mask`` (``shared``:
+    one (block, width) mask for every tile, MultiHeadAttention kernel only); the context
     as (B, blocks·block, D)."""
     hidden = heads * head_size
     if kernel == "standard":
@@ -220,11 +267,14 @@ def _attend(b: _Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_
         k_flat = b("Reshape", k_windows, b.i64(-1, width, hidden))
         v_flat = b("Reshape", v_windows, b.i64(-1, width, hidden))
         batch = b("Shape", q, start=0, end=1)
-        full = b("Concat", batch, blocks, b.i64(block, width), axis=0)
-        bias = b("Reshape", b("Expand", mask, full), b.i64(-1, 1, block, width))
+        if shared:  # broadcast over the tiles: no (tiles, block, width) bias in memory
+            bias = b("Reshape", mask, b.i64(1, 1, block, width))
+        else:
+            full = b("Concat", batch, blocks, b.i64(block, width), axis=0)
+            bias = b("Reshape", b("Expand", mask, full), b.i64(-1, 1, block, width))
         node = ir.node("MultiHeadAttention", [q_flat, k_flat, v_flat, None, None, bias], domain="com.microsoft",
                        attributes={"num_heads": heads, "scale": scale})
-        node.outputs[0].name = f"{b.prefix}/MultiHeadAttention"
+        node.outputs[0].name = f"{b.prefix}/{name}"
         b.nodes.append(node)
         batch_first = b("Concat", batch, b.i64(-1, hidden), axis=0)
         context = b("Reshape", node.outputs[0], batch_first)

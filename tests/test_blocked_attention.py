@@ -57,6 +57,11 @@ CASES = [
     (7, 0, 8, 24, False, 1),  # causal + a global (sink) token
     (3, 3, 4, 19, True, 2),  # two-sided + global tokens (dense global rows)
     (3, 3, 4, 2, True, 3),  # sequence shorter than the global tokens
+    # Causal, no padding: the MultiHeadAttention kernel's shared band mask (first tiles apart)
+    (7, 0, 4, 21, False, 0),  # two first tiles, S not a multiple
+    (7, 0, 4, 6, False, 0),  # fewer tiles than the first ones + 1
+    (255, 0, 128, 300, False, 0),
+    (0, 0, 4, 10, False, 0),  # window of the current key only: no first tiles
 ]
 
 
