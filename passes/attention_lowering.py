@@ -161,7 +161,8 @@ GQA_HEAD_SIZE_MULTIPLE = 8
 def _gqa_applies(node: ir.Node) -> bool:
     """A causal (or left-windowed) block without cached keys: queries and keys have the same length."""
     kind = node.attributes.get_string("mask_kind", "bias")
-    if kind not in CAUSAL_KINDS or node.attributes.get_int("window_right", 0) != 0:
+    causal_blocks = kind == "block_sparse" and node.attributes.get_int("block_causal", 0) == 1  # as causal_bias
+    if (kind not in CAUSAL_KINDS and not causal_blocks) or node.attributes.get_int("window_right", 0) != 0:
         return False
     dims = _heads_and_size(node)
     # The kernel needs head sizes that are multiples of 8.
@@ -202,7 +203,7 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
         kv_heads = heads
     seqlens, total = _prompt_lengths(blocked._Builder(new, f"{node.name or node.outputs[0].name}/gqa"), q_in)
     kind = node.attributes.get_string("mask_kind")
-    padded = kind.endswith("_bias") or node.attributes.get_string("key_padding") is not None
+    padded = kind.endswith("_bias") or kind == "block_sparse" or node.attributes.get_string("key_padding") is not None
     bias = _mha_bias(new, node, q_in, 1, k_in, 1) if padded else None
     attributes = {
         "num_heads": heads,

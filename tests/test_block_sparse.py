@@ -153,6 +153,7 @@ def _run_form(length, padding, kernel, **options):
 FIXED = [  # layout maker, block, length, causal
     (bigbird, 4, 32, False),  # global rows (first/last block) computed densely
     (bigbird, 4, 30, False),  # last block partial
+    (bigbird, 4, 62, False),  # 16 blocks: the global first and last query blocks are computed densely
     (child_fixed, 4, 29, True),  # causal: triangular diagonal tiles
     (lambda n: block_pattern(n, [-2, -1, 0], 0, True), 8, 40, True),
 ]
@@ -243,6 +244,13 @@ def test_pass_on_constant_mask(make, block, length, causal, kernel):
     dense = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     LowerAttentionPass()(dense)
     assert [n.op_type for n in dense.graph if n.domain == "com.microsoft"] == ["MultiHeadAttention"]
+    if causal:  # with causal_to alone, a causal layout goes to GroupQueryAttention with its bias (as causal_bias did)
+        gqa = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        LowerAttentionPass(causal_to="com.microsoft.GroupQueryAttention")(gqa)
+        assert [n.op_type for n in gqa.graph if n.domain == "com.microsoft"] == ["GroupQueryAttention"]
+        got = verify.run(gqa, feeds)["y"]
+        np.testing.assert_allclose(got[feeds["attention_mask"].astype(bool)],
+                                   want[feeds["attention_mask"].astype(bool)], atol=2e-6, rtol=1e-5)
     lower = LowerAttentionPass(window_to="auto", window_kernel=kernel)
     assert lower(model).modified
     assert lower.report["window:block_sparse"] == {"matches": 1}
@@ -327,3 +335,49 @@ def test_exported_block_band(tmp_path, exporter):
             got = verify.run(compiled, feeds)["y"]
             rows = feeds["attention_mask"].astype(bool)
             np.testing.assert_allclose(got[rows], want[rows], atol=2e-6, rtol=1e-5, err_msg=f"{length} {left}")
+
+
+def test_exported_static_bigbird_layout(tmp_path):
+    """A static-length export whose mask is a constant BigBird-like layout (a buffer of the model)
+    combined with key padding: the exact layout is found and lowered (dense global rows)."""
+    torch = pytest.importorskip("torch")
+    import tfgraph
+
+    length, block = 30, 4
+    layout = bigbird(-(-length // block), seed=1)
+
+    class BigBird(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(50, WIDTH)
+            self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+            self.register_buffer("visible", torch.from_numpy(_tiles(layout, block, length, False)))
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            b, s, _ = x.shape
+            q, k, v = (t.reshape(b, s, HEADS, HEAD_SIZE).transpose(1, 2) for t in self.qkv(x).split(WIDTH, dim=-1))
+            allowed = self.visible[None, None] & attention_mask[:, None, None, :].bool()
+            bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min)
+            probs = torch.softmax(q @ k.transpose(-1, -2) * HEAD_SIZE ** -0.5 + bias, dim=-1)
+            return (probs @ v).transpose(1, 2).reshape(b, s, WIDTH)
+
+    raw = tmp_path / "bigbird.onnx"
+    ids, mask = torch.randint(0, 50, (2, length)), torch.ones(2, length, dtype=torch.int64)
+    torch.onnx.export(BigBird().eval(), (ids, mask), raw, dynamo=False, opset_version=18,
+                      input_names=["input_ids", "attention_mask"], output_names=["y"])
+    artifact = tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out", verify=False)  # checked below
+    record = next(r for r in artifact.manifest["passes"] if r["name"] == "classify-attention-masks")
+    assert {k: v["matches"] for k, v in record["rules"].items()} == {"block_sparse+padding(attention_mask)": 1}
+    record = next(r for r in artifact.manifest["passes"] if r["name"] == "lower-attention")
+    assert record["rules"]["window:block_sparse"]["matches"] == 1
+    compiled = ir.load(tmp_path / "out" / "model.onnx")
+    for left in (False, True):
+        feeds = verify.generate_inputs(ir.load(raw), {}, seed=5)
+        if left:
+            feeds = {k: (v[..., ::-1].copy() if "mask" in k else v) for k, v in feeds.items()}
+        want = verify.run(ir.load(raw), feeds)["y"]
+        got = verify.run(compiled, feeds)["y"]
+        rows = feeds["attention_mask"].astype(bool)
+        np.testing.assert_allclose(got[rows], want[rows], atol=2e-6, rtol=1e-5)
