@@ -206,6 +206,40 @@ class CalibrationSet:
         }
 
 
+def fit_static(calibration: CalibrationSet, model: ir.Model) -> CalibrationSet:
+    """Re-cut ``calibration`` for a model whose inputs have fully static shapes (an NPU target's
+    pinned graph): rows regrouped into batches of the pinned batch size, and every other axis
+    zero-padded or truncated to the pinned size (tokenized sentences are padded to the longest of
+    their batch; a zero is the padding token, a masked position and segment 0). Rows that do not
+    fill the last batch are dropped."""
+    shapes = {v.name: list(v.shape) for v in model.graph.inputs if v.shape is not None}
+    if not shapes or any(not isinstance(d, int) for dims in shapes.values() for d in dims):
+        return calibration
+    names = [n for n in shapes if n in calibration.batches[0]]
+    if not names:
+        return calibration
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in calibration.batches:
+        for name in names:
+            array, want = np.asarray(batch[name]), shapes[name]
+            if array.ndim != len(want):
+                raise BadInputError(f"calibration input '{name}' has rank {array.ndim}, the pinned input {want}")
+            for axis, size in enumerate(want[1:], start=1):
+                if array.shape[axis] > size:
+                    array = np.take(array, range(size), axis=axis)
+                elif array.shape[axis] < size:
+                    pad = [(0, 0)] * array.ndim
+                    pad[axis] = (0, size - array.shape[axis])
+                    array = np.pad(array, pad)
+            rows[name].extend(array)
+    batch_size = shapes[names[0]][0] if shapes[names[0]] else 1
+    count = len(rows[names[0]]) // max(batch_size, 1) * batch_size
+    if count == 0:
+        raise BadInputError(f"the calibration set has fewer rows ({len(rows[names[0]])}) than the pinned batch {batch_size}")
+    batches = [{n: np.stack(rows[n][i : i + batch_size]) for n in names} for i in range(0, count, batch_size)]
+    return CalibrationSet(batches, f"{calibration.source} (fitted to the pinned input shapes)")
+
+
 def _split(feeds: Mapping[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(feeds.values())))
     return [{k: v[i : i + batch_size] for k, v in feeds.items()} for i in range(0, n, batch_size)]

@@ -8,6 +8,7 @@ pass: please report it, rerun with TFGRAPH_DEBUG=1 for the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -209,6 +210,24 @@ def _attention_approximation(args: argparse.Namespace) -> str | None:
     return windows[0] if windows else None
 
 
+@contextlib.contextmanager
+def _native_stdout_to_stderr(enabled: bool):
+    """Send what native libraries print on file descriptor 1 (the QNN EP prints a banner when it
+    loads) to stderr while ``enabled``, so that ``--json`` output stays valid JSON."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import tfgraph
     from tfgraph.verify import parse_shapes
@@ -218,7 +237,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from tfgraph import pipeline_cli
 
         pipeline_cli.check_stages(args)
-    with _Progress(enabled=not args.json and not args.quiet) as progress:
+    with _Progress(enabled=not args.json and not args.quiet) as progress, _native_stdout_to_stderr(args.json):
         artifact = tfgraph.compile(
             args.model,
             target=args.target,

@@ -142,6 +142,8 @@ def _prepare_precision(pipeline, profile, model_ir, source, calibration, tokeniz
         notes += [str(w.message) for w in caught]
     else:
         calib = cal.load_calibration(calibration, model_ir, tokenizer=tokenizer or _tokenizer_dir(source))
+    if profile.static_shapes:  # a pinned graph takes only its own batch and sequence sizes
+        calib = cal.fit_static(calib, model_ir)
     if progress:
         progress("fp32 reference on calibration inputs", 0, 1)
     fp32 = [run(model_ir, batch, options=UNOPTIMIZED) for batch in calib.batches]
@@ -219,35 +221,20 @@ def pin_input_shapes(model: ir.Model, shapes: Mapping[str, Any] | None, target: 
     """Fix every graph input's shape for a static-shape target, from ``shapes`` (whole shapes by input
     name, ``{"input_ids": (1, 128)}``, or sizes of symbolic dimensions, ``{"sequence": 128}``) or the
     given input arrays; fails naming each input left with a dynamic dimension."""
+    from tfgraph.passes.static_shapes import pin_input_shapes as pin
+
     shapes = dict(shapes or {})
+    if feeds is not None:  # given input arrays fix the shapes of inputs --shape does not name
+        shapes = {**{k: tuple(np.shape(v)) for k, v in feeds.items()}, **shapes}
+    pin(model.graph, shapes)
     missing = []
     for value in model.graph.inputs:
-        given = shapes.get(value.name)
         if value.shape is None:
-            dims: list = [] if isinstance(given, (tuple, list)) else [None]
-        else:
-            dims = list(value.shape)
-        if isinstance(given, (tuple, list)):
-            if value.shape is not None and (len(given) != len(dims) or any(
-                isinstance(d, int) and d != g for d, g in zip(dims, given)
-            )):
-                raise BadInputError(f"--shape {value.name}={'x'.join(map(str, given))} does not fit input '{value.name}' {dims}")
-            dims = [int(g) for g in given]
-        elif feeds is not None and value.name in feeds:
-            dims = list(np.shape(feeds[value.name]))
-        unknown = []
-        for i, d in enumerate(dims):
-            if isinstance(d, int):
-                continue
-            name = getattr(d, "value", None) if d is not None else None
-            if name is not None and isinstance(shapes.get(name), int):
-                dims[i] = shapes[name]
-            else:
-                unknown.append(str(name) if name else f"axis {i}")
+            missing.append(f"'{value.name}' (rank unknown)")
+            continue
+        unknown = [str(getattr(d, "value", None) or f"axis {i}") for i, d in enumerate(value.shape) if not isinstance(d, int)]
         if unknown:
             missing.append(f"'{value.name}' ({', '.join(unknown)})")
-            continue
-        value.shape = ir.Shape(dims)
     if missing:
         example = missing[0].split("'")[1]
         raise BadInputError(
