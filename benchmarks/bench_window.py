@@ -2,6 +2,8 @@
 
     python benchmarks/bench_window.py                      # S = 512 … 8192, batch 1 and 4 (~30 min)
     python benchmarks/bench_window.py --seq 512 2048 --batch 1 --rounds 20
+    python benchmarks/bench_window.py --seq 8192 --batch 1 --variants "GQA causal (no window)" --against b8a320b \
+        --no-memory --out benchmarks/results/window_cpu_b1_s8192   # the blocked form before/after, same rounds
 
 One attention layer (12 heads × 64, causal sliding window of 256 keys, no padding), the
 neutral ``tfgraph.Attention`` with the window found by ``classify-attention-masks``,
@@ -80,8 +82,35 @@ def neutral_model(kind: str = "window") -> ir.Model:
     return model
 
 
+def blocked_form_at(revision: str):
+    """``passes/blocked_attention.py`` as it was at git ``revision``, as a module."""
+    import importlib.util
+    import tempfile
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{revision}:passes/blocked_attention.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = pathlib.Path(tempfile.mkdtemp()) / "blocked_attention_at.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"tfgraph.passes.blocked_attention_{revision}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(variant: str) -> bytes:
     options = VARIANTS[variant]
+    if isinstance(options, tuple):  # ("at", revision): tfgraph cpu-fp32 with the blocked form of a git revision
+        from tfgraph.passes import attention_lowering
+
+        current = attention_lowering.blocked
+        attention_lowering.blocked = blocked_form_at(options[1])
+        try:
+            VARIANTS[variant] = VARIANTS["tfgraph cpu-fp32"]
+            return build(variant)
+        finally:
+            VARIANTS[variant] = options
+            attention_lowering.blocked = current
     if options == "gqa-causal":
         model = neutral_model("causal")
         LowerAttentionPass(causal_to="com.microsoft.GroupQueryAttention")(model)
@@ -141,6 +170,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these (tfgraph cpu-fp32 always)")
+    parser.add_argument("--against", metavar="REV", help="also tfgraph cpu-fp32 with the blocked form of git REV "
+                        "(passes/blocked_attention.py at REV), timed in the same rounds")
     parser.add_argument("--out", default=str(RESULTS / "window_cpu"))
     args = parser.parse_args()
 
@@ -148,6 +179,8 @@ def main() -> None:
     if args.variants:
         for name in [n for n in VARIANTS if n not in args.variants and n not in ("tfgraph cpu-fp32", "dense unfused")]:
             del VARIANTS[name]
+    if args.against:
+        VARIANTS[f"tfgraph cpu-fp32 @{args.against}"] = ("at", args.against)
     built = {name: build(name) for name in VARIANTS}
     rows = []
     # Exactness first: every exact variant against the dense unfused definition.
@@ -205,6 +238,8 @@ def main() -> None:
         "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
         "heads": HEADS, "head_size": HEAD_SIZE, "window": WINDOW, "crossover": WINDOW_CROSSOVER,
         "errors_vs_dense_unfused": errors, "minutes": (time.time() - started) / 60,
+        "arguments": "".join(f" {a}" if a.startswith("-") or " " not in a else f' "{a}"' for a in sys.argv[1:]),
+        "load_average": [round(x, 2) for x in __import__("os").getloadavg()],
     }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +259,8 @@ def render(meta: dict, rows: list[dict], memory: dict, args) -> str:
         f"- max abs error vs the dense unfused definition (B=2, S=600): "
         + ", ".join(f"{k} {v:.1e}" for k, v in meta["errors_vs_dense_unfused"].items()),
         "- *ratio* = median / tfgraph cpu-fp32's median (> 1: slower than tfgraph); *growth* = median / median at S/2",
-        f"- reproduce: `python benchmarks/bench_window.py` ({meta['minutes']:.0f} min here)",
+        f"- load average at the end (1, 5, 15 min): {', '.join(map(str, meta.get('load_average', [])))}",
+        f"- reproduce: `python benchmarks/bench_window.py{meta.get('arguments', '')}` ({meta['minutes']:.0f} min here)",
         "",
         "| batch | S | variant | median ms | p90 ms | ratio | growth |",
         "|---:|---:|---|---:|---:|---:|---:|",
