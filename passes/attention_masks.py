@@ -348,8 +348,8 @@ def classify_block_sparse(biases: list[np.ndarray], paddings: list[dict[str, np.
             return None
         offsets, g = fitted
         full = list(range(-(largest.shape[0] - 1), 1 if causal else largest.shape[0]))
-        if offsets == full or (offsets == [0] and not g):
-            return None  # causal / everything visible, or block-diagonal (kind "blocks")
+        if offsets == full or (offsets == [0] and not g and not causal):
+            return None  # causal / everything visible, or block-diagonal (kind "blocks"; causal chunks stay here)
         if any(not np.array_equal(block_pattern(layout.shape[0], offsets, g, causal), layout) for layout in layouts):
             return None
         kind.update(block_offsets=offsets, global_blocks=g)

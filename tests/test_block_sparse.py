@@ -84,7 +84,8 @@ def test_static_causal_fixed_pattern():
 
 
 @pytest.mark.parametrize("offsets, g, causal", [([-1, 0, 1], 1, False), ([-2, -1, 0], 0, True),
-                                                ([-2, 0, 2], 0, False), ([-1, 0], 2, True)])
+                                                ([-2, 0, 2], 0, False), ([-1, 0], 2, True),
+                                                ([0], 0, True)])  # causal chunks (Llama 4's chunked attention)
 def test_repeating_pattern_at_several_lengths(offsets, g, causal):
     probes = [_bias(_tiles(block_pattern(-(-s // 4), offsets, g, causal), 4, s, causal)) for s in (16, 7, 45)]
     assert classify_block_sparse(probes, []) == {"kind": "block_sparse", "block_size": 4, "block_causal": int(causal),
@@ -172,7 +173,7 @@ def test_fixed_layout_matches_dense(make, block, length, causal, padding, kernel
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("offsets, g, causal", [([-1, 0, 1], 1, False), ([-2, -1, 0], 0, True), ([-1, 0], 1, True),
-                                                ([-2, 0, 2], 2, False)])
+                                                ([-2, 0, 2], 2, False), ([0], 0, True)])
 def test_repeating_pattern_matches_dense_at_any_length(offsets, g, causal, kernel):
     for length in (3, 16, 22):
         got, x = _run_form(length, True, kernel, offsets=offsets, global_blocks=g, block=4, causal=causal)
