@@ -202,8 +202,8 @@ def blocked_attention(
 def _shared_band(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: int, block: int, before: int,
                  count: int, heads: int, head_size: int) -> ir.Value:
     """The MultiHeadAttention-tiles form of a causal band without key padding or global tokens,
-    with one (block, width) band mask broadcast over the tiles instead of a (tiles, block,
-    width) one (the fused kernel reads a broadcast bias as cheaply as none).
+    with one (block, width) band mask broadcast over the tiles instead of a (B, tiles, block,
+    width) one built, expanded and read at every call (about 2·B·S·width·4 bytes less memory).
 
     Only the first ``before`` tiles reach keys before the sequence and need them masked:
     they are a second, small MultiHeadAttention call with their own mask. Keys past the end
@@ -374,7 +374,7 @@ def block_sparse_attention(
         last = b("Squeeze", b("Sub", sequence, b.i64(1)), b.i64(0))
         count = b("Squeeze", blocks, b.i64(0))
         starts = b("Range", b.const(np.array(0, np.int64)), count, b.const(np.array(1, np.int64)))  # (n,)
-        t = b("Unsqueeze", starts, b.i64(1))  # (n, 1)
+        t = b("Reshape", starts, b.i64(-1, 1))  # (n, 1); not Unsqueeze (see blocked_attention)
         q_pos = b("Add", b("Mul", t, b.const(np.array(block, np.int64))), b.const(slot[None, :]))  # (n, block)
         q_rows = b("Min", q_pos, last)
         key_blocks = b("Add", t, b.const(np.array(offsets, np.int64)[None, :]))  # (n, K)

@@ -21,6 +21,7 @@ from tfgraph import ops, verify
 from tfgraph.passes.attention_lowering import LowerAttentionPass
 from tfgraph.passes.attention_masks import ClassifyAttentionMasksPass, block_pattern, classify_block_sparse
 from tfgraph.passes.blocked_attention import KERNELS, block_sparse_attention
+from tfgraph.passes.registry import create_pass
 
 HEADS, HEAD_SIZE = 2, 8
 WIDTH = HEADS * HEAD_SIZE
@@ -145,6 +146,7 @@ def _run_form(length, padding, kernel, **options):
     out.name = "y"
     model = ir.Model(ir.Graph([q, k, v, mask], [out], nodes=nodes, opset_imports={"": 18, "com.microsoft": 1}),
                      ir_version=9)
+    create_pass("infer-shapes")(model)  # shape inference with data propagation must not get the form wrong
     rng = np.random.default_rng(length)
     x = {n: rng.standard_normal((2, length, WIDTH)).astype(np.float32) for n in "qkv"}
     x["m"] = _padding(2, length, left=length % 2 == 1)
