@@ -8,7 +8,9 @@ batched MatMul of (block × window) tiles; on top come the exact band (a constan
 (block, window) table, since ``j - i`` depends only on the positions inside the tile)
 and the key mask: keys outside ``[0, S)`` and, when the model has one, the zeros of its
 (batch, keys) padding mask, gathered into the same windows. Softmax, MatMul with the
-value windows, and the padded query rows are cut off.
+value windows, and the padded query rows are cut off. Run-time scalars that meet a tensor in a
+comparison stay 1-D: onnxruntime's OpenVINO EP left a comparison with a dynamic 0-D operand to the
+CPU EP (measured with benchmarks/openvino_ep_check.py on local-small).
 
 Every query row sees the same keys with the same scores as dense attention under the
 band mask; only a row that sees no key at all (a fully padded position) differs: dense
@@ -77,7 +79,7 @@ def _positions(b: _Builder, sequence: ir.Value, blocks: ir.Value, block: int, be
     slots = b("Reshape", _arange(b, count * block, -before * block), b.i64(1, -1))  # (1, width)
     positions = b("Add", b("Unsqueeze", start, b.i64(1)), slots)
     valid = b("And", b("GreaterOrEqual", positions, b.const(np.array(0, np.int64))),
-              b("LessOrEqual", positions, b("Squeeze", last, b.i64(0))))
+              b("GreaterOrEqual", last, positions))  # last stays (1,): OpenVINO's EP rejects a dynamic 0-D side
     clipped = b("Min", b("Max", positions, b.const(np.array(0, np.int64))), b("Squeeze", last, b.i64(0)))
     return clipped, valid
 
@@ -154,7 +156,7 @@ def blocked_attention(
     offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
                b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
     in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
-                b("LessOrEqual", offset, b.const(np.array(right, np.int64))))
+                b("GreaterOrEqual", b.const(np.array(right, np.int64)), offset))
     band = b("Where", in_band, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
     visible = b("Unsqueeze", valid, b.i64(0))  # (1, blocks, width)
     if key_padding is not None:
@@ -181,7 +183,7 @@ def blocked_attention(
         seen = b("Unsqueeze", b("Unsqueeze", seen, b.i64(1)), b.i64(1))  # (B|1, 1, 1, g)
         if right == 0:
             rows = b("Unsqueeze", b("Unsqueeze", q_rows, b.i64(0)), b.i64(3))  # (1, blocks, block, 1)
-            seen = b("And", seen, b("LessOrEqual", b("Unsqueeze", first, b.i64(0, 1, 2)), rows))
+            seen = b("And", seen, b("GreaterOrEqual", rows, b("Unsqueeze", first, b.i64(0, 1, 2))))
         global_bias = b("Where", seen, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
         batch = b("Max", b("Shape", mask, start=0, end=1), b("Shape", global_bias, start=0, end=1))
         lead = b("Concat", batch, blocks, b.i64(block), axis=0)
@@ -218,7 +220,7 @@ def _shared_band(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: 
     offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
                b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
     in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
-                b("LessOrEqual", offset, b.const(np.array(0, np.int64))))
+                b("GreaterOrEqual", b.const(np.array(0, np.int64)), offset))
     band = b("Where", in_band, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
     parts = []
     dims = dict(block=block, width=width, heads=heads, head_size=head_size, scale=scale,
@@ -350,7 +352,7 @@ def block_sparse_attention(
         k_rows = b.const(np.clip(k_pos, 0, length - 1))
         if causal:  # (1, tiles, block, width), compared at run time (a constant would be S·width)
             visible = b("And", b.const(valid[:, None, :]),
-                        b("LessOrEqual", b.const(np.where(valid, k_pos, 0)[:, None, :]), b.const(q_pos[:, :, None])))
+                        b("GreaterOrEqual", b.const(q_pos[:, :, None]), b.const(np.where(valid, k_pos, 0)[:, None, :])))
             visible = b("Unsqueeze", visible, b.i64(0))
         else:
             visible = b.const(valid[None, :, None, :])  # (1, tiles, 1, width)
@@ -387,11 +389,11 @@ def block_sparse_attention(
         k_pos = b("Reshape", b("Add", b("Mul", b("Unsqueeze", key_blocks, b.i64(2)), b.const(np.array(block, np.int64))),
                                b.const(slot[None, None, :])), b.i64(0, -1))  # (n, width)
         in_range = b("Reshape", b("Expand", b("Unsqueeze", in_range, b.i64(2)), b.i64(1, 1, block)), b.i64(0, -1))
-        valid = b("And", in_range, b("LessOrEqual", k_pos, last))
+        valid = b("And", in_range, b("GreaterOrEqual", last, k_pos))
         k_rows = b("Min", b("Max", k_pos, b.const(np.array(0, np.int64))), last)
         if causal:
             visible = b("And", b("Unsqueeze", valid, b.i64(1)),
-                        b("LessOrEqual", b("Unsqueeze", k_pos, b.i64(1)), b("Unsqueeze", q_pos, b.i64(2))))
+                        b("GreaterOrEqual", b("Unsqueeze", q_pos, b.i64(2)), b("Unsqueeze", k_pos, b.i64(1))))
             visible = b("Unsqueeze", visible, b.i64(0))  # (1, n, block, width)
         else:
             visible = b("Unsqueeze", valid, b.i64(0, 2))  # (1, n, 1, width)
@@ -471,14 +473,14 @@ def dense_mask(
     length = b("Squeeze", sequence, b.i64(0))
     positions = b("Range", b.const(np.array(0, np.int64)), length, b.const(np.array(1, np.int64)))
     offset = b("Sub", b("Unsqueeze", positions, b.i64(0)), b("Unsqueeze", positions, b.i64(1)))  # j - i
-    visible = b("LessOrEqual", offset, b.const(np.array(right, np.int64)))
+    visible = b("GreaterOrEqual", b.const(np.array(right, np.int64)), offset)
     if left is not None:
         visible = b("And", visible, b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))))
     if global_tokens:
         g = b.const(np.array(global_tokens, np.int64))
         global_key = b("Less", b("Unsqueeze", positions, b.i64(0)), g)  # (1, S): j < g
         if right == 0:
-            global_key = b("And", global_key, b("LessOrEqual", offset, b.const(np.array(0, np.int64))))
+            global_key = b("And", global_key, b("GreaterOrEqual", b.const(np.array(0, np.int64)), offset))
         visible = b("Or", visible, global_key)
         if right > 0:
             visible = b("Or", visible, b("Less", b("Unsqueeze", positions, b.i64(1)), g))  # (S, 1): i < g
