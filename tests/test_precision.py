@@ -422,3 +422,26 @@ def test_float16_keeps_nodes_whose_constants_underflow():
     kept = {k["node"]: k["reason"] for k in p.report["kept_float32"]}
     assert "underflow to 0" in kept["add_eps"]
     assert np.isfinite(run(model, _feeds())["y"]).all()
+
+
+def test_calibration_fits_pinned_input_shapes():
+    """A static-shape target's graph takes only its pinned batch/sequence: calibration rows are regrouped
+    into batches of the pinned size and padded (zeros: pad token, masked) or truncated to the length."""
+    from onnx import TensorProto, helper
+
+    from tfgraph.calibration import load_calibration
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    short = np.arange(1, 16, dtype=np.int64).reshape(3, 5)
+    calib = load_calibration({"input_ids": short}, model, static=True)
+    assert [b["input_ids"].shape for b in calib.batches] == [(1, 8)] * 3
+    np.testing.assert_array_equal(calib.batches[1]["input_ids"][0], [6, 7, 8, 9, 10, 0, 0, 0])
+    long = np.arange(24, dtype=np.int64).reshape(2, 12)
+    calib = load_calibration({"input_ids": long}, model, static=True)
+    np.testing.assert_array_equal(calib.batches[1]["input_ids"][0], np.arange(12, 20))
+    with pytest.raises(Exception, match="expects|shape"):
+        load_calibration({"input_ids": short}, model)  # without fitting, the shapes are refused

@@ -263,9 +263,12 @@ def load_calibration(
     batch_size: int = 8,
     shapes: Mapping | None = None,
     seed: int = 0,
+    static: bool = False,
 ) -> CalibrationSet:
     """Calibration batches from an ``.npz``, a ``.txt`` of sentences (``tokenizer``: the folder of the
-    model's tokenizer), a dict of arrays, or, when ``source`` is None, generated inputs (warns)."""
+    model's tokenizer), a dict of arrays, or, when ``source`` is None, generated inputs (warns).
+    ``static``: the model's inputs are pinned (an NPU target); batches are re-cut to those shapes
+    (:func:`fit_static`) before they are checked against the graph."""
     from tfgraph.verify import check_feeds, generate_inputs, load_inputs
 
     if isinstance(source, CalibrationSet):
@@ -273,10 +276,19 @@ def load_calibration(
     if source is None:
         warnings.warn(GENERATED_WARNING, stacklevel=2)
         return CalibrationSet([generate_inputs(model, shapes, seed=seed)], "generated")
+    def checked(batches: list[dict[str, np.ndarray]], label: str) -> CalibrationSet:
+        calibration = CalibrationSet(batches, label)
+        if static:
+            calibration = fit_static(calibration, model)
+        return CalibrationSet([check_feeds(b, model) for b in calibration.batches], calibration.source)
+
     if isinstance(source, Mapping):
-        return CalibrationSet(_split(check_feeds(source, model), batch_size), "in-memory")
+        return checked(_split(dict(source), batch_size), "in-memory")
     path = pathlib.Path(source)
     if path.suffix == ".npz":
+        if static:
+            with np.load(path) as data:
+                return checked(_split({k: data[k] for k in data.files}, batch_size), str(path))
         return CalibrationSet(_split(load_inputs(path, model), batch_size), str(path))
     if path.suffix in (".txt", ".text"):
         if tokenizer is None:
@@ -284,7 +296,7 @@ def load_calibration(
         sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         names = [v.name for v in model.graph.inputs]
         batches = [tokenize(sentences[i : i + batch_size], tokenizer, names) for i in range(0, len(sentences), batch_size)]
-        return CalibrationSet([check_feeds(b, model) for b in batches], str(path))
+        return checked(batches, str(path))
     raise BadInputError(f"calibration data {path}: expected an .npz of feeds or a .txt of sentences")
 
 

@@ -141,9 +141,9 @@ def _prepare_precision(pipeline, profile, model_ir, source, calibration, tokeniz
             calib = cal.load_calibration(None, model_ir, shapes=shapes, seed=seed)
         notes += [str(w.message) for w in caught]
     else:
-        calib = cal.load_calibration(calibration, model_ir, tokenizer=tokenizer or _tokenizer_dir(source))
-    if profile.static_shapes:  # a pinned graph takes only its own batch and sequence sizes
-        calib = cal.fit_static(calib, model_ir)
+        # A pinned graph (static-shape target) takes only its own batch and sequence sizes.
+        calib = cal.load_calibration(calibration, model_ir, tokenizer=tokenizer or _tokenizer_dir(source),
+                                     static=profile.static_shapes)
     if progress:
         progress("fp32 reference on calibration inputs", 0, 1)
     fp32 = [run(model_ir, batch, options=UNOPTIMIZED) for batch in calib.batches]
