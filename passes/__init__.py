@@ -26,6 +26,7 @@ from tfgraph.passes import (  # noqa: E402
     identity,
     inline_functions,
     lift_constants,
+    opset,
     norm_fusion,
     ort_operator_fusion,
     pack_projections,

@@ -41,7 +41,7 @@ MS = "com.microsoft"
 SIXTEEN_BIT_OPSET = 21
 
 
-def upgrade_opset(model: ir.Model, version: int) -> bool:
+def upgrade_opset(model: ir.Model, version: int, why: str = "16-bit Q/DQ") -> bool:
     """Convert ``model`` to ai.onnx ``version`` in place (onnx's version converter) when it imports
     an older one; True when converted."""
     import onnx.version_converter
@@ -52,7 +52,7 @@ def upgrade_opset(model: ir.Model, version: int) -> bool:
     try:
         proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
     except Exception as e:  # noqa: BLE001 - reported with what was asked
-        raise ValueError(f"cannot convert the model from opset {current} to {version} for 16-bit Q/DQ: "
+        raise ValueError(f"cannot convert the model from opset {current} to {version} for {why}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     converted = ir.serde.deserialize_model(proto)
     model.graph = converted.graph

@@ -37,7 +37,11 @@ NPU_FUSION = (
 # IsNaN/Where that QNN HTP takes as well: measured, every node on QNN); then every shape is made
 # static (Reshape targets without 0/-1, masks of pinned inputs folded to constants).
 NPU_LOWERING = (
-    PassSpec("inline-neutral-ops"),
+    # QNN's GELU fusion (Div/Erf/Add/Mul → its Gelu) failed validation on an opset-17 a8w8 graph and
+    # left Erf (which QNN lacks) on the CPU EP; at opset 21 every node ran on QNN (bert-small,
+    # TorchScript export; benchmarks/results/placement.md). a16w8 needs 21 for uint16 Q/DQ anyway.
+    PassSpec("inline-neutral-ops"),  # first: onnx's version converter drops model-local functions' domains
+    PassSpec("upgrade-opset", {"version": 21}),
     PassSpec("specialize-shapes"),
     PassSpec("fold-constants"),
     PassSpec("cse"),
@@ -94,8 +98,8 @@ _ATTENTION = ("standard MatMul/Softmax attention (the neutral tfgraph.Attention 
 # profile's providers, one new QNN session each; the HTP simulator takes ~30 s per MiniLM 1x128
 # inference here (+3 s to finalize), so 48 MatMuls mean ~30 min. The accuracy vs fp32 is reported
 # (manifest precision section), not enforced.
-# Opset: a16w8's uint16 Q/DQ need ai.onnx 21 (the quantize pass converts the model); a8w8 keeps the
-# exporter's opset (QNN took 18 and 20 here).
+# Opset: both at ai.onnx 21 (upgrade-opset in NPU_LOWERING): a16w8's uint16 Q/DQ need it, and a8w8's
+# GELU stays on QNN with it (see NPU_LOWERING).
 # No allowed_fallbacks: on the tiny BERT/GPT models (both exporters' dynamo form) and MiniLM every node
 # runs on QNN once specialize-shapes has turned SDPA's mask GatherND into a Reshape (GatherND was the
 # one CPU fallback before).
@@ -125,7 +129,7 @@ NPU_A8W8_TARGET = Target(
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=NPU_A8W8,
     static_shapes=True,
-    opset=(17, 21),
+    opset=(21, 21),
     attention=_ATTENTION,
 )
 

@@ -128,7 +128,13 @@ def exported(tmp_path_factory):
     pytest.importorskip("torch", reason="exports need the 'export' extra (torch)")
     from _pipeline_models import model_path
 
-    return {name: model_path(tmp_path_factory, name, fused=False) for name in ("bert-small", "gpt-small")}
+    from tfgraph.export import export
+
+    paths = {name: model_path(tmp_path_factory, name, fused=False) for name in ("bert-small", "gpt-small")}
+    # TorchScript's erf GELU: QNN's GELU fusion needs the opset-21 graph (upgrade-opset), else Erf falls back.
+    paths["bert-small-torchscript"] = export("bert-small", tmp_path_factory.mktemp("npu-ts") / "bert.onnx",
+                                             exporter="torchscript")
+    return paths
 
 
 def _shapes(path) -> dict:
@@ -136,8 +142,10 @@ def _shapes(path) -> dict:
     return {i.name: (1, SEQ) for i in model.graph.input}
 
 
-@pytest.mark.parametrize("target", ["npu-a16w8", "npu-a8w8"])
-@pytest.mark.parametrize("name", ["bert-small", "gpt-small"])
+@pytest.mark.parametrize(("name", "target"), [
+    ("bert-small", "npu-a16w8"), ("bert-small", "npu-a8w8"), ("gpt-small", "npu-a16w8"), ("gpt-small", "npu-a8w8"),
+    ("bert-small-torchscript", "npu-a8w8"),
+])
 def test_npu_target_runs_on_qnn(exported, tmp_path, name, target):
     why = _qnn_usable()
     if why:
