@@ -119,6 +119,15 @@ def _probe_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]], bool]:
     return probes, unprobed
 
 
+def _explains(bias: np.ndarray, expected: np.ndarray) -> bool:
+    """``bias`` masks (``<= MASKED``) exactly where ``expected`` is False and adds 0 elsewhere."""
+    masked = bias <= MASKED
+    shape = np.broadcast_shapes(masked.shape, expected.shape)
+    if not np.array_equal(np.broadcast_to(masked, shape), np.broadcast_to(~expected, shape)):
+        return False
+    return bool(np.all(bias[~masked] == 0))
+
+
 def _broadcast_bias(bias: np.ndarray) -> np.ndarray:
     while bias.ndim < 4:
         bias = bias[None]
@@ -235,11 +244,7 @@ def classify_blocks(biases: list[np.ndarray], paddings: list[dict[str, np.ndarra
                 if keys.shape != (bias.shape[0] if bias.shape[0] > 1 else keys.shape[0], s):
                     break
                 expected = expected & keys[:, None, None, :]
-            masked = bias <= MASKED
-            shape = np.broadcast_shapes(masked.shape, expected.shape)
-            if not np.array_equal(np.broadcast_to(masked, shape), np.broadcast_to(~expected, shape)):
-                break
-            if not np.all(bias[~masked] == 0):
+            if not _explains(bias, expected):
                 break
         else:
             return {"kind": "blocks", "block_size": size, **({"key_padding": name} if name else {})}
@@ -362,11 +367,7 @@ def classify_block_sparse(biases: list[np.ndarray], paddings: list[dict[str, np.
                 if keys.ndim != 2 or keys.shape[1] != visible.shape[0] or bias.shape[0] not in (1, keys.shape[0]):
                     break
                 expected = expected & keys[:, None, None, :]
-            masked = bias <= MASKED
-            shape = np.broadcast_shapes(masked.shape, expected.shape)
-            if not np.array_equal(np.broadcast_to(masked, shape), np.broadcast_to(~expected, shape)):
-                break
-            if not np.all(bias[~masked] == 0):
+            if not _explains(bias, expected):
                 break
         else:
             return {**kind, **({"key_padding": name} if name else {})}

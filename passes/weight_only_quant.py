@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.passes.quantize import _initializer
 from tfgraph.passes.registry import register_pass
 
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -127,13 +128,3 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
             return "weight too small"
         return None
 
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    base, i = name, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tfgraph.passes.registry import PassSpec
-from tfgraph.targets.cpu import CLEANUP
+from tfgraph.targets.cpu import CLEANUP, FUSION
 from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 
 # QNN HTP through the plugin EP (onnxruntime-qnn 2.7.0; on x86-64 Linux its HTP backend is a simulator).
@@ -18,19 +18,7 @@ QNN_HTP = Provider("QNNExecutionProvider", {"backend_type": "htp", "soc_model": 
 # rebuilt, TorchScript's shape chains), LayerNorm/RMSNorm to single ops. No mask classification:
 # nothing here reads the kind (the lowering is the neutral op's own standard-ONNX body), and the
 # shapes are pinned, so probing the mask at other sizes would not apply.
-NPU_FUSION = (
-    PassSpec("infer-shapes"),
-    PassSpec("shape-from-inputs"),
-    PassSpec("simplify-ops"),
-    PassSpec("simplify-reshapes"),
-    PassSpec("eliminate-identity"),
-    PassSpec("cse"),
-    PassSpec("fold-constants"),
-    PassSpec("remove-dead"),
-    PassSpec("fuse-attention"),
-    PassSpec("fuse-normalization"),
-    PassSpec("shrink-pruned"),
-)
+NPU_FUSION = tuple(spec for spec in FUSION if spec.name != "classify-attention-masks")
 
 # Lowering: QNN rejects com.microsoft Attention/MultiHeadAttention, so the neutral ops are inlined
 # to their standard bodies (Reshape/Transpose/MatMul/Mul/Add/Softmax/MatMul, with the NaN guard
