@@ -135,9 +135,9 @@ def blocked_attention(
 
     sequence = b("Shape", q, start=1, end=2)
     blocks = b("Div", b("Add", sequence, b.i64(block - 1)), b.i64(block))
-    if kernel != "standard" and key_padding is None and not global_tokens and right == 0 and not own_block_only:
-        return _shared_band(b, q, k, v, sequence, blocks, scale=scale, left=left, block=block, before=before,
-                            count=count, heads=heads, head_size=head_size)
+    if kernel != "standard" and not global_tokens:
+        return _tiles_mha(b, q, k, v, sequence, blocks, scale=scale, left=left, right=right, block=block,
+                          before=before, count=count, heads=heads, head_size=head_size, key_padding=key_padding)
 
     # One Gather per tensor (no padding copies): (B, blocks, block, D) query tiles (rows past
     # the end repeat the last query and are cut off at the end) and (B, blocks, width, D)
@@ -201,21 +201,21 @@ def blocked_attention(
     return context
 
 
-def _shared_band(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: int, block: int, before: int,
-                 count: int, heads: int, head_size: int) -> ir.Value:
-    """The MultiHeadAttention-tiles form of a causal band without key padding or global tokens,
-    with the least data movement found on onnxruntime's CPU kernel:
+def _tiles_mha(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: int, right: int, block: int,
+               before: int, count: int, heads: int, head_size: int, key_padding: ir.Value | None) -> ir.Value:
+    """The MultiHeadAttention-tiles form of a band without global tokens, with the least data
+    movement found on onnxruntime's CPU kernel:
 
     * one (block, width) band mask broadcast over the tiles (no (B, tiles, block, width) mask
       built, expanded and read at every call);
     * keys and values gathered straight into the kernel's own (tiles, N, width, H) layout:
       one Gather of H-sized rows from the (B·S·N, H) view of the (B, S, N·H) tensor, so the
       kernel transposes nothing (about two copies of K and V less than (tiles, width, N·H) windows);
-    * window slots before the sequence (only in the first ``before`` tiles) hidden by the
-      kernel's (tiles, width) key padding mask, so all tiles are one call.
+    * window slots outside the sequence (clipped into it for gathering) and padded keys (the
+      (B, S) padding row gathered like the keys) hidden by the kernel's (B·tiles, width) key
+      padding mask, so all tiles are one call.
 
-    Keys past the end (clipped into the sequence) are hidden by the mask as well; rows past the
-    end are cut off."""
+    Rows past the end are cut off."""
     width = count * block
     hidden = heads * head_size
     q_rows, _ = _positions(b, sequence, blocks, block, 0, 1)
@@ -223,7 +223,7 @@ def _shared_band(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: 
     offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
                b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
     in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
-                b("GreaterOrEqual", b.const(np.array(0, np.int64)), offset))
+                b("GreaterOrEqual", b.const(np.array(right, np.int64)), offset))
     band = b("Reshape", b("Where", in_band, b.const(np.array(0.0, np.float32)),
                           b.const(np.array(_HALF_MIN, np.float32))), b.i64(1, 1, block, width))
     batch = b("Shape", q, start=0, end=1)
@@ -238,7 +238,12 @@ def _shared_band(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: 
     k_tiles = b("Reshape", b("Gather", b("Reshape", k, split), rows, axis=0), tile_kv)
     v_tiles = b("Reshape", b("Gather", b("Reshape", v, split), rows, axis=0), tile_kv)
     q_tiles = b("Reshape", b("Gather", q, q_rows, axis=1), b.i64(-1, block, hidden))
-    seen = b("Expand", b("Cast", valid, to=ir.DataType.INT32), b("Concat", batch, b.i64(1, 1), axis=0))
+    if key_padding is not None:  # (B, tiles, width)
+        seen = b("And", b("Unsqueeze", valid, b.i64(0)),
+                 b("Gather", b("Cast", key_padding, to=ir.DataType.BOOL), keys, axis=1))
+        seen = b("Cast", seen, to=ir.DataType.INT32)
+    else:
+        seen = b("Expand", b("Cast", valid, to=ir.DataType.INT32), b("Concat", batch, b.i64(1, 1), axis=0))
     key_mask = b("Reshape", seen, b.i64(-1, width))  # (B·tiles, width)
     node = ir.node("MultiHeadAttention", [q_tiles, k_tiles, v_tiles, None, key_mask, band], domain="com.microsoft",
                    attributes={"num_heads": heads, "scale": scale, "mask_filter_value": _HALF_MIN})
