@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
@@ -57,13 +59,46 @@ def _symbolic(model: ir.Model) -> bool:
     return True
 
 
+_FAILING_NODE = re.compile(r"node name: ([^)]*)\)")
+
+
+def _drop_contradicted(model: ir.Model, onnx_shapes: dict[str, ir.Shape | None], limit: int = 50) -> int:
+    """Put back ONNX's own shape on the outputs of every node at which ONNX's strict inference
+    contradicts a symbolic shape (onnxruntime's engine can be wrong: it broadcast (1, 1, Min(30, S),
+    Min(30, S)) with (B, 1, 1, S) into (B, 2, S, S) on a TorchScript export); everything symbolic,
+    if the failing node cannot be told. Returns how many nodes were put back."""
+    nodes = {n.name: n for g in model.graphs() for n in g if n.name}
+    restored = 0
+    for _ in range(limit):
+        try:
+            onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model), check_type=True, strict_mode=True,
+                                              data_prop=True)
+            return restored
+        except Exception as e:  # noqa: BLE001 - onnx raises several types
+            match = _FAILING_NODE.search(str(e))
+            node = nodes.get(match.group(1)) if match else None
+            if node is None or all(onnx_shapes.get(v.name, v.shape) == v.shape for v in node.outputs):
+                break
+            for value in node.outputs:
+                value.shape = onnx_shapes.get(value.name)
+            restored += 1
+    for g in model.graphs():
+        for n in g:
+            for value in n.outputs:
+                if value.name in onnx_shapes:
+                    value.shape = onnx_shapes[value.name]
+    logger.info("symbolic shapes dropped: ONNX's strict inference contradicts them")
+    return restored
+
+
 @register_pass("infer-shapes")
 class InferShapesPass(ir.passes.InPlacePass):
     """Annotate every value with the type and (symbolic) shape that can be proved.
 
     Uses onnxruntime's symbolic shape inference (named dims such as ``batch`` and
     ``sequence`` followed through shape computations and broadcasts), falling back to
-    ONNX inference with partial data propagation. Rules read these shapes. Reports
+    ONNX inference with partial data propagation; a symbolic shape that ONNX's strict
+    inference contradicts is dropped again. Rules read these shapes. Reports
     ``modified`` when an annotation changed or the graph was rebuilt.
     """
 
@@ -73,5 +108,7 @@ class InferShapesPass(ir.passes.InPlacePass):
         # (onnx-ir's pass rebuilds the graph from the inferred proto, so its own flag counts too.)
         modified = ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model).modified
         if model_bytes(model) < PROTOBUF_LIMIT // 2:
-            _symbolic(model)
+            onnx_shapes = {v.name: v.shape for g in model.graphs() for n in g for v in n.outputs}
+            if _symbolic(model):
+                _drop_contradicted(model, onnx_shapes)
         return ir.passes.PassResult(model, modified or _shape_key(model) != before)

@@ -384,3 +384,55 @@ def test_exported_static_bigbird_layout(tmp_path):
         got = verify.run(compiled, feeds)["y"]
         rows = feeds["attention_mask"].astype(bool)
         np.testing.assert_allclose(got[rows], want[rows], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_exported_fixed_layout_cropped_to_the_length(tmp_path, exporter):
+    """A constant layout for the longest sequence, cropped to the input's length (``[:s, :s]``)
+    with a dynamic sequence axis: compiles (onnxruntime's symbolic shape inference broadcast
+    (1, 1, Min(30, S), Min(30, S)) with (B, 1, 1, S) into (B, 2, S, S) here, which the
+    checker rejected after ``infer-shapes``) and equals the export at several lengths."""
+    torch = pytest.importorskip("torch")
+    import tfgraph
+
+    length, block = 30, 4
+    layout = bigbird(-(-length // block), seed=1)
+
+    class Cropped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(50, WIDTH)
+            self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
+            self.register_buffer("visible", torch.from_numpy(_tiles(layout, block, length, False)))
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            b, s, _ = x.shape
+            q, k, v = (t.reshape(b, s, HEADS, HEAD_SIZE).transpose(1, 2) for t in self.qkv(x).split(WIDTH, dim=-1))
+            allowed = self.visible[None, None, :s, :s] & attention_mask[:, None, None, :].bool()
+            bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min)
+            probs = torch.softmax(q @ k.transpose(-1, -2) * HEAD_SIZE ** -0.5 + bias, dim=-1)
+            return (probs @ v).transpose(1, 2).reshape(b, s, WIDTH)
+
+    raw = tmp_path / "cropped.onnx"
+    ids, mask = torch.randint(0, 50, (2, length)), torch.ones(2, length, dtype=torch.int64)
+    names = dict(input_names=["input_ids", "attention_mask"], output_names=["y"])
+    if exporter == "dynamo":
+        s, b = torch.export.Dim("S", max=length), torch.export.Dim("B")
+        torch.onnx.export(Cropped().eval(), (ids, mask), raw, dynamo=True, dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
+                          **names)
+    else:
+        axes = {0: "B", 1: "S"}
+        torch.onnx.export(Cropped().eval(), (ids, mask), raw, dynamo=False, opset_version=18,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes}, **names)
+    tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out")
+    compiled = ir.load(tmp_path / "out" / "model.onnx")
+    rng = np.random.default_rng(0)
+    for s in (30, 17, 5):
+        feeds = {"input_ids": rng.integers(0, 50, (2, s)), "attention_mask": np.ones((2, s), np.int64)}
+        feeds["attention_mask"][1, s - 2:] = 0
+        want = verify.run(ir.load(raw), feeds)["y"]
+        got = verify.run(compiled, feeds)["y"]
+        rows = feeds["attention_mask"].astype(bool)
+        np.testing.assert_allclose(got[rows], want[rows], atol=2e-6, rtol=1e-5, err_msg=f"S={s}")
