@@ -340,16 +340,11 @@ def test_exported_block_band(tmp_path, exporter):
             np.testing.assert_allclose(got[rows], want[rows], atol=2e-6, rtol=1e-5, err_msg=f"{length} {left}")
 
 
-def test_exported_static_bigbird_layout(tmp_path):
-    """A static-length export whose mask is a constant BigBird-like layout (a buffer of the model)
-    combined with key padding: the exact layout is found and lowered (dense global rows)."""
-    torch = pytest.importorskip("torch")
-    import tfgraph
+def _fixed_layout_module(torch, layout: np.ndarray, block: int, length: int, crop: bool):
+    """One attention layer whose mask is a constant layout (a buffer of the model) combined with
+    key padding; ``crop``: the buffer cut to the input's length (``[:s, :s]``)."""
 
-    length, block = 30, 4
-    layout = bigbird(-(-length // block), seed=1)
-
-    class BigBird(torch.nn.Module):
+    class FixedLayout(torch.nn.Module):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
@@ -361,14 +356,27 @@ def test_exported_static_bigbird_layout(tmp_path):
             x = self.embed(input_ids)
             b, s, _ = x.shape
             q, k, v = (t.reshape(b, s, HEADS, HEAD_SIZE).transpose(1, 2) for t in self.qkv(x).split(WIDTH, dim=-1))
-            allowed = self.visible[None, None] & attention_mask[:, None, None, :].bool()
+            visible = self.visible[:s, :s] if crop else self.visible
+            allowed = visible[None, None] & attention_mask[:, None, None, :].bool()
             bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min)
             probs = torch.softmax(q @ k.transpose(-1, -2) * HEAD_SIZE ** -0.5 + bias, dim=-1)
             return (probs @ v).transpose(1, 2).reshape(b, s, WIDTH)
 
+    return FixedLayout().eval()
+
+
+def test_exported_static_bigbird_layout(tmp_path):
+    """A static-length export whose mask is a constant BigBird-like layout (a buffer of the model)
+    combined with key padding: the exact layout is found and lowered (dense global rows)."""
+    torch = pytest.importorskip("torch")
+    import tfgraph
+
+    length, block = 30, 4
+    layout = bigbird(-(-length // block), seed=1)
+
     raw = tmp_path / "bigbird.onnx"
     ids, mask = torch.randint(0, 50, (2, length)), torch.ones(2, length, dtype=torch.int64)
-    torch.onnx.export(BigBird().eval(), (ids, mask), raw, dynamo=False, opset_version=18,
+    torch.onnx.export(_fixed_layout_module(torch, layout, block, length, crop=False), (ids, mask), raw, dynamo=False, opset_version=18,
                       input_names=["input_ids", "attention_mask"], output_names=["y"])
     artifact = tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out", verify=False)  # checked below
     record = next(r for r in artifact.manifest["passes"] if r["name"] == "classify-attention-masks")
@@ -398,33 +406,16 @@ def test_exported_fixed_layout_cropped_to_the_length(tmp_path, exporter):
     length, block = 30, 4
     layout = bigbird(-(-length // block), seed=1)
 
-    class Cropped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.embed = torch.nn.Embedding(50, WIDTH)
-            self.qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
-            self.register_buffer("visible", torch.from_numpy(_tiles(layout, block, length, False)))
-
-        def forward(self, input_ids, attention_mask):
-            x = self.embed(input_ids)
-            b, s, _ = x.shape
-            q, k, v = (t.reshape(b, s, HEADS, HEAD_SIZE).transpose(1, 2) for t in self.qkv(x).split(WIDTH, dim=-1))
-            allowed = self.visible[None, None, :s, :s] & attention_mask[:, None, None, :].bool()
-            bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min)
-            probs = torch.softmax(q @ k.transpose(-1, -2) * HEAD_SIZE ** -0.5 + bias, dim=-1)
-            return (probs @ v).transpose(1, 2).reshape(b, s, WIDTH)
-
     raw = tmp_path / "cropped.onnx"
     ids, mask = torch.randint(0, 50, (2, length)), torch.ones(2, length, dtype=torch.int64)
     names = dict(input_names=["input_ids", "attention_mask"], output_names=["y"])
     if exporter == "dynamo":
         s, b = torch.export.Dim("S", max=length), torch.export.Dim("B")
-        torch.onnx.export(Cropped().eval(), (ids, mask), raw, dynamo=True, dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
+        torch.onnx.export(_fixed_layout_module(torch, layout, block, length, crop=True), (ids, mask), raw, dynamo=True, dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
                           **names)
     else:
         axes = {0: "B", 1: "S"}
-        torch.onnx.export(Cropped().eval(), (ids, mask), raw, dynamo=False, opset_version=18,
+        torch.onnx.export(_fixed_layout_module(torch, layout, block, length, crop=True), (ids, mask), raw, dynamo=False, opset_version=18,
                           dynamic_axes={"input_ids": axes, "attention_mask": axes}, **names)
     tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out")
     compiled = ir.load(tmp_path / "out" / "model.onnx")
