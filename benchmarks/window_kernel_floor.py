@@ -51,8 +51,9 @@ def _input(name: str, shape: list[int], dtype=ir.DataType.FLOAT) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
 
-def tile_kernel(tiles: int, block: int) -> tuple[bytes, dict[str, np.ndarray]]:
-    """MultiHeadAttention on pre-built tiles, exactly the inputs the lowering gives it."""
+def tile_kernel(tiles: int, block: int, key_mask: bool = True) -> tuple[bytes, dict[str, np.ndarray]]:
+    """MultiHeadAttention on pre-built tiles, exactly the inputs the lowering gives it
+    (``key_mask=False``: without the key padding mask, the least the kernel can be given)."""
     before = -(-(WINDOW - 1) // block)
     width = (before + 1) * block
     offset = np.arange(width)[None, :] - before * block - np.arange(block)[:, None]
@@ -61,14 +62,17 @@ def tile_kernel(tiles: int, block: int) -> tuple[bytes, dict[str, np.ndarray]]:
     k, v = (_input(n, [tiles, HEADS, width, HEAD_SIZE]) for n in "kv")
     mask = _input("m", [tiles, width], ir.DataType.INT32)
     bias = ir.node("Constant", [], attributes={"value": ir.tensor(band.reshape(1, 1, block, width))})
-    node = ir.node("MultiHeadAttention", [q, k, v, None, mask, bias.outputs[0]], domain="com.microsoft",
+    node = ir.node("MultiHeadAttention", [q, k, v, None, mask if key_mask else None, bias.outputs[0]],
+                   domain="com.microsoft",
                    attributes={"num_heads": HEADS, "scale": HEAD_SIZE ** -0.5, "mask_filter_value": _MASKED})
     rng = np.random.default_rng(0)
     feeds = {"q": rng.standard_normal((tiles, block, HIDDEN), np.float32),
              "k": rng.standard_normal((tiles, HEADS, width, HEAD_SIZE), np.float32),
              "v": rng.standard_normal((tiles, HEADS, width, HEAD_SIZE), np.float32),
              "m": np.ones((tiles, width), np.int32)}
-    return _model([bias, node], [q, k, v, mask], node.outputs[0]), feeds
+    if not key_mask:
+        del feeds["m"]
+    return _model([bias, node], [q, k, v] + ([mask] if key_mask else []), node.outputs[0]), feeds
 
 
 def gqa_tile(block: int) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -107,6 +111,7 @@ def main() -> None:
         for block in args.blocks:
             tiles = batch * -(-args.seq // block)
             runs[f"MHA tile kernel alone, block {block}"] = (*tile_kernel(tiles, block), 1)
+            runs[f"MHA tile kernel alone, no key mask, block {block}"] = (*tile_kernel(tiles, block, False), 1)
             if batch == 1:
                 model, feeds = gqa_tile(block)
                 runs[f"GQA with past, tile by tile, block {block}"] = (model, feeds, tiles)
