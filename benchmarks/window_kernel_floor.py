@@ -38,7 +38,7 @@ import bench_window  # noqa: E402
 HEADS, HEAD_SIZE, WINDOW = bench_window.HEADS, bench_window.HEAD_SIZE, bench_window.WINDOW
 HIDDEN = HEADS * HEAD_SIZE
 RESULTS = pathlib.Path(__file__).parent / "results"
-_MASKED = float(np.finfo(np.float32).min) / 2
+_MASKED = bench_window.blocked._HALF_MIN  # the lowering's masked-score value
 
 
 def _model(nodes: list[ir.Node], inputs: list[ir.Value], output: ir.Value) -> bytes:
@@ -150,7 +150,7 @@ def main() -> None:
              f"{args.rounds} interleaved rounds after a warm-up; medians; load average at the end "
              f"{', '.join(map(str, meta['load_average']))}",
              f"- one layer, {HEADS} heads × {HEAD_SIZE}, causal window {WINDOW}, S = {args.seq}, fp32",
-             f"- reproduce: `python benchmarks/window_kernel_floor.py{(' ' + meta['arguments']) if meta['arguments'] else ''}`",
+             f"- reproduce: `{' '.join(['python benchmarks/window_kernel_floor.py'] + sys.argv[1:])}`",
              "- *GQA ÷ this*: how many times faster than GroupQueryAttention causal on the dense sequence",
              "", "| batch | variant | median ms | GQA ÷ this |", "|---:|---|---:|---:|"]
     lines += [f"| {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | {r['dense_over_this']:.2f} |" for r in rows]

@@ -84,6 +84,18 @@ def _positions(b: _Builder, sequence: ir.Value, blocks: ir.Value, block: int, be
     return clipped, valid
 
 
+def _band_bias(b: _Builder, *, left: int, right: int, block: int, before: int, width: int) -> ir.Value:
+    """The additive (block, width) band of a tile, the same for every tile and head: query ``u``
+    of the tile and window slot ``s`` are ``j - i = s - before·block - u`` apart. Built at run
+    time from two Ranges (a constant table would add block·width floats per layer); Reshape
+    rather than Unsqueeze: ONNX's data propagation gets Unsqueeze of a Range wrong."""
+    offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
+               b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
+    in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
+                b("GreaterOrEqual", b.const(np.array(right, np.int64)), offset))
+    return b("Where", in_band, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
+
+
 KERNELS = ("standard", "com.microsoft.MultiHeadAttention")
 
 
@@ -135,29 +147,21 @@ def blocked_attention(
 
     sequence = b("Shape", q, start=1, end=2)
     blocks = b("Div", b("Add", sequence, b.i64(block - 1)), b.i64(block))
-    if kernel != "standard" and not global_tokens:
-        return _tiles_mha(b, q, k, v, sequence, blocks, scale=scale, left=left, right=right, block=block,
-                          before=before, count=count, heads=heads, head_size=head_size, key_padding=key_padding)
-
     # One Gather per tensor (no padding copies): (B, blocks, block, D) query tiles (rows past
     # the end repeat the last query and are cut off at the end) and (B, blocks, width, D)
     # key/value windows (positions outside the sequence repeat an edge key and are masked).
     q_rows, _ = _positions(b, sequence, blocks, block, 0, 1)
-    q_tiles = b("Gather", q, q_rows, axis=1)
     keys, valid = _positions(b, sequence, blocks, block, before, count)
+    band = _band_bias(b, left=left, right=right, block=block, before=before, width=width)
+    if kernel != "standard" and not global_tokens:
+        return _tiles_mha(b, q, k, v, sequence, q_rows, keys, valid, band, scale=scale, block=block, width=width,
+                          heads=heads, head_size=head_size, key_padding=key_padding)
+    q_tiles = b("Gather", q, q_rows, axis=1)
     k_windows = b("Gather", k, keys, axis=1)
     v_windows = b("Gather", v, keys, axis=1)
 
-    # The tile mask, (B|1, blocks, block, width), head-independent: the band (query u of
-    # the tile, window slot s: j - i = s - before·block - u) plus keys outside [0, S) and
-    # padded keys (the (B, S) padding row gathered like the keys).
-    # Built at run time from two Ranges (a constant table would add block·width floats per layer).
-    # (Reshape rather than Unsqueeze: ONNX's data propagation gets Unsqueeze of a Range wrong.)
-    offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
-               b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
-    in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
-                b("GreaterOrEqual", b.const(np.array(right, np.int64)), offset))
-    band = b("Where", in_band, b.const(np.array(0.0, np.float32)), b.const(np.array(_HALF_MIN, np.float32)))
+    # The tile mask, (B|1, blocks, block, width), head-independent: the band plus keys outside
+    # [0, S) and padded keys (the (B, S) padding row gathered like the keys).
     visible = b("Unsqueeze", valid, b.i64(0))  # (1, blocks, width)
     if key_padding is not None:
         padding = b("Gather", b("Cast", key_padding, to=ir.DataType.BOOL), keys, axis=1)
@@ -201,8 +205,8 @@ def blocked_attention(
     return context
 
 
-def _tiles_mha(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: int, right: int, block: int,
-               before: int, count: int, heads: int, head_size: int, key_padding: ir.Value | None) -> ir.Value:
+def _tiles_mha(b: _Builder, q, k, v, sequence, q_rows, keys, valid, band, *, scale: float, block: int, width: int,
+               heads: int, head_size: int, key_padding: ir.Value | None) -> ir.Value:
     """The MultiHeadAttention-tiles form of a band without global tokens, with the least data
     movement found on onnxruntime's CPU kernel:
 
@@ -215,17 +219,10 @@ def _tiles_mha(b: _Builder, q, k, v, sequence, blocks, *, scale: float, left: in
       (B, S) padding row gathered like the keys) hidden by the kernel's (B·tiles, width) key
       padding mask, so all tiles are one call.
 
+    ``q_rows``, ``keys``/``valid`` and ``band`` as :func:`blocked_attention` builds them.
     Rows past the end are cut off."""
-    width = count * block
     hidden = heads * head_size
-    q_rows, _ = _positions(b, sequence, blocks, block, 0, 1)
-    keys, valid = _positions(b, sequence, blocks, block, before, count)  # (tiles, width)
-    offset = b("Sub", b("Reshape", _arange(b, width, -before * block), b.i64(1, -1)),
-               b("Reshape", _arange(b, block, 0), b.i64(-1, 1)))
-    in_band = b("And", b("GreaterOrEqual", offset, b.const(np.array(-left, np.int64))),
-                b("GreaterOrEqual", b.const(np.array(right, np.int64)), offset))
-    band = b("Reshape", b("Where", in_band, b.const(np.array(0.0, np.float32)),
-                          b.const(np.array(_HALF_MIN, np.float32))), b.i64(1, 1, block, width))
+    band = b("Reshape", band, b.i64(1, 1, block, width))
     batch = b("Shape", q, start=0, end=1)
     # Row of (B·S·N, H) holding key position p, head n of batch row i: (i·S + p)·N + n.
     first_row = b("Mul", b("Range", b.const(np.array(0, np.int64)), b("Squeeze", batch, b.i64(0)),

@@ -376,7 +376,8 @@ def test_exported_static_bigbird_layout(tmp_path):
 
     raw = tmp_path / "bigbird.onnx"
     ids, mask = torch.randint(0, 50, (2, length)), torch.ones(2, length, dtype=torch.int64)
-    torch.onnx.export(_fixed_layout_module(torch, layout, block, length, crop=False), (ids, mask), raw, dynamo=False, opset_version=18,
+    module = _fixed_layout_module(torch, layout, block, length, crop=False)
+    torch.onnx.export(module, (ids, mask), raw, dynamo=False, opset_version=18,
                       input_names=["input_ids", "attention_mask"], output_names=["y"])
     artifact = tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out", verify=False)  # checked below
     record = next(r for r in artifact.manifest["passes"] if r["name"] == "classify-attention-masks")
@@ -408,14 +409,14 @@ def test_exported_fixed_layout_cropped_to_the_length(tmp_path, exporter):
 
     raw = tmp_path / "cropped.onnx"
     ids, mask = torch.randint(0, 50, (2, length)), torch.ones(2, length, dtype=torch.int64)
+    module = _fixed_layout_module(torch, layout, block, length, crop=True)
     names = dict(input_names=["input_ids", "attention_mask"], output_names=["y"])
     if exporter == "dynamo":
         s, b = torch.export.Dim("S", max=length), torch.export.Dim("B")
-        torch.onnx.export(_fixed_layout_module(torch, layout, block, length, crop=True), (ids, mask), raw, dynamo=True, dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
-                          **names)
+        torch.onnx.export(module, (ids, mask), raw, dynamo=True, dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}), **names)
     else:
         axes = {0: "B", 1: "S"}
-        torch.onnx.export(_fixed_layout_module(torch, layout, block, length, crop=True), (ids, mask), raw, dynamo=False, opset_version=18,
+        torch.onnx.export(module, (ids, mask), raw, dynamo=False, opset_version=18,
                           dynamic_axes={"input_ids": axes, "attention_mask": axes}, **names)
     tfgraph.compile(raw, "cpu-fp32", output=tmp_path / "out")
     compiled = ir.load(tmp_path / "out" / "model.onnx")
