@@ -22,6 +22,7 @@ from tfgraph.passes import (  # noqa: E402
     dedup_derived,
     dedup_initializers,
     decompose,
+    eval_mode,
     float16,
     identity,
     inline_functions,

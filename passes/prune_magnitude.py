@@ -19,6 +19,10 @@ class PruneMagnitudePass(ir.passes.InPlacePass):
 
     def __init__(self, *, sparsity: float = 0.5, min_size: int = 1024):
         super().__init__()
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), not {sparsity}")
+        if min_size < 1:
+            raise ValueError(f"min_size must be at least 1, not {min_size}")
         self.sparsity = sparsity
         self.min_size = min_size
         self.report: dict = {}

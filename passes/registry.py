@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import inspect
+import types
+import typing
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Callable, TypeVar
@@ -39,14 +43,70 @@ def get_pass_class(name: str) -> type[ir.passes.PassBase]:
     try:
         return _PASSES[name]
     except KeyError:
-        raise BadInputError(f"unknown pass '{name}'; registered passes: {', '.join(available_passes())}") from None
+        raise BadInputError(f"unknown pass '{name}'; registered passes: {', '.join(available_passes())}; "
+                            "a pass of your own registers when its module is loaded with --plugin FILE.py|MODULE") from None
+
+
+def option_types(cls: type) -> dict[str, tuple[Any, Any]]:
+    """A pass's declared options: keyword-only ``__init__`` parameters → (annotation, default).
+    ``tfgraph passes`` shows them; :func:`create_pass` checks given values against them."""
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return {}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no type check
+        hints = {}
+    return {
+        name: (hints.get(name, param.annotation), param.default)
+        for name, param in signature.parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits a (simple) annotation; anything this does not understand is accepted."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def describe_annotation(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "any"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
 def create_pass(name: str, **options: Any) -> ir.passes.PassBase:
+    """An instance of the registered pass ``name``: options are checked against the types the
+    pass declares, and the pass's own range checks (ValueError) become one-line bad-input errors."""
     cls = get_pass_class(name)
+    declared = option_types(cls)
+    for key, value in options.items():
+        if key in declared and not _accepts(declared[key][0], value):
+            raise BadInputError(f"bad option for pass '{name}': {key}={value!r} is not "
+                                f"{describe_annotation(declared[key][0])}")
     try:
         return cls(**options)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise BadInputError(f"bad options for pass '{name}': {e}") from None
 
 

@@ -11,7 +11,7 @@ from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 # "QNN_COMMON_ERROR_MEM_ALLOC" (measured); "60" (Snapdragon 8 Gen 3, HTP v75) lets BERT- and
 # MiniLM-sized graphs finalize. enable_htp_fp16_precision made no difference in the simulator
 # (0 vs default: same placement, same outputs): left at its default.
-QNN_HTP = Provider("QNNExecutionProvider", {"backend_type": "htp", "soc_model": "60"}, plugin="onnxruntime_qnn")
+QNN_HTP = Provider("QNNExecutionProvider", {"backend_type": "htp", "soc_model": "60"}, plugin="onnxruntime_qnn", extra="qnn")
 
 # Fusion to the standard form: shapes, the reshape normal form, attention to the neutral
 # tfgraph.Attention (one form for every exporter variant: SDPA's split scale and per-layer mask

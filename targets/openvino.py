@@ -108,7 +108,7 @@ OPENVINO_FP32 = Target(
     name="openvino-fp32",
     description="OpenVINO EP (onnxruntime-ep-openvino) on CPU, fp32 pinned: canonicalized graph, attention as packed "
     "com.microsoft.Attention, windows blocked in standard ops",
-    providers=(Provider(EP, _options("f32", "FP32"), plugin=PLUGIN),),
+    providers=(Provider(EP, _options("f32", "FP32"), plugin=PLUGIN, extra="openvino"),),
     precision="fp32",
     passes=CLEANUP + FUSION + OV_LOWERING,
     # OpenVINO's fp32 kernels differ from onnxruntime's in summation order only: 1e-6 measured on the
@@ -130,7 +130,7 @@ OPENVINO_BF16 = Target(
     name="openvino-bf16",
     description="OpenVINO EP on CPU, bf16 inference precision (OpenVINO's default where the CPU has bf16; "
     "fp32 on CPUs without it): openvino-fp32's graph",
-    providers=(Provider(EP, _options("bf16"), plugin=PLUGIN),),
+    providers=(Provider(EP, _options("bf16"), plugin=PLUGIN, extra="openvino"),),
     precision="bf16",
     passes=CLEANUP + FUSION + OV_LOWERING,
     tolerance=Tolerance(atol=5e-2, rtol=5e-2),
@@ -162,7 +162,7 @@ OPENVINO_INT8_SCHEME = Quantization(
 OPENVINO_INT8 = Target(
     name="openvino-int8",
     description="OpenVINO EP on CPU, int8: openvino-fp32's graph, MatMuls as uint8/int8 QDQ (static, calibrated)",
-    providers=(Provider(EP, _options("f32", "FP32"), plugin=PLUGIN),),
+    providers=(Provider(EP, _options("f32", "FP32"), plugin=PLUGIN, extra="openvino"),),
     precision="int8",
     passes=CLEANUP + FUSION + OV_LOWERING + (
         PassSpec("quantize", OPENVINO_INT8_SCHEME.to_options()),

@@ -26,6 +26,8 @@ class Provider:
     name: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     plugin: str | None = None
+    # The tfgraph extra that installs the plugin (``pip install 'tfgraph[EXTRA]'``).
+    extra: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _freeze(self.options))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -18,25 +19,89 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return pathlib.Path(path.anchor or ".")
+
+
 def check_output_dir(path: os.PathLike | str, *, force: bool) -> pathlib.Path:
-    """Refuse an existing output (unless ``force``) before any work is done."""
+    """Refuse an unusable output before any work is done: an existing one (unless ``force``), the
+    current folder or one of its ancestors, names the file system cannot hold, and places this
+    process cannot write. Missing parent folders are fine: they are created when the artifact is
+    written."""
+    raw = str(path)
+    if not raw.strip() or "\0" in raw:
+        raise BadInputError(f"{raw!r}: not a usable output path")
     path = pathlib.Path(path)
+    resolved = path.resolve()
+    cwd = pathlib.Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise BadInputError(f"{path}: is the current folder or one of its ancestors; name a new folder for the artifact")
+    for part in resolved.parts[1:]:
+        if len(os.fsencode(part)) > _name_max(resolved):
+            raise BadInputError(f"{path}: a path component is {len(os.fsencode(part))} bytes long, over the file "
+                                f"system's limit of {_name_max(resolved)}; choose a shorter name")
+    if len(os.fsencode(str(resolved))) + 64 > _path_max(resolved):
+        raise BadInputError(f"{path}: the path is too long for the file system ({_path_max(resolved)} bytes)")
     if path.exists() and not force:
         raise BadInputError(f"{path}: output folder exists; choose another or pass --force to replace it")
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():
         raise BadInputError(f"{path}: exists and is not a folder")
-    if not path.parent.exists():
-        raise BadInputError(f"{path.parent}: parent folder of the output does not exist")
+    anchor = _nearest_existing(resolved.parent)
+    if not anchor.is_dir():
+        raise BadInputError(f"{anchor}: is not a folder, so {path} cannot be created under it")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        why = "the file system is read-only" if _read_only(anchor) else "permission denied"
+        raise BadInputError(f"{anchor}: cannot write there ({why}); choose an output folder you can write to")
     return path
+
+
+def _name_max(path: pathlib.Path) -> int:
+    try:
+        return os.pathconf(_nearest_existing(path), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _path_max(path: pathlib.Path) -> int:
+    try:
+        return os.pathconf(_nearest_existing(path), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
+def _read_only(path: pathlib.Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def atomic_write_dir(path: pathlib.Path, write: callable, *, force: bool) -> None:
     """Call ``write(tmp_dir)`` in a temporary sibling folder, then rename it to ``path``.
 
-    A failure anywhere leaves no ``path`` (and an existing one untouched).
+    Missing parent folders are created (and removed again if the write fails). The folder gets
+    the permissions the process's umask gives a new folder. A failure anywhere leaves no ``path``
+    (and an existing one untouched), and no temporary or backup folder behind.
     """
+    path = pathlib.Path(path)
     check_output_dir(path, force=force)
+    created = []
+    for parent in reversed(path.absolute().parents):
+        if not parent.exists():
+            parent.mkdir()
+            created.append(parent)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
     try:
         write(tmp)
         if path.exists():
@@ -47,12 +112,19 @@ def atomic_write_dir(path: pathlib.Path, write: callable, *, force: bool) -> Non
             except BaseException:
                 os.replace(old / "previous", path)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class Artifact:

@@ -19,12 +19,14 @@ from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, check_output_dir
 from tfgraph import analysis, runtime
 from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
+from tfgraph.input_checks import check_deterministic, check_input_shapes, check_target_runtime, shapes_text
 from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
 from tfgraph.prune import RebaselineInstrument
 from tfgraph.targets import Provider, Target, get_target
-from tfgraph.verify import UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, padded_positions, run
+from tfgraph.verify import (UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, padded_positions,
+                            resolve_shapes, run)
 
 Progress = Callable[[str, int, int], None]
 
@@ -291,17 +293,24 @@ def compile(  # noqa: A001 - the product's verb
     ``1 - cosine <= max_drop``.
     """
     profile = get_target(target)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise BadInputError(f"--seed {seed}: a seed is an integer from 0 to {2**32 - 1}")
+    check_target_runtime(profile)
     out_path = check_output_dir(output, force=force) if output is not None else None
     pipeline: list[PassSpec | ir.passes.PassBase] = list(profile.passes)
     if approximate_attention is not None:
         if not verify:
             raise BadInputError("an attention approximation needs verification on: it measures the output change")
         pipeline = _with_window_approximation(pipeline, approximate_attention, profile.name)
+    input_passes: list = []
     for item in extra_passes:
         if isinstance(item, str):
             item = PassSpec.parse(item)
         if isinstance(item, PassSpec):
-            item.create()  # fail early on unknown names or bad options
+            created = item.create()  # fail early on unknown names or bad options
+            if getattr(created, "applies_to_input", False):
+                input_passes.append(item)  # e.g. eval-mode: makes the input model what verification compares against
+                continue
         pipeline.append(item)
 
     with contextlib.ExitStack() as stack:
@@ -314,6 +323,15 @@ def compile(  # noqa: A001 - the product's verb
             attention=attention,
             progress=progress,
         )
+        input_records = []
+        if input_passes:
+            input_manager = PassManager(input_passes, instruments=[CheckerInstrument()])
+            model_ir = input_manager.run(model_ir).model
+            input_records = [r.to_json() for r in input_manager.records]
+        if inputs is None:  # generated inputs: their shapes are checked before anything is allocated
+            check_input_shapes(model_ir, shapes, source)
+        elif shapes:
+            resolve_shapes(model_ir, shapes)  # names and consistency, even where arrays are given
         if profile.static_shapes:
             pin_input_shapes(model_ir, shapes, profile.name, inputs if isinstance(inputs, Mapping) else None)
         attention_before = analysis.attention_blocks(model_ir)
@@ -335,9 +353,11 @@ def compile(  # noqa: A001 - the product's verb
                 progress("reference run", 0, 1)
             try:
                 reference = run(model_ir, feeds, options=UNOPTIMIZED)
+                again = run(model_ir, feeds, options=UNOPTIMIZED)
             except Exception as e:
-                message = first_line(e)
-                raise BadInputError(f"the input model does not run on onnxruntime CPU: {message}") from None
+                raise BadInputError(f"the input model does not run on onnxruntime CPU at "
+                                    f"{shapes_text(feeds)}: {first_line(e)}") from None
+            check_deterministic(model_ir, reference, again)
             numeric = NumericDiffInstrument(feeds, reference, atol=profile.tolerance.atol, rtol=profile.tolerance.rtol)
             # Pruning passes change the outputs on purpose: later passes are verified against the pruned model.
             all_instruments += [RebaselineInstrument(numeric, feeds), numeric]
@@ -481,6 +501,7 @@ def compile(  # noqa: A001 - the product's verb
                 "extra_passes": [getattr(p, "name", None) or str(p) for p in extra_passes],
                 "exporter": exporter if source.get("kind") else None,
             },
+            "input_passes": input_records,
             "passes": [r.to_json() for r in manager.records],
             "verification": verification,
             "attention": attention,

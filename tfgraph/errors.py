@@ -44,3 +44,15 @@ class StrictError(TfgraphError):
     """``--strict`` found an incomplete result (e.g. attention blocks left unfused): exit 1."""
 
     exit_code = 1
+
+
+class PassFailedError(TfgraphError):
+    """A pass raised or broke its contract (a bug in that pass, often a user plugin): exit 3,
+    naming the registered pass and its position in the pipeline."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, pass_name: str | None = None, index: int | None = None):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.index = index

@@ -6,12 +6,29 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
+from tfgraph.errors import PassFailedError, TfgraphError, first_line
 from tfgraph.instruments import Instrument, PassRecord, TimingInstrument
 from tfgraph.passes.registry import PassSpec
 
 
 def _name_of(pass_: ir.passes.PassBase) -> str:
     return getattr(pass_, "pass_name", None) or type(pass_).__name__
+
+
+def _call(pass_: ir.passes.PassBase, model: ir.Model, name: str, index: int, total: int) -> ir.passes.PassResult:
+    """Run one pass; an exception or a broken contract becomes an error that names the registered
+    pass and its position (tfgraph's own errors pass through unchanged)."""
+    where = f"pass '{name}' (#{index + 1} of {total})"
+    try:
+        result = pass_(model)
+    except TfgraphError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported with the pass that raised it
+        raise PassFailedError(f"{where} raised {type(e).__name__}: {first_line(e)}", pass_name=name, index=index) from e
+    if not isinstance(result, ir.passes.PassResult):
+        raise PassFailedError(f"{where} returned {type(result).__name__}, not onnx_ir.passes.PassResult",
+                              pass_name=name, index=index)
+    return result
 
 
 class PassManager:
@@ -55,7 +72,7 @@ class PassManager:
             self.records.append(record)
             for instrument in self.instruments:
                 instrument.before_pass(pass_, record, model)
-            result = pass_(model)
+            result = _call(pass_, model, name, index, len(passes))
             if not pass_.in_place:
                 model = result.model
             record.modified = bool(result.modified)

@@ -25,8 +25,12 @@ DEFAULT_DIMS: tuple[tuple[str, int], ...] = (
 FALLBACK_DIM = 8
 
 
+MAX_DIM = 2**31 - 1
+
+
 def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...] | int]:
-    """Parse ``name=1x128`` (an input's shape) or ``name=128`` (a symbolic dimension or 1-D input)."""
+    """Parse ``name=1x128`` (an input's shape) or ``name=128`` (a symbolic dimension or 1-D input).
+    A name given twice is refused (it would silently take the last value)."""
     shapes: dict[str, tuple[int, ...] | int] = {}
     for item in items or ():
         for part in item.split(","):
@@ -37,8 +41,12 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...] | int
                 values = tuple(int(d) for d in dims.lower().split("x"))
             except ValueError:
                 raise BadInputError(f"bad shape '{part}'; dimensions must be integers like 2x128") from None
-            if any(v < 0 for v in values):
-                raise BadInputError(f"bad shape '{part}'; dimensions must not be negative")
+            if any(v < 1 for v in values):
+                raise BadInputError(f"bad shape '{part}'; dimensions must be at least 1")
+            if any(v > MAX_DIM for v in values):
+                raise BadInputError(f"bad shape '{part}'; a dimension over {MAX_DIM} cannot be allocated")
+            if name.strip() in shapes:
+                raise BadInputError(f"--shape {name.strip()} is given twice; give each input or dimension once")
             shapes[name.strip()] = values if "x" in dims.lower() else values[0]
     return shapes
 
@@ -79,6 +87,119 @@ def input_signature(model: ir.Model) -> list[InputInfo]:
     return infos
 
 
+def resolve_shapes(
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...] | int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The concrete shape of every graph input: ``shapes`` names inputs (``{"input_ids": (2, 64)}``)
+    or symbolic dimensions (``{"sequence": 64}``); other symbolic dimensions take a default by name
+    (batch 2, sequence 16, past 4). Refuses names that are neither, shapes that do not fit their
+    input, and inputs that give one symbolic dimension two sizes."""
+    shapes = dict(shapes or {})
+    signature = input_signature(model)
+    inputs = {info.name: info for info in signature}
+    dim_names = sorted({d for info in signature for d in info.shape if isinstance(d, str)})
+    for name, value in list(shapes.items()):
+        if name in inputs:
+            if isinstance(value, int):
+                shapes[name] = value = (value,)
+            info = inputs[name]
+            if len(value) != len(info.shape) or any(isinstance(d, int) and d != s for d, s in zip(info.shape, value)):
+                raise BadInputError(f"--shape {name}={'x'.join(map(str, value))} does not fit input '{name}' "
+                                    f"{_shape_text(info.shape)}")
+        elif name in dim_names:
+            if not isinstance(value, int):
+                raise BadInputError(f"--shape {name}: '{name}' is a dimension; give one size (e.g. {name}=64)")
+        else:
+            raise BadInputError(f"--shape {name}: the model has no input or dimension named '{name}'; inputs: "
+                                f"{', '.join(inputs) or 'none'}; dimensions: {', '.join(dim_names) or 'none'}")
+    dims: dict[str, int] = {k: v for k, v in shapes.items() if isinstance(v, int)}
+    origin = {k: f"{k}={v}" for k, v in dims.items()}
+    for info in signature:  # sizes that whole input shapes give symbolic dimensions must agree
+        shape = shapes.get(info.name)
+        if not isinstance(shape, tuple):
+            continue
+        for d, size in zip(info.shape, shape):
+            if isinstance(d, str):
+                if d in dims and dims[d] != size:
+                    raise BadInputError(
+                        f"--shape {info.name}={'x'.join(map(str, shape))} gives dimension '{d}' size {size}, but "
+                        f"{origin[d]} gives it {dims[d]}; inputs that share a dimension need the same size")
+                dims.setdefault(d, size)
+                origin.setdefault(d, f"{info.name}={'x'.join(map(str, shape))}")
+    resolved: dict[str, tuple[int, ...]] = {}
+    for info in signature:
+        if isinstance(shapes.get(info.name), tuple):
+            resolved[info.name] = shapes[info.name]
+            continue
+        shape_list = []
+        for i, d in enumerate(info.shape):
+            if isinstance(d, int):
+                shape_list.append(d)
+                continue
+            key = d if d is not None else f"{info.name}:{i}"
+            if key not in dims:
+                lowered = key.lower()
+                dims[key] = next((size for frag, size in DEFAULT_DIMS if frag in lowered), FALLBACK_DIM)
+            shape_list.append(dims[key])
+        resolved[info.name] = tuple(shape_list)
+    return resolved
+
+
+def _shape_text(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def feed_bytes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes the inputs of these shapes take (Python ints: no overflow)."""
+    sizes = {info.name: np.dtype(info.dtype).itemsize for info in input_signature(model)}
+    total = 0
+    for name, shape in shapes.items():
+        count = 1
+        for d in shape:
+            count *= int(d)
+        total += count * sizes.get(name, 8)
+    return total
+
+
+def position_limit(model: ir.Model) -> int | None:
+    """How many positions the model's position table holds, when it has one: the rows of a constant
+    table gathered by positions the graph computes itself (a Range, or a slice of a constant
+    0, 1, 2, … buffer), or by a ``position_ids`` input. None when the graph shows no such table."""
+    limits = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "Gather" or node.domain != "" or len(node.inputs) < 2:
+            continue
+        table, index = node.inputs[0], node.inputs[1]
+        if table is None or table.const_value is None or index is None or len(table.const_value.shape) != 2:
+            continue
+        if node.attributes.get_int("axis", 0) != 0:
+            continue
+        if _is_positions(index):
+            rows = table.const_value.shape[0]
+            if isinstance(rows, int):
+                limits.append(rows)
+    return min(limits) if limits else None
+
+
+def _is_positions(value: ir.Value, depth: int = 0) -> bool:
+    if depth > 8:
+        return False
+    if value.is_graph_input():
+        return "position" in value.name.lower()
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type == "Range":
+        return True
+    if producer.op_type == "Slice" and producer.inputs[0] is not None and producer.inputs[0].const_value is not None:
+        data = producer.inputs[0].const_value.numpy()
+        flat = data.reshape(-1) if data.ndim <= 1 else data.reshape(-1, data.shape[-1])[0]
+        return data.size > 2 and np.issubdtype(data.dtype, np.integer) and np.array_equal(flat, np.arange(flat.size))
+    if producer.op_type in ("Cast", "Unsqueeze", "Reshape", "Identity", "Expand", "Add", "Squeeze") and producer.inputs:
+        return any(v is not None and _is_positions(v, depth + 1) for v in producer.inputs[:1])
+    return False
+
+
 def generate_inputs(
     model: ir.Model,
     shapes: Mapping[str, tuple[int, ...] | int] | None = None,
@@ -88,39 +209,15 @@ def generate_inputs(
     """Inputs that match the graph's signature, with values a Transformer accepts.
 
     Symbolic dimensions take a size from ``shapes`` (``{"sequence": 32}``), otherwise a
-    default by name (batch 2, sequence 16, past 4). Integer inputs that index an
-    embedding table stay inside it; inputs named like masks are 1 with some trailing
-    padding in every batch row after the first, so padding paths are exercised.
+    default by name (batch 2, sequence 16, past 4); see :func:`resolve_shapes` for what is
+    refused. Integer inputs that index an embedding table stay inside it; inputs named like
+    masks are 1 with some trailing padding in every batch row after the first, so padding
+    paths are exercised.
     """
-    shapes = dict(shapes or {})
     rng = np.random.default_rng(seed)
-    dims: dict[str, int] = {k: v for k, v in shapes.items() if isinstance(v, int)}
-    feeds: dict[str, np.ndarray] = {}
     values = {v.name: v for v in model.graph.inputs}
-    for info in input_signature(model):
-        if isinstance(shapes.get(info.name), tuple):
-            shape = shapes[info.name]
-            if len(shape) != len(info.shape) or any(
-                isinstance(d, int) and d != s for d, s in zip(info.shape, shape)
-            ):
-                raise BadInputError(f"shape {'x'.join(map(str, shape))} does not fit input '{info.name}' {list(info.shape)}")
-            for d, s in zip(info.shape, shape):
-                if isinstance(d, str):
-                    dims.setdefault(d, s)
-        else:
-            shape_list = []
-            for i, d in enumerate(info.shape):
-                if isinstance(d, int):
-                    shape_list.append(d)
-                    continue
-                key = d if d is not None else f"{info.name}:{i}"
-                if key not in dims:
-                    lowered = key.lower()
-                    dims[key] = next((size for frag, size in DEFAULT_DIMS if frag in lowered), FALLBACK_DIM)
-                shape_list.append(dims[key])
-            shape = tuple(shape_list)
-        feeds[info.name] = _values_for(info, shape, values[info.name], rng)
-    return feeds
+    resolved = resolve_shapes(model, shapes)
+    return {info.name: _values_for(info, resolved[info.name], values[info.name], rng) for info in input_signature(model)}
 
 
 def _values_for(info: InputInfo, shape: tuple[int, ...], value: ir.Value, rng: np.random.Generator) -> np.ndarray:
