@@ -288,3 +288,40 @@ def unavailable_reason() -> str | None:
 
 run = run_openvino
 placement = query_placement
+
+
+def runtime_precision(target: Target) -> dict[str, Any] | None:
+    """The precision OpenVINO's CPU plugin actually compiles this target's models at: it ignores a
+    bf16 request on CPUs without bf16 (no AVX512_BF16 / AMX) and runs f32. Read from a compiled
+    one-node model with the target's configuration; None when openvino is not installed."""
+    if unavailable_reason() is not None:
+        return None
+    import openvino as ov
+    from onnx import TensorProto, helper
+
+    config = openvino_config(target)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(helper.make_model(graph).SerializeToString(), b""), "CPU", config)
+    used = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    caps = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    requested = _precision_name(config.get("INFERENCE_PRECISION_HINT", "f32"))
+    return {
+        "requested": requested,
+        "used": used,
+        "how": f"OpenVINO CPU compiled the model at {used}"
+               + (f" although {requested} was requested" if used != requested else "")
+               + f"; CPU capabilities {', '.join(caps)}",
+    }
+
+
+def _precision_name(value: Any) -> str:
+    """OpenVINO names element types several ways (``bf16``, ``<Type: 'bfloat16'>``, ``f32``, ``float32``)."""
+    text = str(value).lower()
+    if "bf16" in text or "bfloat16" in text:
+        return "bf16"
+    if "f16" in text or "float16" in text:
+        return "f16"
+    return "f32"

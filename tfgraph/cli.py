@@ -29,7 +29,8 @@ def _stderr_console():
 def _stdout_console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # A pipe or a log file has no width: rich's 80 columns would fold the summary's tables.
+    return Console(highlight=False, **({} if sys.stdout.isatty() else {"width": 140}))
 
 
 class _Progress:
@@ -46,6 +47,25 @@ class _Progress:
     def __exit__(self, *exc):
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+    # Not on a terminal (a pipe, a CI log): a line when a phase starts, and one every few seconds within
+    # a long phase, but only once the command has run a while, so quick runs and early errors print
+    # nothing but their result.
+    QUIET_S, EVERY_S = 2.0, 5.0
+
+    def _log(self, group: str, line: str) -> None:
+        import time
+
+        now = time.monotonic()
+        self._t0 = getattr(self, "_t0", now)
+        last_group, last_time = getattr(self, "_last", (None, now))
+        new_phase = group != last_group
+        if not line or now - self._t0 < self.QUIET_S or (not new_phase and now - last_time < self.EVERY_S):
+            if new_phase:
+                self._last = (group, last_time)
+            return
+        self._last = (group, now)
+        print(f"tfgraph: {line}", file=sys.stderr, flush=True)
 
     def _start(self):
         # Started on first use, so commands that fail early print nothing but their error.
@@ -64,10 +84,13 @@ class _Progress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if self._progress is None:
-            self._start()
         label = stage if not stage.startswith("pass ") else "passes: " + stage[5:]
         group = "passes" if stage.startswith("pass ") else stage
+        if not sys.stderr.isatty():
+            self._log(group, label if group != "passes" else f"pass {done + 1}/{total}: {stage[5:]}" if done < total else "")
+            return
+        if self._progress is None:
+            self._start()
         if self._task is None or self._task[0] != group:
             self._task = (group, self._progress.add_task(label, total=max(total, 1)))
         self._progress.update(self._task[1], description=label, completed=done, total=max(total, 1))
@@ -75,7 +98,7 @@ class _Progress:
 
 def _load_plugins(plugins: list[str]) -> None:
     """Import plugin modules (a ``.py`` file or a module name) so their passes/targets register."""
-    from tfgraph.errors import BadInputError
+    from tfgraph.errors import BadInputError, first_line
 
     for plugin in plugins or ():
         path = pathlib.Path(plugin)
@@ -91,12 +114,22 @@ def _load_plugins(plugins: list[str]) -> None:
                 importlib.import_module(plugin)
         except BadInputError:
             raise
+        except SystemExit as e:
+            raise BadInputError(f"plugin '{plugin}' called sys.exit({e.code}) while loading; a plugin module must only "
+                                "define and register passes or targets") from None
         except Exception as e:
-            raise BadInputError(f"cannot load plugin '{plugin}': {type(e).__name__}: {e}") from None
+            raise BadInputError(f"cannot load plugin '{plugin}': {type(e).__name__}: {first_line(e)}") from None
 
 
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
+
+
+def _fmt_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -107,30 +140,35 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def _print_compile_summary(manifest: dict, out: str | None) -> None:
+def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = False) -> None:
     from rich.table import Table
 
     console = _stdout_console()
     table = Table(title=f"tfgraph compile → {manifest['target']}", title_justify="left")
     for col, just in (("#", "right"), ("pass", "left"), ("modified", "center"), ("time", "right"),
                       ("nodes", "right"), ("params", "right"), ("max abs err", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, no_wrap=True)
     for i, rec in enumerate(manifest["passes"], 1):
         ver = rec.get("verification")
         err = f"{max(v['max_abs'] for v in ver.values()):.2e}" if ver else "—"
         nodes = f"{rec['nodes_before']} → {rec['nodes_after']}" if rec["modified"] else str(rec["nodes_after"])
-        params = _fmt_int(rec["params_after"])
+        params = _fmt_count(rec["params_after"])
         table.add_row(str(i), rec["name"], "yes" if rec["modified"] else "no", f"{rec['time_s'] * 1000:.1f} ms", nodes, params, err)
     console.print(table)
     rules = [(rec["name"], rule, entry) for rec in manifest["passes"] for rule, entry in rec.get("rules", {}).items()]
-    if rules:
+    if rules and verbose:
         rule_table = Table(title="rules", title_justify="left")
         for col in ("pass", "rule", "matches", "nearest miss"):
-            rule_table.add_column(col)
+            rule_table.add_column(col, no_wrap=col != "nearest miss")
         for pass_name, rule, entry in rules:
             miss = entry.get("near_miss")
             rule_table.add_row(pass_name, rule, str(entry["matches"]), f"{miss['status']}: {miss['reason']}" if miss and not entry["matches"] else "")
         console.print(rule_table)
+    elif rules:
+        matched = [f"{rule} {entry['matches']}" for _, rule, entry in rules if entry["matches"]]
+        idle = len(rules) - len(matched)
+        console.print(f"rules matched: {', '.join(matched) or 'none'}"
+                      + (f" ({idle} rule(s) without a match; -v shows each with its nearest miss)" if idle else ""))
     approx = manifest.get("approximation")
     if approx:
         console.print(f"[bold red]approximation[/bold red]: attention {approx['attention']} on blocks {approx['blocks']}")
@@ -172,13 +210,25 @@ def _print_compile_summary(manifest: dict, out: str | None) -> None:
     else:
         outputs = ", ".join(f"{k}: max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}" for k, v in ver["outputs"].items())
         shapes = ", ".join(f"{k}={'x'.join(map(str, v['shape']))}" for k, v in ver["inputs"].items())
-        console.print(f"[green]verified[/green] on {', '.join(ver['session']['providers'])} ({shapes}): {outputs}")
+        console.print(f"[green]verified[/green] on {', '.join(ver['session']['providers'])} ({shapes}): {outputs}; "
+                      f"passes where |error| <= {ver['atol']:g} + {ver['rtol']:g}·|expected| everywhere "
+                      "(max rel is over all elements, near-zero ones included)")
+        unavailable = ver.get("providers_unavailable") or {}
+        if unavailable:
+            console.print("[bold yellow]not verified on " + "; ".join(f"{k} ({v})" for k, v in unavailable.items())
+                          + "[/bold yellow]")
+    runtime_precision = manifest.get("runtime_precision")
+    if runtime_precision:
+        console.print(f"runtime precision: {runtime_precision['used']} ({runtime_precision['how']})")
     place = manifest.get("placement")
     if place:
         counts = ", ".join(f"{ep} {n}" for ep, n in place["nodes"].items())
         fallback = (f"; CPU fallback {place['fallback_count']} ({', '.join(f'{k} {v}' for k, v in place['fallback_ops'].items())})"
                     f", {place['unexpected_fallback']} unexpected" if place["fallback_count"] else "; no CPU fallback")
-        console.print(f"placement ({place['source']}): {counts}{fallback}")
+        label = "placement" if place["source"] == "onnxruntime session" else "expected placement, not run"
+        console.print(f"{label} ({place['source']}): {counts}{fallback}")
+        if place.get("unverified"):
+            console.print(f"[yellow]{place['unverified']}[/yellow]")
     if out:
         console.print(f"artifact: {out} ({', '.join(manifest.get('files', []))}, manifest.json)")
 
@@ -237,7 +287,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from tfgraph import pipeline_cli
 
         pipeline_cli.check_stages(args)
-    with _Progress(enabled=not args.json and not args.quiet) as progress, _native_stdout_to_stderr(args.json):
+    # Native libraries' banners (the QNN EP prints one when it loads) go to stderr: stdout holds the summary.
+    with _Progress(enabled=not args.json and not args.quiet) as progress, _native_stdout_to_stderr(True):
         artifact = tfgraph.compile(
             args.model,
             target=args.target,
@@ -261,10 +312,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         )
         if args.stages is not None:
             pipeline_cli.add_stages(artifact, args, progress)
+    written = pathlib.Path(args.output) / "manifest.json"
+    if artifact.path is None or not written.is_file():
+        raise RuntimeError(f"the compile returned without writing {written}")
     if args.json:
         print(json.dumps({"output": str(artifact.path), **artifact.manifest}, indent=2))
     elif not args.quiet:
-        _print_compile_summary(artifact.manifest, str(artifact.path))
+        _print_compile_summary(artifact.manifest, str(artifact.path), verbose=args.verbose or args.strict)
         if args.stages is not None:
             pipeline_cli.print_pipeline(artifact.manifest)
     for warning in artifact.manifest["warnings"]:
@@ -490,7 +544,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tfgraph._version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tfgraph",
         description="ONNX graph-rewriting compiler for Transformer models.",
         epilog="exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error",
@@ -530,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the target's, cpu-int8 0.005)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also print every rewrite rule with its nearest miss (always in the manifest)")
     from tfgraph import pipeline_cli
 
     pipeline_cli.add_compile_options(p)
@@ -588,28 +644,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises instead of exiting, so ``--json`` can report it as JSON."""
+
+    def error(self, message: str):  # noqa: D401
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _report_error(label: str, message: str, code: int, as_json: bool, **extra) -> int:
+    print(f"tfgraph: {label}: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "kind": label, "exit_code": code, **extra}, indent=2))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        if not as_json:
+            parser.print_usage(sys.stderr)
+        return _report_error("usage error", str(e), EXIT_BAD_INPUT, as_json)
     from tfgraph.errors import TfgraphError
 
     try:
         return args.func(args)
     except TfgraphError as e:
-        from tfgraph.errors import StrictError
+        from tfgraph.errors import PassFailedError, StrictError
 
-        label = "strict check failed" if isinstance(e, StrictError) else "verification failed" if e.exit_code == EXIT_VERIFY else "error"
-        print(f"tfgraph: {label}: {e}", file=sys.stderr)
-        return e.exit_code
+        label = ("strict check failed" if isinstance(e, StrictError) else "pass failed" if isinstance(e, PassFailedError)
+                 else "verification failed" if e.exit_code == EXIT_VERIFY else "error")
+        extra = {"pass": e.pass_name} if getattr(e, "pass_name", None) else {}
+        return _report_error(label, str(e), e.exit_code, as_json, **extra)
     except KeyboardInterrupt:
-        print("tfgraph: interrupted", file=sys.stderr)
-        return 130
+        return _report_error("interrupted", "interrupted", 130, as_json)
     except Exception as e:  # a bug: say so in one line, traceback on request
         if os.environ.get("TFGRAPH_DEBUG"):
             raise
         message = " ".join(str(e).split())
-        print(f"tfgraph: internal error: {type(e).__name__}: {message[:500]} (rerun with TFGRAPH_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _report_error("internal error", f"{type(e).__name__}: {message[:500]} (rerun with TFGRAPH_DEBUG=1 for "
+                             "the traceback)", EXIT_INTERNAL, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

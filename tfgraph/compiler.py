@@ -245,6 +245,32 @@ def pin_input_shapes(model: ir.Model, shapes: Mapping[str, Any] | None, target: 
         )
 
 
+def _runtime_precision(profile: Target) -> dict | None:
+    """The precision the target's runtime really computes in, where it can differ from the request
+    (the standalone-runtime module of the target's EP answers; None where it has no such probe)."""
+    if profile.standalone_runtime is None:
+        return None
+    import importlib
+
+    probe = getattr(importlib.import_module(profile.standalone_runtime), "runtime_precision", None)
+    return probe(profile) if probe is not None else None
+
+
+def _load_check(model_ir: ir.Model, profile: Target) -> str:
+    """Without verification, still make sure the artifact loads where the target's providers run
+    here; the placement is then what onnxruntime assigned, but the outputs were never checked."""
+    providers, missing = runtime.usable(profile.providers)
+    if missing and not [p for p in providers if p.name != runtime.CPU] and profile.providers[0].name != runtime.CPU:
+        return (f"placement unverified (--no-verify, and {', '.join(missing)} cannot run here): "
+                "the artifact was not loaded")
+    try:
+        runtime.session(model_ir, providers or [Provider(runtime.CPU)], options=profile.session_options)
+    except Exception as e:  # noqa: BLE001 - reported as a failed check
+        raise VerificationError(f"the compiled model does not load on onnxruntime "
+                                f"({', '.join(p.name for p in providers) or runtime.CPU}): {first_line(e)}") from None
+    return "outputs unverified (--no-verify): the artifact loads, but its numbers were not compared with the input model"
+
+
 def compile(  # noqa: A001 - the product's verb
     model: str | os.PathLike | ir.Model | onnx.ModelProto,
     target: str | Target = "cpu-fp32",
@@ -465,6 +491,8 @@ def compile(  # noqa: A001 - the product's verb
         if progress:
             progress("placement", 0, 1)
         place = runtime.placement(model_ir, profile)
+        if not verify:
+            place.unverified = _load_check(model_ir, profile)
         if place.unexpected:
             ops = sorted({runtime.op_name(n) for n in place.unexpected})
             warnings.append(
@@ -508,6 +536,7 @@ def compile(  # noqa: A001 - the product's verb
             "approximation": approximation,
             "precision": precision_report,
             "placement": place.to_json(),
+            "runtime_precision": _runtime_precision(profile),
             "warnings": warnings,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),

@@ -139,6 +139,7 @@ class Placement:
     fallback: list[dict]  # {"name", "op_type", "domain", "reason"?} of nodes not on a target EP
     allowed: list[str]  # op types the profile documents as CPU fallbacks
     note: str = ""
+    unverified: str = ""  # why the placement (or the outputs) were not checked by running the model
 
     @property
     def unexpected(self) -> list[dict]:
@@ -156,6 +157,7 @@ class Placement:
             "fallback": self.fallback[:50],
             "allowed_fallbacks": self.allowed,
             **({"note": self.note} if self.note else {}),
+            **({"unverified": self.unverified} if self.unverified else {}),
         }
 
 

@@ -88,7 +88,7 @@ def input_signature(model: ir.Model) -> list[InputInfo]:
 
 
 def resolve_shapes(
-    model: ir.Model, shapes: Mapping[str, tuple[int, ...] | int] | None = None
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...] | int] | None = None, *, strict: bool = True
 ) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every graph input: ``shapes`` names inputs (``{"input_ids": (2, 64)}``)
     or symbolic dimensions (``{"sequence": 64}``); other symbolic dimensions take a default by name
@@ -109,6 +109,8 @@ def resolve_shapes(
         elif name in dim_names:
             if not isinstance(value, int):
                 raise BadInputError(f"--shape {name}: '{name}' is a dimension; give one size (e.g. {name}=64)")
+        elif not strict:
+            del shapes[name]
         else:
             raise BadInputError(f"--shape {name}: the model has no input or dimension named '{name}'; inputs: "
                                 f"{', '.join(inputs) or 'none'}; dimensions: {', '.join(dim_names) or 'none'}")
@@ -205,18 +207,19 @@ def generate_inputs(
     shapes: Mapping[str, tuple[int, ...] | int] | None = None,
     *,
     seed: int = 0,
+    strict: bool = False,
 ) -> dict[str, np.ndarray]:
     """Inputs that match the graph's signature, with values a Transformer accepts.
 
     Symbolic dimensions take a size from ``shapes`` (``{"sequence": 32}``), otherwise a
     default by name (batch 2, sequence 16, past 4); see :func:`resolve_shapes` for what is
-    refused. Integer inputs that index an embedding table stay inside it; inputs named like
+    refused (names the model lacks only with ``strict``). Integer inputs that index an embedding table stay inside it; inputs named like
     masks are 1 with some trailing padding in every batch row after the first, so padding
     paths are exercised.
     """
     rng = np.random.default_rng(seed)
     values = {v.name: v for v in model.graph.inputs}
-    resolved = resolve_shapes(model, shapes)
+    resolved = resolve_shapes(model, shapes, strict=strict)
     return {info.name: _values_for(info, resolved[info.name], values[info.name], rng) for info in input_signature(model)}
 
 
