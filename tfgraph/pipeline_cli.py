@@ -124,18 +124,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tfgraph.artifact import read_manifest
-    from tfgraph.serve import create_app
+    from tfgraph.serve import serve
 
     read_manifest(args.artifact)
     if not (0 <= args.port < 65536):
         raise BadInputError(f"--port {args.port}: out of range")
-    app = create_app(args.artifact, executor=args.executor, micro_batches=args.micro_batches, max_batch=args.max_batch,
-                     max_latency_ms=args.max_latency_ms, max_request_bytes=int(args.max_request_mb * 2**20))
+    if not args.read_timeout > 0:
+        raise BadInputError(f"--read-timeout {args.read_timeout}: expected a positive number of seconds")
     _console(stderr=True).print(f"serving {args.artifact} on http://{args.host}:{args.port} (POST /infer, GET /health, GET /metadata)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(args.artifact, host=args.host, port=args.port, read_timeout_s=args.read_timeout, executor=args.executor,
+          micro_batches=args.micro_batches, max_batch=args.max_batch, max_latency_ms=args.max_latency_ms,
+          max_request_bytes=int(args.max_request_mb * 2**20))
     return EXIT_OK
 
 
@@ -174,6 +174,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="rows per batch and per request (default 8)")
     p.add_argument("--max-latency-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5 ms)")
     p.add_argument("--max-request-mb", type=float, default=16.0, help="largest request body (default 16 MiB)")
+    p.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's headers, and again its body, before a 408 (default 10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository (stages + ensemble)")

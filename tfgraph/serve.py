@@ -1,11 +1,25 @@
 """An HTTP inference service over an artifact (single model or pipeline), on Starlette + uvicorn.
 
-Endpoints: ``GET /health``, ``GET /metadata`` (signature, stages, limits), ``POST /infer``
+Endpoints: ``GET /health``, ``GET /metadata`` (signature, stages, limits, text), ``POST /infer``
 with a JSON body ``{"inputs": {name: nested list}}`` or an ``.npz`` body
 (``Content-Type: application/x-npz``); the answer is JSON, or ``.npz`` when the request
 asks for it with ``Accept: application/x-npz``. Every input is checked against the model's
-signature (names, dtypes, ranks, fixed and shared dimensions, embedding index ranges, size
-limits): a bad request gets a 4xx with a one-line message, never a crash.
+signature (names, dtypes, ranks, fixed and shared dimensions, embedding index ranges, 0/1
+attention masks, the position table's sequence limit, size limits) before its arrays are
+allocated (:mod:`tfgraph.serve_limits`): a bad request gets a 4xx with a one-line message,
+never a crash.
+
+Text: when the artifact carries a tokenizer (manifest ``"tokenizer"``, see :mod:`tfgraph.text`),
+``POST /infer`` also takes ``{"text": ["...", ...]}``; the answer then also holds
+``"embeddings"`` (one vector per text) when the manifest names an ``embedding_output``. A text
+over the model's limit is a 422 that names it.
+
+JSON answers: JSON has no NaN or Infinity, so non-finite output values are written as ``null``
+(``/metadata`` says so under ``"non_finite_outputs"``); ``.npz`` answers keep them as they are.
+
+Hostile clients: JSON nested deeper than ``max_json_depth`` is refused before it is parsed;
+request headers (:func:`serve`) and bodies (the handler) must arrive within ``read_timeout_s``,
+or the server answers 408 and closes the connection.
 
 Requests are batched: a batcher task collects requests whose non-batch dimensions agree, up
 to ``max_batch`` rows or ``max_latency_ms`` after the first one, runs them as one batch on
@@ -16,31 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import io
-import json
 import pathlib
 from typing import Any
 
 import numpy as np
 
 from tfgraph.errors import BadInputError
-
-NPZ = "application/x-npz"
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclasses.dataclass
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: list  # int, symbolic name (str) or None
-    bound: int | None  # exclusive upper bound of integer values (embedding rows), if known
+from tfgraph.serve_limits import (  # noqa: F401  (RequestError, InputSpec, validate: this module's API)
+    MAX_JSON_DEPTH,
+    NON_FINITE_JSON,
+    NPZ,
+    InputSpec,
+    RequestError,
+    header_timeout_protocol,
+    is_mask,
+    json_outputs,
+    parse_json,
+    position_limit,
+    read_npz,
+    sequence_axis,
+    validate,
+)
 
 
 def signature(path: pathlib.Path) -> tuple[list[InputSpec], list[str], dict]:
@@ -51,71 +62,15 @@ def signature(path: pathlib.Path) -> tuple[list[InputSpec], list[str], dict]:
     manifest = read_manifest(path)
     model = tir.load(path / MODEL_FILE).model
     values = {v.name: v for v in model.graph.inputs}
+    limits = [n for n in (position_limit(model), (manifest.get("tokenizer") or {}).get("max_length")) if isinstance(n, int) and n > 0]
     specs = []
     for info in input_signature(model):
-        bound = _gather_index_bound(values[info.name]) if np.issubdtype(info.dtype, np.integer) else None
-        specs.append(InputSpec(info.name, np.dtype(info.dtype), list(info.shape), bound))
+        dtype = np.dtype(info.dtype)
+        bound = _gather_index_bound(values[info.name]) if np.issubdtype(dtype, np.integer) else None
+        spec = InputSpec(info.name, dtype, list(info.shape), bound, mask=is_mask(info.name, dtype))
+        spec.seq_limit = min(limits) if limits and sequence_axis(spec) else None
+        specs.append(spec)
     return specs, [v.name for v in model.graph.outputs], manifest
-
-
-def validate(feeds: dict[str, Any], specs: list[InputSpec], *, max_batch: int, max_elements: int) -> dict[str, np.ndarray]:
-    """Arrays of the signature's dtypes, or RequestError(4xx) saying what is wrong."""
-    names = {s.name for s in specs}
-    if not isinstance(feeds, dict):
-        raise RequestError(400, "'inputs' must be an object mapping input names to arrays")
-    missing = sorted(names - set(feeds))
-    extra = sorted(set(feeds) - names)
-    if missing or extra:
-        raise RequestError(422, f"inputs do not match the model: missing {missing}, unexpected {extra}")
-    out: dict[str, np.ndarray] = {}
-    dims: dict[str, int] = {}
-    for spec in specs:
-        raw = feeds[spec.name]
-        if isinstance(raw, np.ndarray):
-            array = raw
-            if array.dtype != spec.dtype:
-                raise RequestError(422, f"input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}")
-        else:
-            try:
-                array = np.asarray(raw)
-            except Exception:
-                raise RequestError(422, f"input '{spec.name}' is not a rectangular array") from None
-            if array.dtype == object or array.dtype.kind in "USO":
-                raise RequestError(422, f"input '{spec.name}' is not a rectangular array of numbers")
-            if array.size and array.dtype.kind == "b" and spec.dtype.kind != "b":
-                raise RequestError(422, f"input '{spec.name}' holds booleans, the model expects {spec.dtype}")
-            if np.issubdtype(spec.dtype, np.integer) and array.size and array.dtype.kind == "f":
-                raise RequestError(422, f"input '{spec.name}' holds non-integers, the model expects {spec.dtype}")
-            if array.size > max_elements:
-                raise RequestError(413, f"input '{spec.name}' has {array.size} elements, the limit is {max_elements}")
-            try:
-                with np.errstate(all="raise"):
-                    converted = array.astype(spec.dtype)
-            except (OverflowError, FloatingPointError, ValueError):
-                raise RequestError(422, f"input '{spec.name}' does not fit {spec.dtype}") from None
-            if np.issubdtype(spec.dtype, np.integer) and array.size and not np.array_equal(converted, array):
-                raise RequestError(422, f"input '{spec.name}' does not fit {spec.dtype}")
-            array = converted
-        if array.ndim != len(spec.shape):
-            raise RequestError(422, f"input '{spec.name}' has rank {array.ndim} (shape {list(array.shape)}), the model expects {spec.shape}")
-        if array.size > max_elements:
-            raise RequestError(413, f"input '{spec.name}' has {array.size} elements, the limit is {max_elements}")
-        for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
-            if isinstance(want, int) and want != got:
-                raise RequestError(422, f"input '{spec.name}' dimension {axis} is {got}, the model expects {want}")
-            if isinstance(want, str):
-                if dims.setdefault(want, got) != got:
-                    raise RequestError(422, f"input '{spec.name}' dimension {axis} ('{want}') is {got}, another input has {dims[want]}")
-            if got == 0:
-                raise RequestError(422, f"input '{spec.name}' has an empty dimension {axis}")
-        if array.ndim and array.shape[0] > max_batch:
-            raise RequestError(413, f"input '{spec.name}' has batch {array.shape[0]}, the limit is {max_batch}")
-        if spec.bound is not None and array.size and (array.min() < 0 or array.max() >= spec.bound):
-            raise RequestError(422, f"input '{spec.name}' has values outside [0, {spec.bound})")
-        if spec.dtype.kind == "f" and array.size and not np.all(np.isfinite(array)):
-            raise RequestError(422, f"input '{spec.name}' has non-finite values")
-        out[spec.name] = np.ascontiguousarray(array)
-    return out
 
 
 class _Pending:
@@ -210,7 +165,8 @@ class Batcher:
 
 
 def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_batches: int = 1, max_batch: int = 8,
-               max_latency_ms: float = 5.0, max_request_bytes: int = 16 << 20, max_elements: int = 1 << 20):
+               max_latency_ms: float = 5.0, max_request_bytes: int = 16 << 20, max_elements: int = 1 << 20,
+               read_timeout_s: float = 10.0, max_json_depth: int = MAX_JSON_DEPTH):
     """The Starlette application serving ``artifact``."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -218,23 +174,31 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
     from starlette.routing import Route
 
     from tfgraph.executor import PipelineExecutor
+    from tfgraph.text import load_tokenizer
 
     path = pathlib.Path(artifact)
     specs, output_names, manifest = signature(path)
+    by_name = {s.name: s for s in specs}
+    encoder = load_tokenizer(path, [s.name for s in specs])
     pipe = manifest.get("pipeline")
     state: dict[str, Any] = {}
 
     def metadata() -> dict:
+        seq_limits = [s.seq_limit for s in specs if s.seq_limit is not None]
         return {
             "artifact": str(path),
             "target": manifest.get("target"),
-            "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": s.shape} for s in specs],
+            "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": s.shape, "mask": s.mask} for s in specs],
             "outputs": output_names,
             "stages": [{"file": s["file"], "inputs": [v["name"] for v in s["inputs"]], "outputs": [v["name"] for v in s["outputs"]],
                         "cost_s": s["cost_s"], "device": s.get("device")} for s in pipe["stages"]] if pipe else None,
             "executor": executor,
             "limits": {"max_batch": max_batch, "max_latency_ms": max_latency_ms, "max_request_bytes": max_request_bytes,
-                       "max_elements": max_elements},
+                       "max_elements": max_elements, "max_sequence": min(seq_limits) if seq_limits else None,
+                       "read_timeout_s": read_timeout_s, "max_json_depth": max_json_depth},
+            "text": {"accepted": encoder is not None, "max_length": encoder.max_length if encoder else None,
+                     "embedding_output": encoder.embedding_output if encoder else None},
+            "non_finite_outputs": NON_FINITE_JSON,
         }
 
     async def health(request: Request) -> Response:
@@ -243,31 +207,48 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
     async def meta(request: Request) -> Response:
         return JSONResponse(metadata())
 
+    async def read_body(request: Request) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_request_bytes:
+                raise RequestError(413, f"request body over {max_request_bytes} bytes")
+        return bytes(body)
+
+    async def text_feeds(texts: Any) -> dict[str, np.ndarray]:
+        if encoder is None:
+            raise RequestError(422, "this artifact carries no tokenizer: send token ids in 'inputs'")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError(422, "'text' must be a non-empty list of strings")
+        if len(texts) > max_batch:
+            raise RequestError(413, f"{len(texts)} texts, the limit is {max_batch}")
+        try:
+            feeds = await asyncio.get_running_loop().run_in_executor(None, encoder.encode, texts)
+        except BadInputError as e:
+            raise RequestError(422, str(e)) from None
+        return {k: v.astype(by_name[k].dtype, copy=False) for k, v in feeds.items()}
+
     async def infer(request: Request) -> Response:
+        is_text = False
         try:
             length = request.headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > max_request_bytes):
                 raise RequestError(413, f"request body over {max_request_bytes} bytes")
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_request_bytes:
-                    raise RequestError(413, f"request body over {max_request_bytes} bytes")
+            try:
+                body = await asyncio.wait_for(read_body(request), read_timeout_s)
+            except asyncio.TimeoutError:
+                return JSONResponse({"error": f"request body not received within {read_timeout_s:g} s"}, status_code=408,
+                                    headers={"connection": "close"})
             kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
             if kind in (NPZ, "application/octet-stream"):
-                try:
-                    with np.load(io.BytesIO(body), allow_pickle=False) as data:
-                        raw = {k: data[k] for k in data.files}
-                except Exception as e:
-                    raise RequestError(400, f"body is not a readable .npz file ({type(e).__name__})") from None
+                raw = read_npz(body, specs, max_batch=max_batch, max_elements=max_elements)
             elif kind == "application/json":
-                try:
-                    doc = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise RequestError(400, f"body is not valid JSON ({e})") from None
-                if not isinstance(doc, dict) or "inputs" not in doc:
-                    raise RequestError(400, "JSON body must be an object with an 'inputs' field")
-                raw = doc["inputs"]
+                doc = parse_json(body, max_depth=max_json_depth)
+                if not isinstance(doc, dict) or ("inputs" in doc) == ("text" in doc):
+                    raise RequestError(400, "JSON body must be an object with an 'inputs' field"
+                                       + (" or a 'text' field (not both)" if encoder is not None else ""))
+                is_text = "text" in doc
+                raw = await text_feeds(doc["text"]) if is_text else doc["inputs"]
             else:
                 raise RequestError(415, f"unsupported content type '{kind}': use application/json or {NPZ}")
             feeds = validate(raw, specs, max_batch=max_batch, max_elements=max_elements)
@@ -287,8 +268,10 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
             buf = io.BytesIO()
             np.savez(buf, **outputs)
             return Response(buf.getvalue(), media_type=NPZ)
-        return JSONResponse({"outputs": {k: v.tolist() for k, v in outputs.items()},
-                             "shapes": {k: list(v.shape) for k, v in outputs.items()}})
+        answer = {"outputs": json_outputs(outputs), "shapes": {k: list(v.shape) for k, v in outputs.items()}}
+        if is_text and encoder.embedding_output in outputs:
+            answer["embeddings"] = answer["outputs"][encoder.embedding_output]
+        return JSONResponse(answer)
 
     async def startup() -> None:
         state["executor"] = PipelineExecutor(path, executor=executor, micro_batches=micro_batches)
@@ -304,6 +287,7 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
         Route("/metadata", meta, methods=["GET"]),
         Route("/infer", infer, methods=["POST"]),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await startup()
@@ -313,3 +297,20 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
             await shutdown()
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def server_config(app, *, host: str = "127.0.0.1", port: int = 8000, read_timeout_s: float = 10.0, log_level: str = "warning"):
+    """A ``uvicorn.Config`` for ``app`` whose connections must send their request headers within ``read_timeout_s``."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=header_timeout_protocol(read_timeout_s))
+
+
+def serve(artifact: str | pathlib.Path, *, host: str = "127.0.0.1", port: int = 8000, read_timeout_s: float = 10.0, **options) -> None:
+    """Serve ``artifact`` until interrupted (``tfgraph serve``); ``options`` go to :func:`create_app`."""
+    import uvicorn
+
+    if not read_timeout_s > 0:
+        raise BadInputError(f"read timeout {read_timeout_s}: expected a positive number of seconds")
+    app = create_app(artifact, read_timeout_s=read_timeout_s, **options)
+    uvicorn.Server(server_config(app, host=host, port=port, read_timeout_s=read_timeout_s)).run()
