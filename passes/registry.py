@@ -92,7 +92,7 @@ def describe_annotation(annotation: Any) -> str:
         return "any"
     if isinstance(annotation, type):
         return annotation.__name__
-    return str(annotation).replace("typing.", "")
+    return str(annotation).replace("typing.", "").replace("collections.abc.", "")
 
 
 def create_pass(name: str, **options: Any) -> ir.passes.PassBase:

@@ -19,6 +19,7 @@ from tfgraph.passes.registry import PassSpec, available_passes, register_pass
 from tfgraph.passmanager import PassManager
 from tfgraph.stages import Pipeline, partition
 from tfgraph.targets import Target, get_target, list_targets, register_target
+from tfgraph.text import TextEncoder, load_tokenizer
 
 #: Base class for in-place custom passes (onnx-ir's ``InPlacePass``).
 Pass = _ir.passes.InPlacePass
@@ -36,6 +37,7 @@ __all__ = [
     "Pipeline",
     "PipelineExecutor",
     "Target",
+    "TextEncoder",
     "TfgraphError",
     "VerificationError",
     "__version__",
@@ -44,6 +46,7 @@ __all__ = [
     "get_target",
     "list_targets",
     "load",
+    "load_tokenizer",
     "partition",
     "register_pass",
     "register_target",

@@ -130,10 +130,13 @@ def atomic_write_dir(path: pathlib.Path, write: callable, *, force: bool) -> Non
 class Artifact:
     """A compiled model and its manifest. ``path`` is set once it has been written."""
 
-    def __init__(self, model: ir.Model, manifest: dict[str, Any], path: pathlib.Path | None = None):
+    def __init__(self, model: ir.Model, manifest: dict[str, Any], path: pathlib.Path | None = None,
+                 files: dict[str, bytes] | None = None):
         self.model = model
         self.manifest = manifest
         self.path = path
+        # Files the deployment needs beside the model (tokenizer, config): name in the artifact → contents.
+        self.files = dict(files or {})
 
     @property
     def verified(self) -> bool | None:
@@ -144,6 +147,11 @@ class Artifact:
 
         def write(tmp: pathlib.Path) -> None:
             files = save(self.model, tmp / MODEL_FILE, external_data_threshold=external_data_threshold)
+            for name, data in sorted(self.files.items()):
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                files.append(name)
             self.manifest["files"] = files
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
 

@@ -292,7 +292,8 @@ def load_calibration(
         return CalibrationSet(_split(load_inputs(path, model), batch_size), str(path))
     if path.suffix in (".txt", ".text"):
         if tokenizer is None:
-            raise BadInputError(f"calibration text {path} needs the model's tokenizer folder (tokenizer=...)")
+            raise BadInputError(f"calibration text {path} needs a tokenizer: pass --tokenizer DIR (a folder with "
+                                  "tokenizer.json, e.g. the model's Hugging Face folder; tokenizer=... in the API)")
         sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         names = [v.name for v in model.graph.inputs]
         batches = [tokenize(sentences[i : i + batch_size], tokenizer, names) for i in range(0, len(sentences), batch_size)]

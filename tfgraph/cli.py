@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import pathlib
@@ -530,14 +531,23 @@ def _targets_self_test(args: argparse.Namespace, targets) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     from tfgraph.passes import available_passes, get_pass_class
+    from tfgraph.passes.registry import describe_annotation, option_types
 
     _load_plugins(args.plugin)
-    rows = [{"name": n, "class": get_pass_class(n).__qualname__, "doc": next(iter((get_pass_class(n).__doc__ or "").strip().splitlines()), "")} for n in available_passes()]
+    rows = []
+    for name in available_passes():
+        cls = get_pass_class(name)
+        options = [{"name": k, "type": describe_annotation(t), "default": None if d is inspect.Parameter.empty else d}
+                   for k, (t, d) in option_types(cls).items() if k not in ("calibration", "progress")]
+        rows.append({"name": name, "class": cls.__qualname__,
+                     "doc": next(iter((cls.__doc__ or "").strip().splitlines()), ""), "options": options})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=repr))
     else:
         for r in rows:
-            print(f"{r['name']:<22} {r['doc']}")
+            print(f"{r['name']:<30} {r['doc']}")
+            if r["options"]:
+                print(" " * 31 + "options: " + ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in r["options"]))
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, check_output_dir
 from tfgraph import analysis, runtime
 from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
+from tfgraph.hf_files import deployment_files
 from tfgraph.input_checks import check_deterministic, check_input_shapes, check_target_runtime, shapes_text
 from tfgraph.instruments import CheckerInstrument, Instrument, NumericDiffInstrument, count_nodes
 from tfgraph.passes.registry import PassSpec
@@ -68,6 +69,16 @@ def resolve_model(
     looks_like_file = path.suffix == ".onnx" or path.exists() or os.sep in str(model)
     if path.is_dir() and builtin.is_hf_dir(path):
         source = {"source": str(path), "kind": "huggingface"}
+    elif path.is_dir() and (path / "manifest.json").is_file() and (path / "model.onnx").is_file():
+        loaded = tir.load(path / "model.onnx")  # a tfgraph artifact: its model
+        return loaded.model, {**loaded.input_hashes(), "artifact": str(path)}
+    elif path.is_dir():
+        found = sorted(p.name for p in path.iterdir())[:6]
+        raise BadInputError(
+            f"{path}: is a directory but not a model: no config.json with weights (model.safetensors / pytorch_model.bin) "
+            f"for a Hugging Face checkpoint, and no model.onnx + manifest.json of a tfgraph artifact "
+            f"({'it holds ' + ', '.join(found) if found else 'it is empty'}); give an .onnx file or such a folder"
+        )
     elif looks_like_file:
         loaded = tir.load(path)
         return loaded.model, loaded.input_hashes()
@@ -514,6 +525,9 @@ def compile(  # noqa: A001 - the product's verb
             if strict:
                 raise StrictError(f"--strict: {warnings[-1]}")
 
+        scratch = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tfgraph-files-")))
+        extra_files, tokenizer_section, file_warnings = deployment_files(_tokenizer_dir(source), model_ir, scratch)
+        warnings.extend(file_warnings)
         manifest: dict[str, Any] = {
             "tfgraph_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -537,6 +551,7 @@ def compile(  # noqa: A001 - the product's verb
             "precision": precision_report,
             "placement": place.to_json(),
             "runtime_precision": _runtime_precision(profile),
+            "tokenizer": tokenizer_section,
             "warnings": warnings,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),
@@ -551,7 +566,7 @@ def compile(  # noqa: A001 - the product's verb
             "weights": analysis.weights_report(model_ir, bytes_before),
             "versions": _versions(),
         }
-        artifact = Artifact(model_ir, manifest)
+        artifact = Artifact(model_ir, manifest, files=extra_files)
         if out_path is not None:
             if progress:
                 progress("write artifact", 0, 1)
