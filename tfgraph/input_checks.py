@@ -36,7 +36,10 @@ def available_memory() -> int:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    for unit, shift in (("PiB", 50), ("TiB", 40), ("GiB", 30)):
+        if n >= 1 << shift:
+            return f"{n / 2**shift:.1f} {unit}"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def shapes_text(shapes: Mapping[str, Any]) -> str:

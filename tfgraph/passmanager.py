@@ -23,6 +23,8 @@ def _call(pass_: ir.passes.PassBase, model: ir.Model, name: str, index: int, tot
         result = pass_(model)
     except TfgraphError:
         raise
+    except SystemExit as e:  # a pass must not end the process: an exit 0 with no artifact would be a lie
+        raise PassFailedError(f"{where} called sys.exit({e.code})", pass_name=name, index=index) from None
     except Exception as e:  # noqa: BLE001 - reported with the pass that raised it
         raise PassFailedError(f"{where} raised {type(e).__name__}: {first_line(e)}", pass_name=name, index=index) from e
     if not isinstance(result, ir.passes.PassResult):
