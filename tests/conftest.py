@@ -69,3 +69,28 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def validate_every_manifest():
+    """Every artifact any test writes has its manifest checked against tfgraph/manifest.schema.json."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    from tfgraph import artifact
+
+    validator = jsonschema.Draft202012Validator(json.loads(artifact.MANIFEST_SCHEMA.read_text()))
+    real = artifact.atomic_write_dir
+    validated: list[pathlib.Path] = []
+
+    def checked(path, write, *, force):
+        real(path, write, force=force)
+        manifest = pathlib.Path(path) / artifact.MANIFEST_FILE
+        if manifest.is_file():
+            errors = sorted(validator.iter_errors(json.loads(manifest.read_text())), key=lambda e: list(e.path))
+            assert not errors, f"{manifest}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+            validated.append(manifest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(artifact, "atomic_write_dir", checked)
+        yield validated

@@ -393,3 +393,21 @@ def test_readme_options_exist_and_cli_options_are_documented():
     assert not unknown, f"README mentions options nothing defines: {sorted(unknown)}"
     undocumented = cli_options - mentioned - {"--help"}
     assert not undocumented, f"CLI options the README does not mention: {sorted(undocumented)}"
+
+
+def test_manifest_matches_its_schema(cli, mlp_path, tmp_path, validate_every_manifest):
+    """The schema is real: a compiled manifest validates, and a broken one does not."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from tfgraph.artifact import MANIFEST_SCHEMA, MANIFEST_SCHEMA_VERSION
+
+    out = tmp_path / "out"
+    assert cli("compile", mlp_path, "-o", out, "--quiet").code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
+    schema = json.loads(MANIFEST_SCHEMA.read_text())
+    jsonschema.validate(manifest, schema)
+    for broken in ({**manifest, "schema_version": 99}, {k: v for k, v in manifest.items() if k != "placement"},
+                   {**manifest, "summary": {**manifest["summary"], "nodes_after": -1}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+    assert out / "manifest.json" in validate_every_manifest  # the session-wide check saw this artifact too

@@ -17,6 +17,9 @@ from tfgraph.ir import DEFAULT_EXTERNAL_DATA_THRESHOLD, save
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+# The manifest's layout (tfgraph/manifest.schema.json); raised when a key's meaning changes.
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA = pathlib.Path(__file__).with_name("manifest.schema.json")
 
 
 def _umask() -> int:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from tfgraph import ir as tir
 from tfgraph._version import __version__
-from tfgraph.artifact import Artifact, check_output_dir
+from tfgraph.artifact import MANIFEST_SCHEMA_VERSION, Artifact, check_output_dir
 from tfgraph import analysis, runtime
 from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
 from tfgraph.hf_files import deployment_files
@@ -451,6 +451,7 @@ def compile(  # noqa: A001 - the product's verb
             )
             verification = {
                 "passed": all(d.ok for d in diffs),
+                "skipped": False,
                 "atol": profile.tolerance.atol,
                 "rtol": profile.tolerance.rtol,
                 "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
@@ -529,6 +530,7 @@ def compile(  # noqa: A001 - the product's verb
         extra_files, tokenizer_section, file_warnings = deployment_files(_tokenizer_dir(source), model_ir, scratch)
         warnings.extend(file_warnings)
         manifest: dict[str, Any] = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
             "tfgraph_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "input": source,

@@ -650,6 +650,10 @@ def write_pipeline_artifact(artifact, pipeline: Pipeline, output: os.PathLike | 
     def write(tmp: pathlib.Path) -> None:
         files = save(artifact.model, tmp / MODEL_FILE)
         files += pipeline.write(tmp)
+        for name, data in sorted(getattr(artifact, "files", {}).items()):  # tokenizer, config
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+            files.append(name)
         artifact.manifest["files"] = files
         artifact.manifest["pipeline"] = pipeline.manifest()
         (tmp / MANIFEST_FILE).write_text(json.dumps(artifact.manifest, indent=2) + "\n")
