@@ -255,6 +255,8 @@ def text_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("text") / "minilm"
     tfgraph.compile("minilm", "cpu-fp32", output=out)
     src = minilm_path()
+    if "tokenizer" in json.loads((out / "manifest.json").read_text()):
+        return out  # compile already carries it
     (out / "tokenizer").mkdir(exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (src / name).is_file():
@@ -365,3 +367,20 @@ def test_text_request_errors(text_server):
     for label, (doc, want, words) in cases.items():
         status, body, _ = _post(text_server, json.dumps(doc).encode())
         assert status == want and words in json.loads(body)["error"], (label, status, body[:300])
+
+
+def test_text_refused_with_reason_without_tokenizers_package(text_artifact, monkeypatch):
+    """An artifact with a tokenizer still serves token ids where `tokenizers` is not installed; text gets a 422 saying why."""
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers → ImportError
+    srv, thread, url = _serve_in_thread(create_app(text_artifact, max_latency_ms=1))
+    try:
+        with urllib.request.urlopen(url + "/metadata", timeout=10) as r:
+            text = json.loads(r.read())["text"]
+        assert text["accepted"] is False and "tokenizers" in text["reason"]
+        status, body, _ = _post(url, json.dumps({"text": ["hello"]}).encode())
+        assert status == 422 and "tokenizers" in json.loads(body)["error"]
+        ids = {"input_ids": [[101, 7592, 102]], "attention_mask": [[1, 1, 1]], "token_type_ids": [[0, 0, 0]]}
+        assert _post(url, json.dumps({"inputs": ids}).encode())[0] == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -179,7 +179,10 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
     path = pathlib.Path(artifact)
     specs, output_names, manifest = signature(path)
     by_name = {s.name: s for s in specs}
-    encoder = load_tokenizer(path, [s.name for s in specs])
+    try:
+        encoder, no_text = load_tokenizer(path, [s.name for s in specs]), "this artifact carries no tokenizer"
+    except BadInputError as e:  # e.g. no `tokenizers` package here: serve token ids, and say why text is refused
+        encoder, no_text = None, str(e)
     pipe = manifest.get("pipeline")
     state: dict[str, Any] = {}
 
@@ -196,8 +199,8 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
             "limits": {"max_batch": max_batch, "max_latency_ms": max_latency_ms, "max_request_bytes": max_request_bytes,
                        "max_elements": max_elements, "max_sequence": min(seq_limits) if seq_limits else None,
                        "read_timeout_s": read_timeout_s, "max_json_depth": max_json_depth},
-            "text": {"accepted": encoder is not None, "max_length": encoder.max_length if encoder else None,
-                     "embedding_output": encoder.embedding_output if encoder else None},
+            "text": {"accepted": True, "max_length": encoder.max_length, "embedding_output": encoder.embedding_output}
+                    if encoder else {"accepted": False, "reason": no_text},
             "non_finite_outputs": NON_FINITE_JSON,
         }
 
@@ -217,7 +220,7 @@ def create_app(artifact: str | pathlib.Path, *, executor: str = "local", micro_b
 
     async def text_feeds(texts: Any) -> dict[str, np.ndarray]:
         if encoder is None:
-            raise RequestError(422, "this artifact carries no tokenizer: send token ids in 'inputs'")
+            raise RequestError(422, f"{no_text}: send token ids in 'inputs'")
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise RequestError(422, "'text' must be a non-empty list of strings")
         if len(texts) > max_batch:

@@ -131,8 +131,11 @@ def load_tokenizer(path, input_names: Sequence[str] | None = None) -> TextEncode
     info = tokenizer_info(path)
     if info is None:
         return None
-    from tokenizers import Tokenizer
-
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise BadInputError(f"{path}: reading its tokenizer needs the 'tokenizers' package (pip install tokenizers, "
+                            "or tfgraph[hf])") from None
     try:
         tokenizer = Tokenizer.from_file(str(info["folder"] / TOKENIZER_FILE))
     except Exception as e:
