@@ -155,6 +155,8 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
         nodes = f"{rec['nodes_before']} → {rec['nodes_after']}" if rec["modified"] else str(rec["nodes_after"])
         params = _fmt_count(rec["params_after"])
         table.add_row(str(i), rec["name"], "yes" if rec["modified"] else "no", f"{rec['time_s'] * 1000:.1f} ms", nodes, params, err)
+    if manifest["verification"].get("ran_on_instead"):  # the target's EPs are not installed here
+        console.print(f"[bold yellow]{manifest['verification']['ran_on_instead']}[/bold yellow]")
     console.print(table)
     rules = [(rec["name"], rule, entry) for rec in manifest["passes"] for rule, entry in rec.get("rules", {}).items()]
     if rules and verbose:
@@ -215,7 +217,7 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
                       f"passes where |error| <= {ver['atol']:g} + {ver['rtol']:g}·|expected| everywhere "
                       "(max rel is over all elements, near-zero ones included)")
         unavailable = ver.get("providers_unavailable") or {}
-        if unavailable:
+        if unavailable and not ver.get("ran_on_instead"):  # said once, at the top
             console.print("[bold yellow]not verified on " + "; ".join(f"{k} ({v})" for k, v in unavailable.items())
                           + "[/bold yellow]")
     runtime_precision = manifest.get("runtime_precision")
@@ -230,6 +232,8 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
         console.print(f"{label} ({place['source']}): {counts}{fallback}")
         if place.get("unverified"):
             console.print(f"[yellow]{place['unverified']}[/yellow]")
+    for note in manifest.get("notes") or ():
+        console.print(f"note: {note}")
     if out:
         console.print(f"artifact: {out} ({', '.join(manifest.get('files', []))}, manifest.json)")
 

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from tfgraph import ir as tir
 from tfgraph._version import __version__
 from tfgraph.artifact import MANIFEST_SCHEMA_VERSION, Artifact, check_output_dir
+from tfgraph.availability import ran_instead
 from tfgraph import analysis, runtime
 from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
 from tfgraph.hf_files import deployment_files
@@ -471,6 +472,9 @@ def compile(  # noqa: A001 - the product's verb
                     report=verification,
                 )
 
+        ran_on_instead = ran_instead(profile, verified=verify)  # the target's EPs missing here: said in one line
+        if ran_on_instead:
+            verification["ran_on_instead"] = ran_on_instead
         attention_after = analysis.attention_blocks(model_ir)
         attention = {
             "found": attention_before["unfused"] + attention_before["fused"],
@@ -527,8 +531,7 @@ def compile(  # noqa: A001 - the product's verb
                 raise StrictError(f"--strict: {warnings[-1]}")
 
         scratch = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tfgraph-files-")))
-        extra_files, tokenizer_section, file_warnings = deployment_files(_tokenizer_dir(source), model_ir, scratch)
-        warnings.extend(file_warnings)
+        extra_files, tokenizer_section, notes = deployment_files(_tokenizer_dir(source), model_ir, scratch)
         manifest: dict[str, Any] = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
             "tfgraph_version": __version__,
@@ -555,6 +558,7 @@ def compile(  # noqa: A001 - the product's verb
             "runtime_precision": _runtime_precision(profile),
             "tokenizer": tokenizer_section,
             "warnings": warnings,
+            "notes": notes,
             "providers": [p.to_json() for p in profile.providers],
             "session_options": dict(profile.session_options),
             "summary": {

@@ -22,7 +22,7 @@ EMBEDDING_OUTPUTS = ("sentence_embedding", "sentence_embeddings", "embeddings", 
 
 def deployment_files(folder: str | pathlib.Path | None, model: ir.Model, scratch: pathlib.Path) -> tuple[dict, dict | None, list[str]]:
     """For a Hugging Face ``folder``: (files to put in the artifact, relative name → contents;
-    the manifest's ``tokenizer`` section or None; warnings). A folder with only a slow tokenizer
+    the manifest's ``tokenizer`` section or None; notes for the manifest). A folder with only a slow tokenizer
     gets its ``tokenizer.json`` written by transformers into ``scratch``."""
     if folder is None:
         return {}, None, []
@@ -38,15 +38,15 @@ def deployment_files(folder: str | pathlib.Path | None, model: ir.Model, scratch
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             files[f"{TOKENIZER_DIR}/{name}"] = folder / name
-    warnings = []
+    notes = []
     if f"{TOKENIZER_DIR}/tokenizer.json" not in files:
         made = _fast_tokenizer(folder, scratch)
         if made is not None:
             files[f"{TOKENIZER_DIR}/tokenizer.json"] = made
         else:
-            warnings.append(f"{folder} has no tokenizer tfgraph can carry (no tokenizer.json, and transformers could not "
+            notes.append(f"{folder} has no tokenizer tfgraph can carry (no tokenizer.json, and transformers could not "
                             "make one): the artifact takes token ids only")
-            return {k: v.read_bytes() for k, v in files.items() if not k.startswith(TOKENIZER_DIR)}, None, warnings
+            return {k: v.read_bytes() for k, v in files.items() if not k.startswith(TOKENIZER_DIR)}, None, notes
     outputs = [v.name for v in model.graph.outputs]
     max_length = config.get("max_position_embeddings") or config.get("n_positions")
     section = {
@@ -56,7 +56,7 @@ def deployment_files(folder: str | pathlib.Path | None, model: ir.Model, scratch
         "embedding_output": next((name for name in EMBEDDING_OUTPUTS if name in outputs), None),
         "config": CONFIG_FILE if CONFIG_FILE in files else None,
     }
-    return {name: path.read_bytes() for name, path in files.items()}, section, warnings
+    return {name: path.read_bytes() for name, path in files.items()}, section, notes
 
 
 def _fast_tokenizer(folder: pathlib.Path, scratch: pathlib.Path) -> pathlib.Path | None:
