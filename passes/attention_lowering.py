@@ -25,11 +25,45 @@ def _const(new: list[ir.Node], array: np.ndarray) -> ir.Value:
     return node.outputs[0]
 
 
+def _may_be_minus_inf(value: ir.Value, limit: int = 256) -> bool:
+    """Whether a constant holding -inf feeds ``value`` (TorchScript's SDPA mask, ``Where(mask, 0, -inf)``)."""
+    seen: set[int] = set()
+    stack = [value]
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        tensors = [v.const_value] if v.const_value is not None else []
+        node = v.producer()
+        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+            tensors.append(node.attributes["value"].value)
+        for t in tensors:
+            array = t.numpy()
+            if np.issubdtype(array.dtype, np.floating) and np.isneginf(array).any():
+                return True
+        if node is not None:
+            stack.extend(i for i in node.inputs if i is not None)
+    return False
+
+
+def _finite(new: list[ir.Node], bias: ir.Value) -> ir.Value:
+    """``Max(bias, float32.min)``: a query row whose keys are all masked (a left-padded position) gets
+    finite garbage instead of NaN from the fused kernels, which have no NaN guard; a NaN there would
+    reach the next layer's keys and values and poison every row (the exporter's graph guards it)."""
+    if not _may_be_minus_inf(bias):
+        return bias
+    floor = ir.node("Max", [bias, _const(new, np.array(np.finfo(np.float32).min, np.float32))])
+    new.append(floor)
+    floor.outputs[0].shape, floor.outputs[0].type = bias.shape, bias.type
+    return floor.outputs[0]
+
+
 def _mha_bias(new: list[ir.Node], node: ir.Node, q: ir.Value, q_axis: int, k: ir.Value, k_axis: int) -> ir.Value | None:
     """The additive mask as MultiHeadAttention's ``attention_bias``: (B|1, N|1, S, T), broadcast explicitly when needed."""
-    bias = node.inputs[3]
     if node.attributes.get_string("mask_kind", "bias") == "none":
         return None
+    bias = _finite(new, node.inputs[3])
     if (
         bias.shape is not None
         and len(bias.shape) == 4

@@ -314,6 +314,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             calibration=args.calibration,
             tokenizer=args.tokenizer,
             max_drop=args.max_drop,
+            task=args.task,
         )
         if args.stages is not None:
             pipeline_cli.add_stages(artifact, args, progress)
@@ -342,7 +343,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BadInputError(f"{out.parent}: folder does not exist")
     with _Progress(enabled=not args.json and not args.quiet) as progress:
         progress(f"export {args.model} ({args.exporter})", 0, 1)
-        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq, attention=_attention_impl(args, allow_window=False))
+        path = export(args.model, out, exporter=args.exporter, batch=args.batch, seq=args.seq, attention=_attention_impl(args, allow_window=False),
+                      task=args.task)
         progress(f"export {args.model} ({args.exporter})", 1, 1)
     info = {"output": str(path), "model": args.model, "exporter": args.exporter, "bytes": path.stat().st_size}
     if args.json:
@@ -567,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    def task_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--task", choices=("text-generation",), help="text-generation: a causal LM with its KV cache "
+                       "(past/present key-values; compile verifies a prompt and decode steps; `tfgraph generate` runs it)")
+
     def export_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch exporter for built-in/HF models (default: dynamo)")
         p.add_argument("--batch", type=int, default=2, help="batch size of the example inputs used to export (axes stay dynamic)")
@@ -589,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]", help="run a registered pass after the target's pipeline; repeatable")
     p.add_argument("--plugin", action="append", metavar="FILE.py|MODULE", help="import a module that registers passes or targets; repeatable")
     export_options(p)
+    task_option(p)
     p.add_argument("--calibration", metavar="FILE.npz|FILE.txt",
                    help="calibration data for reduced-precision targets: an .npz of feeds or a text file of sentences "
                         "(one per line, tokenized with the model's tokenizer); default: --inputs, else generated (warned)")
@@ -610,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     export_options(p)
+    task_option(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_export)

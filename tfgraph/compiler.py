@@ -18,6 +18,7 @@ from tfgraph import ir as tir
 from tfgraph._version import __version__
 from tfgraph.artifact import MANIFEST_SCHEMA_VERSION, Artifact, check_output_dir
 from tfgraph.availability import ran_instead
+from tfgraph.decoder import prepare as prepare_decoder
 from tfgraph import analysis, runtime
 from tfgraph.errors import BadInputError, StrictError, VerificationError, first_line
 from tfgraph.hf_files import deployment_files
@@ -55,6 +56,7 @@ def resolve_model(
     export_seq: int = 16,
     attention: str | None = None,
     progress: Progress | None = None,
+    task: str | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Turn what the user gave into an onnx_ir model plus a description of its source for the manifest."""
     if isinstance(model, ir.Model):
@@ -95,7 +97,8 @@ def resolve_model(
     if progress:
         progress(f"export {model} ({exporter})", 0, 1)
     onnx_path = export(
-        str(model), tmp / "model.onnx", exporter=exporter, batch=export_batch, seq=export_seq, attention=attention
+        str(model), tmp / "model.onnx", exporter=exporter, batch=export_batch, seq=export_seq, attention=attention,
+        task=task,
     )
     if progress:
         progress(f"export {model} ({exporter})", 1, 1)
@@ -306,6 +309,7 @@ def compile(  # noqa: A001 - the product's verb
     calibration: Any = None,
     tokenizer: str | os.PathLike | None = None,
     max_drop: float | None = None,
+    task: str | None = None,
 ) -> Artifact:
     """Compile ``model`` for ``target`` and return the :class:`Artifact` (written to ``output`` if given).
 
@@ -329,6 +333,10 @@ def compile(  # noqa: A001 - the product's verb
     calibration inputs (max abs, cosine, sentence-embedding cosine), and ``max_drop`` (default:
     ``1 - target.min_cosine``) reverts the most harmful quantized nodes to float until
     ``1 - cosine <= max_drop``.
+
+    ``task="text-generation"``: a causal LM with its KV cache (exported with one from a Hugging Face
+    folder; an ``.onnx`` must have one), verified on a prompt and decode steps (:mod:`tfgraph.decoder`);
+    the manifest's ``generation`` section is what :func:`tfgraph.load_generator` reads.
     """
     profile = get_target(target)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
@@ -360,12 +368,16 @@ def compile(  # noqa: A001 - the product's verb
             export_seq=export_seq,
             attention=attention,
             progress=progress,
+            task=task,
         )
         input_records = []
         if input_passes:
             input_manager = PassManager(input_passes, instruments=[CheckerInstrument()])
             model_ir = input_manager.run(model_ir).model
             input_records = [r.to_json() for r in input_manager.records]
+        generation = prepare_decoder(model_ir, task, shapes, source, seed=seed, verify=verify)  # KV-cache decoders
+        if generation is not None:
+            shapes = generation.shapes
         if inputs is None:  # generated inputs: their shapes are checked before anything is allocated
             check_input_shapes(model_ir, shapes, source)
         elif shapes:
@@ -400,6 +412,8 @@ def compile(  # noqa: A001 - the product's verb
             # Pruning passes change the outputs on purpose: later passes are verified against the pruned model.
             all_instruments += [RebaselineInstrument(numeric, feeds), numeric]
         all_instruments.extend(instruments)
+        if generation is not None:
+            all_instruments.append(generation.tolerance(profile.tolerance.atol, profile.tolerance.rtol))
 
         def pass_progress(done: int, total: int, name: str) -> None:
             if progress:
@@ -471,6 +485,8 @@ def compile(  # noqa: A001 - the product's verb
                     f"{dict(profile.session_options)}): output '{worst.name}' max abs error {worst.max_abs:.3g}",
                     report=verification,
                 )
+            if generation is not None and standalone is None:
+                generation.final_check(model_ir, providers, profile.session_options)
 
         ran_on_instead = ran_instead(profile, verified=verify)  # the target's EPs missing here: said in one line
         if ran_on_instead:
@@ -557,6 +573,7 @@ def compile(  # noqa: A001 - the product's verb
             "placement": place.to_json(),
             "runtime_precision": _runtime_precision(profile),
             "tokenizer": tokenizer_section,
+            "generation": generation.report(model_ir) if generation is not None else None,
             "warnings": warnings,
             "notes": notes,
             "providers": [p.to_json() for p in profile.providers],

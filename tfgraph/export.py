@@ -47,21 +47,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from tfgraph.models import ModelSpec
 
-__all__ = ["EXPORTERS", "export", "resolve_model"]
+__all__ = ["EXPORTERS", "TASKS", "export", "resolve_model"]
 
 #: Exporter names accepted by :func:`export`.
 EXPORTERS = ("dynamo", "torchscript")
+#: Values of ``task``: None (the model's plain forward pass) or a causal LM with its KV cache.
+TASKS = ("text-generation",)
 #: Opset used by the TorchScript exporter when none is given.
 TORCHSCRIPT_DEFAULT_OPSET = 18
 #: Above this many bytes of parameters the weights go to an external data file.
 _EMBED_LIMIT = 1_800_000_000
 
 
-def resolve_model(model: str | os.PathLike, attention: str | None = None) -> "ModelSpec":
+def resolve_model(model: str | os.PathLike, attention: str | None = None, task: str | None = None) -> "ModelSpec":
     """The :class:`~tfgraph.models.ModelSpec` for a built-in name or a local HF folder.
 
     ``attention`` is passed to :func:`~tfgraph.models.get_model` or
-    :func:`~tfgraph.models.hf_model` (None: the model's default).
+    :func:`~tfgraph.models.hf_model` (None: the model's default). ``task="text-generation"``
+    gives a causal LM with its KV cache (see :mod:`tfgraph.models.hf_cache`; ``gpt-small`` /
+    ``gpt-base`` become their ``-kv`` forms).
 
     A built-in name wins over a folder of the same name in the current
     directory (write ``./name`` for the folder). Raises BadInputError for an
@@ -71,14 +75,26 @@ def resolve_model(model: str | os.PathLike, attention: str | None = None) -> "Mo
     from tfgraph.models import check_attention, get_model, hf_model, list_models
 
     check_attention(attention)
+    if task is not None and task not in TASKS:
+        raise BadInputError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     text = os.fspath(model)
     if not isinstance(text, str):
         text = os.fsdecode(text)
     if text in list_models():
-        return get_model(text, attention)
+        if task == "text-generation" and text in ("gpt-small", "gpt-base"):
+            text += "-kv"
+        spec = get_model(text, attention)
+        if task == "text-generation" and "past_key_0" not in spec.input_names:
+            raise BadInputError(f"--task text-generation: {text} is not a causal language model")
+        return spec
     path = pathlib.Path(text)
     if path.exists():
-        return hf_model(path, attention)
+        spec = hf_model(path, attention)
+        if task == "text-generation":
+            from tfgraph.models.hf_cache import cache_spec
+
+            spec = cache_spec(spec, path)
+        return spec
     if os.sep in text or (os.altsep and os.altsep in text) or text.startswith("."):
         raise BadInputError(
             f"no such model folder {text!r}; give a built-in model ({', '.join(list_models())}) "
@@ -96,6 +112,7 @@ def export(
     seq: int = 16,
     opset: int | None = None,
     attention: str | None = None,
+    task: str | None = None,
 ) -> pathlib.Path:
     """Export ``model`` (built-in name or local HF checkpoint folder) to the ONNX file ``output``.
 
@@ -109,6 +126,7 @@ def export(
     for a model class without SDPA). For the plain-torch reference models
     (bert-*, gpt-*, albert-*, local-*) ``"eager"`` is what they are and
     ``"sdpa"`` is refused.
+    ``task="text-generation"`` exports a causal LM with its KV cache (past/present inputs and outputs).
     Returns the path of the written file. Raises BadInputError for an unknown
     exporter, model or attention, bad sizes, missing torch, or a failed export.
     """
@@ -131,7 +149,7 @@ def export(
     destination = pathlib.Path(output)
     if destination.is_dir():
         raise BadInputError(f"export output {destination} is a folder; give a file name such as model.onnx")
-    spec = resolve_model(model, attention)
+    spec = resolve_model(model, attention, task)
 
     import torch
 
@@ -174,8 +192,9 @@ def _check_positions(spec: "ModelSpec", inputs: tuple, seq: int) -> None:
     if spec.max_positions is None:
         return
     past = 0
-    if "past_key_0" in spec.input_names:
-        past = int(inputs[spec.input_names.index("past_key_0")].shape[2])
+    cached = [i for i, name in enumerate(spec.input_names) if name.startswith("past")]
+    if cached:
+        past = int(inputs[cached[0]].shape[2])
     if seq + past > spec.max_positions:
         detail = f"sequence {seq} + past {past}" if past else f"sequence length {seq}"
         raise BadInputError(f"{detail} exceeds the {spec.max_positions} positions of {spec.name}")

@@ -1,4 +1,4 @@
-"""What a deployment needs beside the model: the tokenizer and the model's config, carried from a
+"""What a deployment needs beside the model: the tokenizer, the model's config and its generation config, carried from a
 Hugging Face folder (or the bundled MiniLM) into the artifact, so that ``tfgraph.text`` and
 ``tfgraph serve`` can turn text into the model's inputs without the original folder."""
 
@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 TOKENIZER_DIR = "tokenizer"
 CONFIG_FILE = "config.json"
+# Decoding defaults (eos/pad/bos token ids, sampling settings) that `tfgraph generate` reads.
+GENERATION_CONFIG_FILE = "generation_config.json"
 # Files of a Hugging Face tokenizer folder; tokenizer.json (the fast tokenizer) is the one tfgraph.text reads.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
@@ -35,6 +37,8 @@ def deployment_files(folder: str | pathlib.Path | None, model: ir.Model, scratch
             config = json.loads((folder / CONFIG_FILE).read_text())
         except ValueError:
             config = {}
+    if (folder / GENERATION_CONFIG_FILE).is_file():
+        files[GENERATION_CONFIG_FILE] = folder / GENERATION_CONFIG_FILE
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             files[f"{TOKENIZER_DIR}/{name}"] = folder / name
