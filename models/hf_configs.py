@@ -18,6 +18,9 @@ Kinds (:data:`HF_KINDS`):
   tokens, shorter than the sequences the tests use, so the window matters).
 * ``gpt_neo``: ``GPTNeoForCausalLM`` (alternating global and local layers, the local
   ones attending a window of 8 tokens; eager attention only in transformers).
+* ``qwen2``: ``Qwen2ForCausalLM`` (as llama, with biased Q/K/V projections).
+* ``phi``: ``PhiForCausalLM`` (parallel attention and MLP from one LayerNorm, partial rotary
+  embeddings on half of each head, biased projections).
 
 Importing this module does not import torch; :func:`make_hf_checkpoint` does.
 """
@@ -32,7 +35,7 @@ from tfgraph.errors import BadInputError
 __all__ = ["HF_KINDS", "SEED", "make_hf_checkpoint", "hf_config"]
 
 #: The kinds :func:`make_hf_checkpoint` builds.
-HF_KINDS = ("bert", "albert", "gpt2", "llama", "mistral", "gpt_neo")
+HF_KINDS = ("bert", "albert", "gpt2", "llama", "mistral", "gpt_neo", "qwen2", "phi")
 #: The torch seed every checkpoint is initialized with.
 SEED = 0
 
@@ -138,6 +141,40 @@ _KINDS: dict[str, tuple[str, str, dict]] = {
             max_position_embeddings=_POSITIONS,
             bos_token_id=0,
             eos_token_id=0,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            vocab_size=_VOCAB,
+            hidden_size=_HIDDEN,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=2,
+            intermediate_size=_INTERMEDIATE,
+            max_position_embeddings=_POSITIONS,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        dict(
+            vocab_size=_VOCAB,
+            hidden_size=_HIDDEN,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            intermediate_size=_INTERMEDIATE,
+            max_position_embeddings=_POSITIONS,
+            partial_rotary_factor=0.5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
     ),
 }

@@ -17,6 +17,10 @@ QuickGelu (com.microsoft)                       x·sigmoid(alpha·x)
 SkipLayerNormalization                          Add(input, skip[, bias]) → LayerNormalization
 SkipSimplifiedLayerNormalization                Add(input, skip[, bias]) → RMS normalization
 FusedMatMul (com.microsoft)                     Transpose(s) → MatMul → Mul(alpha)
+CastLike (ai.onnx; CUDA has no kernel)          Cast to the (known) type of its second input,
+                                                a constant of that type when the input is one
+a model-local function call (e.g. a neutral     its body, inlined, when the body holds an op
+``tfgraph`` op; ``inline_functions=True``)      the table lacks (then decomposed as above)
 ==============================================  =============================================
 
 Only the first output of the normalizations is rebuilt (the optional mean/variance outputs must be
@@ -134,7 +138,32 @@ def _fused_matmul(e: _Emit, node: ir.Node):
     return [out if alpha == 1.0 else e("Mul", out, e.const(alpha, node.inputs[0]))]
 
 
+def _constant_array(value: ir.Value) -> np.ndarray | None:
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.value.numpy()
+    return None
+
+
+def _cast_like(e: _Emit, node: ir.Node):
+    dtype = node.inputs[1].dtype if node.inputs[1] is not None else None
+    if dtype is None:
+        return None  # the type to cast to is unknown: left (infer-shapes before this pass types it)
+    array = _constant_array(node.inputs[0])
+    if array is not None:
+        out = e("Constant", value=ir.tensor(array.astype(dtype.numpy())))
+    else:
+        out = e("Cast", node.inputs[0], to=dtype)
+    out.dtype = dtype
+    return [out]
+
+
 DECOMPOSITIONS = {
+    ("", "CastLike"): _cast_like,
     ("", "Gelu"): _gelu,
     (MS, "Gelu"): _gelu,
     (MS, "BiasGelu"): _gelu,
@@ -150,9 +179,13 @@ DECOMPOSITIONS = {
 class DecomposeUnsupported(ir.passes.InPlacePass):
     """Replace ops the target's operator table lacks by standard-ONNX decompositions."""
 
-    def __init__(self, *, table: str):
+    def __init__(self, *, table: str, inline_functions: bool = False, infer_types: bool = True):
         super().__init__()
         self.table_name = table
+        # Inline model-local functions whose body the table rejects (after lowering: before it, the
+        # neutral ops are what the lowering passes look for); then type the inlined values (infer-shapes).
+        self.inline_functions = inline_functions
+        self.infer_types = infer_types
         self.report: dict = {}
 
     def _table(self):
@@ -162,11 +195,41 @@ class DecomposeUnsupported(ir.passes.InPlacePass):
             return runtime_table(self.table_name.split(":", 1)[1])
         return load_table(self.table_name)
 
+    def _inline_rejected_functions(self, model: ir.Model, table, done: dict[str, int]) -> None:
+        """Inline the calls of every model-local function whose body holds an op ``table`` rejects."""
+        from onnx_ir.passes.common import InlinePass
+
+        rejected = set()
+        for key, function in model.functions.items():
+            for node in function:
+                domain = "" if node.domain in ("", "ai.onnx") else node.domain
+                version = function.opset_imports.get(domain, model.opset_imports.get(domain, 1))
+                if (domain, node.op_type, "") not in model.functions and table.supports(domain, node.op_type, version) is not None:
+                    rejected.add(key)
+                    break
+        calls = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_identifier() in rejected]
+        if not calls:
+            return
+        for node in calls:
+            name = f"{node.domain}.{node.op_type} (inlined)"
+            done[name] = done.get(name, 0) + 1
+        InlinePass(criteria=lambda f: f.identifier() in rejected)(model)
+        for key in rejected:
+            model.functions.pop(key, None)
+        for domain in {key[0] for key in rejected}:
+            if domain in model.opset_imports and not any(
+                n.domain == domain for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            ) and not any(f.domain == domain for f in model.functions.values()):
+                del model.opset_imports[domain]
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         table = self._table()
         opset = model.opset_imports.get("", 18)
         done: dict[str, int] = {}
         left: dict[str, int] = {}
+        if self.inline_functions:
+            self._inline_rejected_functions(model, table, done)
+        inlined = bool(done)
         for graph in model.graphs():
             for node in list(graph):
                 key = ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
@@ -198,5 +261,9 @@ class DecomposeUnsupported(ir.passes.InPlacePass):
                 for new, name_out in renames:
                     new.name = name_out
                 done[name] = done.get(name, 0) + 1
+        if inlined and self.infer_types:  # the inlined bodies' values carry no types yet
+            from tfgraph.passes.shape_inference import InferShapesPass
+
+            InferShapesPass()(model)
         self.report = {"table": f"{table.name} ({table.version})", "decomposed": done, "left": left}
         return ir.passes.PassResult(model, bool(done))

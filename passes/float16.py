@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.passes.element_types import output_may_be
 from tfgraph.passes.registry import register_pass
 
 FLOAT = ir.DataType.FLOAT
@@ -39,6 +40,11 @@ def _float_types() -> dict[str, tuple[Any, ir.DataType, float, float]]:
         "bfloat16": (ml_dtypes.bfloat16, ir.DataType.BFLOAT16, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max),
                      float(ml_dtypes.finfo(ml_dtypes.bfloat16).tiny)),
     }
+
+
+def _version(model: ir.Model, node: ir.Node) -> int:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return model.opset_imports.get(domain, 1)
 
 
 # Ops that create float32 from attributes or convert types: left alone, never "kept" (no reason needed).
@@ -272,9 +278,9 @@ class ConvertFloat16(ir.passes.InPlacePass):
                         to_half[value.name] = cast.outputs[0]
                     node.replace_input_with(index, to_half[value.name])
                     to_half.setdefault(original.name, to_half[value.name])
-            for out in node.outputs:
-                if out.dtype != FLOAT:
-                    continue
+            for k, out in enumerate(node.outputs):
+                if out.dtype != FLOAT or not output_may_be(node, k, self.dtype, _version(model, node)):
+                    continue  # e.g. SkipLayerNormalization's mean: float by its schema whatever the input
                 out.dtype = self.dtype
                 back_uses = [(u.node, u.idx) for u in out.uses() if not decisions.get(u.node) and u.node.op_type != "Cast"]
                 casts_back = [(u.node, u.idx) for u in out.uses() if u.node.op_type == "Cast"]

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from tfgraph.ir import PROTOBUF_LIMIT, model_bytes
+from tfgraph.passes.element_types import fill_element_types, symbolic_engine
 from tfgraph.passes.registry import register_pass
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,8 @@ def _symbolic(model: ir.Model) -> bool:
     raises on the first op it cannot handle (e.g. ReduceL2) and then writes a debug file
     into the working directory: here the shapes inferred up to that op are kept.
     """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     proto = ir.serde.serialize_model(model)
-    engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    engine = symbolic_engine()
     try:
         engine._preprocess(proto)
         while engine.run_:
@@ -91,6 +90,35 @@ def _drop_contradicted(model: ir.Model, onnx_shapes: dict[str, ir.Shape | None],
     return restored
 
 
+def _onnx_types(model: ir.Model) -> None:
+    """ONNX inference again, adopting only what it adds (types and shapes of values still lacking them)."""
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
+    try:
+        try:  # as onnx-ir's own pass does: large weights are not copied into the proto
+            from onnx_ir.passes.common._c_api_utils import call_onnx_api
+        except ImportError:
+            inferred = infer(ir.serde.serialize_model(model))
+        else:
+            inferred = call_onnx_api(infer, model)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        logger.info("ONNX inference after typing contrib outputs failed (%s)", e)
+        return
+    found = {vi.name: vi.type for vi in inferred.graph.value_info if vi.type.HasField("tensor_type")}
+    for node in model.graph:
+        for value in node.outputs:
+            info = found.get(value.name)
+            if info is None:
+                continue
+            tensor_type = info.tensor_type
+            if value.dtype is None and tensor_type.elem_type:
+                value.dtype = ir.DataType(tensor_type.elem_type)
+            if value.shape is None and tensor_type.HasField("shape"):
+                value.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                        for d in tensor_type.shape.dim])
+
+
 @register_pass("infer-shapes")
 class InferShapesPass(ir.passes.InPlacePass):
     """Annotate every value with the type and (symbolic) shape that can be proved.
@@ -98,8 +126,10 @@ class InferShapesPass(ir.passes.InPlacePass):
     Uses onnxruntime's symbolic shape inference (named dims such as ``batch`` and
     ``sequence`` followed through shape computations and broadcasts), falling back to
     ONNX inference with partial data propagation; a symbolic shape that ONNX's strict
-    inference contradicts is dropped again. Rules read these shapes. Reports
-    ``modified`` when an annotation changed or the graph was rebuilt.
+    inference contradicts is dropped again. Outputs of onnxruntime contrib ops that neither
+    engine types get their element type from the op's schema, and ONNX inference runs again
+    so that what follows them is typed too (``passes/element_types.py``). Rules read these
+    shapes. Reports ``modified`` when an annotation changed or the graph was rebuilt.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -111,4 +141,8 @@ class InferShapesPass(ir.passes.InPlacePass):
             onnx_shapes = {v.name: v.shape for g in model.graphs() for n in g for v in n.outputs}
             if _symbolic(model):
                 _drop_contradicted(model, onnx_shapes)
+        for _ in range(8):  # each round types what follows the contrib ops typed in the round before
+            if not fill_element_types(model):
+                break
+            _onnx_types(model)
         return ir.passes.PassResult(model, modified or _shape_key(model) != before)

@@ -38,7 +38,9 @@ from tfgraph.targets.cpu import CLEANUP, FUSION
 from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 
 CPU = Provider("CPUExecutionProvider")
-CUDA = Provider("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True})
+CUDA_INSTALL = "pip install onnxruntime-gpu (in place of onnxruntime; an NVIDIA GPU with CUDA 12 and cuDNN 9)"
+CUDA = Provider("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True},
+                install=CUDA_INSTALL)
 
 # The CUDA EP itself assigns shape arithmetic (Shape, Gather/Concat on int64 shape tensors…) to the
 # CPU on purpose (it is cheaper than a device round trip); the table-based report cannot see that
@@ -58,7 +60,10 @@ CUDA_FP16_LOWERING = (
         "window_kernel": "com.microsoft.MultiHeadAttention",
     }),
     PassSpec("fuse-ort-operators"),
-    PassSpec("infer-shapes"),  # element types of the lowered ops' values: convert-float16 keeps untyped nodes fp32
+    PassSpec("infer-shapes"),  # element types of every value (contrib ops' from their schemas): convert-float16 needs them
+    # What the CUDA table lacks, resolved now: CastLike → Cast/constant, neutral ops left (the final
+    # RMSNorm) inlined into standard ops (then typed again).
+    PassSpec("decompose-unsupported", {"table": "cuda", "inline_functions": True}),
     PassSpec("convert-float16"),
     PassSpec("dedup-initializers"),
     PassSpec("remove-dead"),
@@ -95,6 +100,7 @@ CUDA_INT8 = Target(
         }),
         PassSpec("fuse-ort-operators"),
         PassSpec("infer-shapes"),
+        PassSpec("decompose-unsupported", {"table": "cuda", "inline_functions": True}),
         PassSpec("convert-float16"),
         PassSpec("quantize-weights-nbits", {"bits": 8, "block_size": 32}),
         PassSpec("dedup-initializers"),
@@ -122,7 +128,9 @@ STANDARD_ATTENTION = ("standard MatMul/Softmax/MatMul (the EP fuses it); windows
 
 
 def _trt(**options) -> Provider:
-    return Provider("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_timing_cache_enable": True, **options})
+    return Provider("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_timing_cache_enable": True, **options},
+                    install="pip install onnxruntime-gpu tensorrt (in place of onnxruntime; an NVIDIA GPU with CUDA 12 "
+                            "and TensorRT 10)")
 
 
 TENSORRT_INT8_SCHEME = Quantization(

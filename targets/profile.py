@@ -28,12 +28,25 @@ class Provider:
     plugin: str | None = None
     # The tfgraph extra that installs the plugin (``pip install 'tfgraph[EXTRA]'``).
     extra: str | None = None
+    # How to get a built-in EP that the stock onnxruntime wheel lacks (e.g. ``pip install onnxruntime-gpu``).
+    install: str | None = None
+
+    def install_hint(self) -> str:
+        """One line: how to make this provider available here."""
+        if self.install:
+            return self.install
+        if self.extra:
+            return f"pip install 'tfgraph[{self.extra}]'"
+        if self.plugin:
+            return f"pip install the package that provides the '{self.plugin}' module"
+        return f"install an onnxruntime build with {self.name}"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _freeze(self.options))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "options": dict(self.options), **({"plugin": self.plugin} if self.plugin else {})}
+        return {"name": self.name, "options": dict(self.options), **({"plugin": self.plugin} if self.plugin else {}),
+                **({"extra": self.extra} if self.extra else {}), **({"install": self.install} if self.install else {})}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,3 +94,30 @@ def validate_every_manifest():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(artifact, "atomic_write_dir", checked)
         yield validated
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory):
+    """``onnx_export(model, exporter, attention=None)``: the ``.onnx`` of a built-in model (``bert-small``…) or a
+    tiny Hugging Face kind (``tfgraph.models.hf_configs``), exported once per test session and shared by every
+    test module that asks for the same (model, exporter, attention): the dynamo exporter takes 7-16 s a model."""
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict[tuple, pathlib.Path] = {}
+
+    def get(model: str, exporter: str, attention: str | None = None) -> pathlib.Path:
+        key = (model, exporter, attention)
+        if key not in cache:
+            from tfgraph.export import export
+            from tfgraph.models import list_models
+
+            source = model
+            if model not in list_models():
+                from tfgraph.models.hf_configs import make_hf_checkpoint
+
+                folder = root / "hf" / model
+                source = folder if (folder / "config.json").is_file() else make_hf_checkpoint(model, folder)
+            cache[key] = export(source, root / f"{model}-{exporter}-{attention or 'default'}.onnx", exporter=exporter,
+                                attention=attention)
+        return cache[key]
+
+    return get

@@ -54,16 +54,12 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoints, tmp_path_factory):
-    """``exported(kind, attention, exporter)``: the exported file, made once per module."""
-    root = tmp_path_factory.mktemp("hf-onnx")
-    cache: dict[tuple[str, str, str], object] = {}
+def exported(onnx_export):
+    """``exported(kind, attention, exporter)``: the exported file, made once per test session (conftest's
+    ``onnx_export``, from the same seeded checkpoints; tests/test_gpu_lowering.py compiles the same exports)."""
 
     def get(kind: str, attention: str, exporter: str):
-        key = (kind, attention, exporter)
-        if key not in cache:
-            cache[key] = export(checkpoints[kind], root / f"{kind}-{attention}-{exporter}.onnx", exporter=exporter, attention=attention)
-        return cache[key]
+        return onnx_export(kind, exporter, attention)
 
     return get
 
@@ -224,7 +220,8 @@ def test_registry_with_attention_does_not_import_torch():
 def test_checkpoint_kinds(checkpoints, tmp_path):
     import transformers
 
-    assert tuple(HF_KINDS) == KINDS + ("gpt_neo",)  # GPT-Neo's local layers: tests/test_windowed_attention.py
+    # GPT-Neo's local layers: tests/test_windowed_attention.py; Qwen2, Phi: tests/test_gpu_lowering.py
+    assert tuple(HF_KINDS) == KINDS + ("gpt_neo", "qwen2", "phi")
     # Deterministic: a second build writes the same weights.
     again = make_hf_checkpoint("llama", tmp_path / "llama")
     assert (again / "model.safetensors").read_bytes() == (checkpoints["llama"] / "model.safetensors").read_bytes()

@@ -12,7 +12,7 @@ import onnx_ir as _ir
 from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, load
 from tfgraph.compiler import compile
-from tfgraph.errors import BadInputError, TfgraphError, VerificationError
+from tfgraph.errors import BadInputError, ProviderUnavailableError, TfgraphError, VerificationError
 from tfgraph.executor import PipelineExecutor
 from tfgraph.instruments import Instrument, PassRecord
 from tfgraph.passes.registry import PassSpec, available_passes, register_pass
@@ -36,6 +36,7 @@ __all__ = [
     "PassSpec",
     "Pipeline",
     "PipelineExecutor",
+    "ProviderUnavailableError",
     "Target",
     "TextEncoder",
     "TfgraphError",

@@ -162,29 +162,27 @@ class Artifact:
         self.path = path
         return path
 
-    def session(self):
-        """An onnxruntime session for the artifact (from disk when saved)."""
+    def session(self, *, fallback: str | None = None):
+        """An onnxruntime session for the artifact (from disk when saved); ``fallback`` as in :func:`load`."""
         if self.path is not None:
-            return load(self.path)
+            return load(self.path, fallback=fallback)
         from tfgraph import runtime
 
-        return runtime.session(self.model, _providers(self.manifest), options=self.manifest.get("session_options"))
+        return runtime.session(self.model, _providers(self.manifest, fallback=fallback, artifact="this artifact"),
+                               options=self.manifest.get("session_options"))
 
 
-def _providers(manifest: dict) -> list:
-    """The manifest's providers that run here (plugin EPs registered); CPU stays onnxruntime's fallback."""
+def _providers(manifest: dict, *, fallback: str | None = None, artifact: str = "this artifact") -> list:
+    """The manifest's providers that run here (plugin EPs registered; CPU stays onnxruntime's fallback).
+    None of its accelerators available: ProviderUnavailableError, or the CPU EP with a warning when
+    ``fallback="cpu"`` (tfgraph/availability.py)."""
     from tfgraph import runtime
+    from tfgraph.availability import session_providers
     from tfgraph.targets.profile import Provider
 
-    wanted = [Provider(p["name"], p.get("options", {}), p.get("plugin"))
+    wanted = [Provider(p["name"], p.get("options", {}), p.get("plugin"), extra=p.get("extra"), install=p.get("install"))
               for p in manifest.get("providers") or [{"name": runtime.CPU}]]
-    chosen, missing = runtime.usable(wanted)
-    if missing and not chosen:
-        raise BadInputError(
-            "this artifact needs execution provider(s) that cannot run here: "
-            + "; ".join(f"{k} ({v})" for k, v in missing.items())
-        )
-    return chosen
+    return session_providers(wanted, fallback=fallback, artifact=artifact)
 
 
 def read_manifest(path: os.PathLike | str) -> dict:
@@ -198,8 +196,13 @@ def read_manifest(path: os.PathLike | str) -> dict:
         raise BadInputError(f"{manifest_path}: not valid JSON ({e})") from None
 
 
-def load(path: os.PathLike | str):
-    """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options."""
+def load(path: os.PathLike | str, *, fallback: str | None = None):
+    """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options.
+
+    An artifact for an accelerator (CUDA, TensorRT, OpenVINO, QNN) whose execution providers cannot
+    run here raises :class:`~tfgraph.errors.ProviderUnavailableError`, naming them and how to install
+    them; ``fallback="cpu"`` opens it on the CPU EP instead, with a warning. CPU artifacts open on the CPU.
+    """
     from tfgraph import runtime
 
     path = pathlib.Path(path)
@@ -207,4 +210,6 @@ def load(path: os.PathLike | str):
     model_path = path / MODEL_FILE
     if not model_path.is_file():
         raise BadInputError(f"{path}: artifact has no {MODEL_FILE}")
-    return runtime.session(str(model_path), _providers(manifest), options=manifest.get("session_options"))
+    target = manifest.get("target")
+    providers = _providers(manifest, fallback=fallback, artifact=f"{path} ({target} artifact)" if target else str(path))
+    return runtime.session(str(model_path), providers, options=manifest.get("session_options"))

@@ -56,3 +56,14 @@ class PassFailedError(TfgraphError):
         super().__init__(message)
         self.pass_name = pass_name
         self.index = index
+
+
+class ProviderUnavailableError(BadInputError):
+    """An artifact's execution providers cannot run on this machine (and no CPU fallback was asked
+    for): exit 2. ``missing`` maps each provider to why it is unavailable; ``install`` says how to
+    get it."""
+
+    def __init__(self, message: str, *, missing: dict[str, str] | None = None, install: str = ""):
+        super().__init__(message)
+        self.missing = dict(missing or {})
+        self.install = install

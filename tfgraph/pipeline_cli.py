@@ -142,13 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export_triton(args: argparse.Namespace) -> int:
     from tfgraph.triton import export_triton, validate_repository
 
-    info = export_triton(args.artifact, args.output, name=args.name, force=args.force)
+    info = export_triton(args.artifact, args.output, name=args.name, force=args.force,
+                         instance_kind=args.instance_kind, max_batch_size=args.max_batch_size)
     info["validated_configs"] = len(validate_repository(args.output))
     if args.json:
         print(json.dumps(info, indent=2))
     elif not args.quiet:
         _console().print(f"Triton repository → {info['repository']}: models {', '.join(info['models'])}"
                          + (f" (ensemble '{info['ensemble']}')" if info["ensemble"] else "")
+                         + f"; {info['instance_kind']}, max_batch_size {info['max_batch_size']}"
                          + f"; {info['validated_configs']} config.pbtxt parsed with Triton's ModelConfig schema")
     return EXIT_OK
 
@@ -182,6 +184,11 @@ def add_commands(sub) -> None:
     p.add_argument("artifact")
     p.add_argument("--output", "-o", required=True, help="repository folder to create")
     p.add_argument("--name", help="model name (default: the artifact folder's name)")
+    p.add_argument("--instance-kind", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="Triton instance group kind (default auto: KIND_GPU for CUDA/TensorRT targets, else KIND_CPU)")
+    p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                   help="Triton max_batch_size (default: 8 when inputs and outputs share a dynamic batch axis, else 0; "
+                        "0 turns batching off)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")

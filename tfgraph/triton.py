@@ -5,6 +5,18 @@ One model per stage (``<name>_stage<i>/1/model.onnx`` + ``config.pbtxt``) and an
 model. Configs are built as Triton ``ModelConfig`` protobuf messages from the schema that
 the ``tritonclient`` package ships (``model_config_pb2``) and written with protobuf's text
 format, so :func:`validate_repository` can parse them back with the same schema.
+
+From the artifact's manifest and model:
+
+* instance groups are ``KIND_GPU`` when the target runs on a GPU execution provider (CUDA,
+  TensorRT), else ``KIND_CPU`` (``instance_kind`` overrides);
+* a TensorRT target gets the onnxruntime backend's TensorRT accelerator block
+  (``optimization { execution_accelerators { gpu_execution_accelerator ... name: "tensorrt" }}``)
+  with ``precision_mode`` from the profile's TensorRT options (``INT8`` / ``FP16`` / ``FP32``) and
+  its engine/timing caches;
+* when every input and output shares one dynamic leading axis (the batch), ``max_batch_size``
+  is set (default :data:`DEFAULT_MAX_BATCH`, ``max_batch_size`` overrides; 0 turns batching off),
+  the batch axis leaves ``dims`` (Triton adds it), and the models get ``dynamic_batching``.
 """
 
 from __future__ import annotations
@@ -43,14 +55,60 @@ def model_config_pb2():
     return module
 
 
-def _tensor(message, entry: dict, pb) -> None:
+# Execution providers that Triton's onnxruntime backend runs in GPU instances.
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+TENSORRT = "TensorrtExecutionProvider"
+#: max_batch_size when the artifact has a dynamic batch axis (as ``tfgraph serve --max-batch``).
+DEFAULT_MAX_BATCH = 8
+INSTANCE_KINDS = ("auto", "cpu", "gpu")
+# TensorRT EP options that the onnxruntime backend takes as accelerator parameters of the same name.
+_TRT_PARAMETERS = ("trt_engine_cache_enable", "trt_timing_cache_enable")
+
+
+def _tensor(message, entry: dict, pb, *, batched: bool = False) -> None:
     message.name = entry["name"]
     dtype = _TYPES.get(entry["dtype"])
     if dtype is None:
         raise BadInputError(f"tensor '{entry['name']}' has dtype {entry['dtype']}, which has no Triton type")
     message.data_type = pb.DataType.Value(dtype)
     shape = entry["shape"]
+    if batched:
+        shape = shape[1:]  # Triton prepends the batch axis itself when max_batch_size > 0
     message.dims.extend([d if isinstance(d, int) else -1 for d in shape] if shape is not None else [-1])
+
+
+def batch_axis(stages: list[dict]) -> str | None:
+    """The name of the dynamic leading axis every stage input and output shares, else None."""
+    names = set()
+    for stage in stages:
+        for entry in [*stage["inputs"], *stage["outputs"]]:
+            shape = entry["shape"]
+            if not shape or isinstance(shape[0], int) or shape[0] is None:
+                return None
+            names.add(shape[0])
+    return names.pop() if len(names) == 1 else None
+
+
+def _instance_kind(manifest: dict, requested: str) -> str:
+    if requested not in INSTANCE_KINDS:
+        raise BadInputError(f"--instance-kind {requested}: choose one of {', '.join(INSTANCE_KINDS)}")
+    if requested != "auto":
+        return f"KIND_{requested.upper()}"
+    names = [p.get("name") for p in manifest.get("providers") or []]
+    return "KIND_GPU" if any(n in GPU_PROVIDERS for n in names) else "KIND_CPU"
+
+
+def _tensorrt_accelerator(config, manifest: dict) -> None:
+    provider = next((p for p in manifest.get("providers") or [] if p.get("name") == TENSORRT), None)
+    if provider is None:
+        return
+    options = provider.get("options") or {}
+    mode = "INT8" if options.get("trt_int8_enable") else "FP16" if options.get("trt_fp16_enable") else "FP32"
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters["precision_mode"] = mode
+    for key in _TRT_PARAMETERS:
+        if key in options:
+            accelerator.parameters[key] = "1" if options[key] in (True, 1, "1", "true", "True") else "0"
 
 
 def _model_name(text: str) -> str:
@@ -58,8 +116,13 @@ def _model_name(text: str) -> str:
 
 
 def export_triton(artifact: str | os.PathLike, output: str | os.PathLike, *, name: str | None = None,
-                  force: bool = False, instance_count: int = 1) -> dict:
-    """Write the repository atomically; returns a description (models, files)."""
+                  force: bool = False, instance_count: int = 1, instance_kind: str = "auto",
+                  max_batch_size: int | None = None) -> dict:
+    """Write the repository atomically; returns a description (models, instance kind, batching).
+
+    ``instance_kind``: ``auto`` (GPU for CUDA/TensorRT targets), ``cpu`` or ``gpu``;
+    ``max_batch_size``: None (:data:`DEFAULT_MAX_BATCH` when the artifact has a dynamic batch
+    axis, else 0), 0 (no batching) or a positive size (needs that axis)."""
     from google.protobuf import text_format
 
     from tfgraph.artifact import MODEL_FILE, atomic_write_dir, read_manifest
@@ -83,6 +146,16 @@ def export_triton(artifact: str | os.PathLike, output: str | os.PathLike, *, nam
         ios = pipe
     single = len(stages) == 1
     models = []
+    kind = _instance_kind(manifest, instance_kind)
+    axis = batch_axis(stages)
+    if max_batch_size is None:
+        max_batch_size = DEFAULT_MAX_BATCH if axis is not None else 0
+    elif not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
+        raise BadInputError(f"--max-batch-size {max_batch_size}: a size is an integer >= 0 (0: no batching)")
+    elif max_batch_size and axis is None:
+        raise BadInputError(f"--max-batch-size {max_batch_size}: the artifact's inputs and outputs do not share a "
+                            "dynamic leading (batch) axis, so Triton cannot batch it; use 0")
+    batched = max_batch_size > 0
 
     def write(tmp: pathlib.Path) -> None:
         for i, stage in enumerate(stages):
@@ -94,20 +167,25 @@ def export_triton(artifact: str | os.PathLike, output: str | os.PathLike, *, nam
             data = source.with_name(source.name + ".data")
             if data.is_file():
                 shutil.copyfile(data, folder / data.name)
-            config = pb.ModelConfig(name=model_name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0)
+            config = pb.ModelConfig(name=model_name, platform="onnxruntime_onnx", backend="onnxruntime",
+                                    max_batch_size=max_batch_size)
             for entry in stage["inputs"]:
-                _tensor(config.input.add(), entry, pb)
+                _tensor(config.input.add(), entry, pb, batched=batched)
             for entry in stage["outputs"]:
-                _tensor(config.output.add(), entry, pb)
-            config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"), count=instance_count)
+                _tensor(config.output.add(), entry, pb, batched=batched)
+            config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(kind), count=instance_count)
+            if batched:
+                config.dynamic_batching.SetInParent()
+            if kind == "KIND_GPU":
+                _tensorrt_accelerator(config, manifest)
             (tmp / model_name / "config.pbtxt").write_text(text_format.MessageToString(config))
             models.append(model_name)
         if not single:
-            config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
+            config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
             for entry in ios["inputs"]:
-                _tensor(config.input.add(), entry, pb)
+                _tensor(config.input.add(), entry, pb, batched=batched)
             for entry in ios["outputs"]:
-                _tensor(config.output.add(), entry, pb)
+                _tensor(config.output.add(), entry, pb, batched=batched)
             for i, stage in enumerate(stages):
                 step = config.ensemble_scheduling.step.add(model_name=f"{name}_stage{i}", model_version=-1)
                 for entry in stage["inputs"]:
@@ -120,7 +198,8 @@ def export_triton(artifact: str | os.PathLike, output: str | os.PathLike, *, nam
             models.append(name)
 
     atomic_write_dir(pathlib.Path(output), write, force=force)
-    return {"repository": str(output), "models": models, "ensemble": None if single else name}
+    return {"repository": str(output), "models": models, "ensemble": None if single else name,
+            "instance_kind": kind, "max_batch_size": max_batch_size, "batch_axis": axis if batched else None}
 
 
 def validate_repository(path: str | os.PathLike) -> dict:
@@ -156,6 +235,12 @@ def validate_repository(path: str | os.PathLike) -> dict:
             outputs = [o.name for o in model.graph.output]
             if sorted(inputs) != sorted(i.name for i in config.input) or sorted(outputs) != sorted(o.name for o in config.output):
                 raise BadInputError(f"{config_path}: inputs/outputs differ from the ONNX model's")
+            ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.input, *model.graph.output]
+                     if v.type.tensor_type.HasField("shape")}
+            for tensor in [*config.input, *config.output]:  # with batching, Triton's dims leave out the batch axis
+                if tensor.name in ranks and len(tensor.dims) + (config.max_batch_size > 0) != ranks[tensor.name]:
+                    raise BadInputError(f"{config_path}: '{tensor.name}' has {len(tensor.dims)} dims with max_batch_size "
+                                        f"{config.max_batch_size}, but rank {ranks[tensor.name]} in the ONNX model")
         configs[config.name] = config
     if not configs:
         raise BadInputError(f"{root}: no config.pbtxt found")
@@ -166,6 +251,9 @@ def validate_repository(path: str | os.PathLike) -> dict:
         for step in config.ensemble_scheduling.step:
             if step.model_name not in configs:
                 raise BadInputError(f"ensemble {config.name}: step model '{step.model_name}' is not in the repository")
+            if config.max_batch_size > configs[step.model_name].max_batch_size:
+                raise BadInputError(f"ensemble {config.name}: max_batch_size {config.max_batch_size} exceeds "
+                                    f"{step.model_name}'s {configs[step.model_name].max_batch_size}")
             model_inputs = {i.name for i in configs[step.model_name].input}
             model_outputs = {o.name for o in configs[step.model_name].output}
             for key, tensor in step.input_map.items():
