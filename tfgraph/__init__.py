@@ -14,6 +14,7 @@ from tfgraph.artifact import Artifact, load
 from tfgraph.compiler import compile
 from tfgraph.errors import BadInputError, ProviderUnavailableError, TfgraphError, VerificationError
 from tfgraph.executor import PipelineExecutor
+from tfgraph.generate import Generator, load_generator
 from tfgraph.instruments import Instrument, PassRecord
 from tfgraph.passes.registry import PassSpec, available_passes, register_pass
 from tfgraph.passmanager import PassManager
@@ -28,6 +29,7 @@ PassResult = _ir.passes.PassResult
 __all__ = [
     "Artifact",
     "BadInputError",
+    "Generator",
     "Instrument",
     "Pass",
     "PassManager",
@@ -47,6 +49,7 @@ __all__ = [
     "get_target",
     "list_targets",
     "load",
+    "load_generator",
     "load_tokenizer",
     "partition",
     "register_pass",

@@ -649,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     pipeline_cli.add_commands(sub)  # run, serve, export-triton
+    importlib.import_module("tfgraph.generate_cli").add_command(sub)  # generate
 
     p = sub.add_parser("targets", help="list the registered targets")
     p.add_argument("--json", action="store_true")
