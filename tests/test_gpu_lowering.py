@@ -24,6 +24,8 @@ import tfgraph
 from tfgraph.passes import create_pass
 from tfgraph.passes.element_types import unknown_types
 
+from _gpu import kept_for_unknown_type, table_fallbacks
+
 PROFILES = ("cuda-fp16", "cuda-int8", "tensorrt-fp16", "tensorrt-int8")
 HF_ARCHITECTURES = ("bert", "albert", "gpt2", "llama", "mistral", "qwen2", "phi", "gpt_neo")
 BUILTINS = ("bert-small", "gpt-small")
@@ -56,20 +58,14 @@ def _params():
                                id=f"{kind}-{exporter}-{attention or 'builtin'}-{profile}")
 
 
-def _kept_for_unknown_type(manifest) -> list:
-    return [k for p in (manifest.get("precision") or {}).get("passes", []) for k in p.get("kept_float32", [])
-            if "unknown" in k["reason"]]
-
-
 @pytest.mark.parametrize("kind, exporter, attention, profile", list(_params()))
 def test_no_unexpected_cpu_fallback(onnx_export, kind, exporter, attention, profile):
     pytest.importorskip("transformers", reason="needs the 'hf' extra")
     path = onnx_export(kind, exporter, attention)
     artifact = tfgraph.compile(path, target=profile, verify=False)
     manifest = artifact.manifest
-    place = manifest["placement"]
-    assert place["unexpected_fallback"] == 0, place["fallback"]
-    assert not _kept_for_unknown_type(manifest)
+    assert not table_fallbacks(artifact), manifest["placement"]["fallback"]
+    assert not kept_for_unknown_type(manifest)
     if profile.startswith("cuda"):  # every value the fp16 conversion and the placement read has an element type
         assert not unknown_types(artifact.model)
         assert not any(n.op_type == "CastLike" for n in artifact.model.graph.all_nodes())
@@ -81,7 +77,7 @@ def test_llama_dynamo_cuda_fp16_verified(onnx_export):
     pytest.importorskip("transformers", reason="needs the 'hf' extra")
     artifact = tfgraph.compile(onnx_export("llama", "dynamo", "sdpa"), target="cuda-fp16")
     manifest = artifact.manifest
-    assert manifest["verification"]["passed"] and manifest["placement"]["unexpected_fallback"] == 0
+    assert manifest["verification"]["passed"] and not table_fallbacks(artifact)
     gqa = [n for n in artifact.model.graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(n.inputs[0].dtype == ir.DataType.FLOAT16 for n in gqa)
     decomposed = next(r for r in manifest["passes"] if r["name"] == "decompose-unsupported")["report"]["decomposed"]
