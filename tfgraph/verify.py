@@ -13,6 +13,9 @@ import onnx_ir as ir
 
 from tfgraph.errors import BadInputError
 from tfgraph.ir import SerializedModel
+from tfgraph.runtime import LOG_SEVERITY, quiet_runtimes
+
+quiet_runtimes()  # before anything here imports onnxruntime
 
 # Default sizes for symbolic dimensions, by (lower-cased) name fragment; first match wins.
 DEFAULT_DIMS: tuple[tuple[str, int], ...] = (
@@ -41,8 +44,8 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...] | int
                 values = tuple(int(d) for d in dims.lower().split("x"))
             except ValueError:
                 raise BadInputError(f"bad shape '{part}'; dimensions must be integers like 2x128") from None
-            if any(v < 1 for v in values):
-                raise BadInputError(f"bad shape '{part}'; dimensions must be at least 1")
+            if any(v < 0 for v in values):
+                raise BadInputError(f"bad shape '{part}'; dimensions must not be negative (0 is allowed: an empty past)")
             if any(v > MAX_DIM for v in values):
                 raise BadInputError(f"bad shape '{part}'; a dimension over {MAX_DIM} cannot be allocated")
             if name.strip() in shapes:
@@ -290,7 +293,9 @@ def session_options(options: Mapping[str, Any] | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # Fatal only: an error reaches the user through the exception (tfgraph's one-line message),
+    # not as onnxruntime's own coloured log lines on stderr.
+    so.log_severity_level = LOG_SEVERITY
     for key, value in (options or {}).items():
         if key == "graph_optimization_level" and isinstance(value, str):
             value = getattr(ort.GraphOptimizationLevel, value)
