@@ -137,10 +137,10 @@ def test_pinned_shapes_checked_against_shared_dimensions(cli, tmp_path, target):
     ("cse:size_limit=true", "is not int"),
 ])
 def test_pass_options_checked_before_the_first_pass(cli, mlp_path, tmp_path, monkeypatch, spec, fragment):
-    from tfgraph import compiler
+    from tfgraph import phases
 
     resolved = []
-    monkeypatch.setattr(compiler, "resolve_model", lambda *a, **k: resolved.append(1))
+    monkeypatch.setattr(phases, "resolve_model", lambda *a, **k: resolved.append(1))
     _one_line(cli("compile", mlp_path, "-o", tmp_path / "out", "--pass", spec), 2, fragment)
     assert not resolved  # refused before the model was even loaded
 

@@ -250,3 +250,18 @@ def test_dedup_initializers_rewires_users():
     assert list(artifact.model.graph.initializers) == ["A"]
     record = next(r for r in artifact.manifest["passes"] if r["name"] == "dedup-initializers")
     assert record["modified"] and record["params_after"] == record["params_before"] - 64 * 64
+
+
+def test_compile_options_are_one_frozen_value(mlp_path):
+    from tfgraph.options import CompileOptions
+
+    options = CompileOptions(verify=False, seed=3)
+    with pytest.raises(Exception):
+        options.seed = 4  # type: ignore[misc]
+    merged = CompileOptions.make(options, {"strict": True})
+    assert (merged.verify, merged.seed, merged.strict) == (False, 3, True)
+    with pytest.raises(TypeError, match="unknown option"):
+        tfgraph.compile(mlp_path, "cpu-fp32", verfy=False)
+    artifact = tfgraph.compile(mlp_path, "cpu-fp32", options, shapes={"sequence": 5})
+    assert artifact.manifest["verification"]["skipped"] is True
+    assert artifact.manifest["options"]["seed"] == 3 and artifact.manifest["options"]["shapes"] == {"sequence": 5}

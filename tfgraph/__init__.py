@@ -12,6 +12,7 @@ import onnx_ir as _ir
 from tfgraph._version import __version__
 from tfgraph.artifact import Artifact, load
 from tfgraph.compiler import compile
+from tfgraph.options import CompileOptions
 from tfgraph.errors import BadInputError, ProviderUnavailableError, TfgraphError, VerificationError
 from tfgraph.executor import PipelineExecutor
 from tfgraph.generate import Generator, load_generator
@@ -29,6 +30,7 @@ PassResult = _ir.passes.PassResult
 __all__ = [
     "Artifact",
     "BadInputError",
+    "CompileOptions",
     "Generator",
     "Instrument",
     "Pass",

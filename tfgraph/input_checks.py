@@ -121,3 +121,30 @@ def check_target_runtime(profile) -> None:
                 f"target '{profile.name}' needs {provider.name} from the '{provider.plugin}' package, which is not "
                 f"installed: {install}"
             ) from None
+
+
+def pin_input_shapes(model: ir.Model, shapes: Mapping[str, Any] | None, target: str,
+                     feeds: Mapping[str, np.ndarray] | None = None) -> None:
+    """Fix every graph input's shape for a static-shape target, from ``shapes`` (whole shapes by input
+    name, ``{"input_ids": (1, 128)}``, or sizes of symbolic dimensions, ``{"sequence": 128}``) or the
+    given input arrays; fails naming each input left with a dynamic dimension."""
+    from tfgraph.passes.static_shapes import pin_input_shapes as pin
+
+    shapes = dict(shapes or {})
+    if feeds is not None:  # given input arrays fix the shapes of inputs --shape does not name
+        shapes = {**{k: tuple(np.shape(v)) for k, v in feeds.items()}, **shapes}
+    pin(model.graph, shapes)
+    missing = []
+    for value in model.graph.inputs:
+        if value.shape is None:
+            missing.append(f"'{value.name}' (rank unknown)")
+            continue
+        unknown = [str(getattr(d, "value", None) or f"axis {i}") for i, d in enumerate(value.shape) if not isinstance(d, int)]
+        if unknown:
+            missing.append(f"'{value.name}' ({', '.join(unknown)})")
+    if missing:
+        example = missing[0].split("'")[1]
+        raise BadInputError(
+            f"target '{target}' needs static shapes: input {', '.join(missing)} has dynamic dimensions; "
+            f"give them with --shape (e.g. --shape {example}=1x128)"
+        )
