@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         return _report_error(label, str(e), e.exit_code, as_json, **extra)
     except KeyboardInterrupt:
         return _report_error("interrupted", "interrupted", 130, as_json)
+    except BrokenPipeError:  # the reader went away (`tfgraph passes | head`): stop quietly, as git does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as e:  # a bug: say so in one line, traceback on request
         if os.environ.get("TFGRAPH_DEBUG"):
             raise
