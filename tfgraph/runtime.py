@@ -11,6 +11,17 @@ library); this module hides the difference.
 
 Placement ("which EP runs which node") comes from the real session where the EP is usable here
 (``session.record_ep_graph_assignment_info``), otherwise from the target's operator table.
+
+tfgraph writes nothing but its output. Importing this module (every ``import tfgraph`` does, before
+anything imports onnxruntime) turns off what the runtimes would write elsewhere: onnxruntime's
+telemetry (``ORT_DISABLE_TELEMETRY=1``, read once when onnxruntime is first imported; it wrote
+``~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db*}`` and a ``.ses`` session
+file in the temp folder) and OpenVINO's (``import openvino`` wrote ``~/intel/openvino_ga_cid`` and
+``~/intel/stats`` through the ``openvino_telemetry`` package; OpenVINO falls back to its own no-op stub
+when that package cannot be imported). An environment that sets ``ORT_DISABLE_TELEMETRY`` itself keeps
+its value. onnxruntime's log lines are off in every session tfgraph opens (severity 4: fatal only):
+a failure reaches the user as tfgraph's one-line message, from the exception, not as coloured
+``[E:onnxruntime …]`` lines before it.
 """
 
 from __future__ import annotations
@@ -18,13 +29,31 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
 CPU = "CPUExecutionProvider"
+#: onnxruntime log severity of every session tfgraph opens (0 verbose … 3 error, 4 fatal).
+LOG_SEVERITY = 4
 _registered: dict[str, str] = {}  # EP name -> library path registered in this process
+
+
+def quiet_runtimes() -> None:
+    """Turn off the runtimes' telemetry for this process (idempotent; see the module docstring)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    ort = sys.modules.get("onnxruntime")
+    if ort is not None and os.environ["ORT_DISABLE_TELEMETRY"] == "1" and hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()  # imported before tfgraph, too early for the variable: at least no events
+    if "openvino_telemetry" not in sys.modules:
+        # A None entry makes `import openvino_telemetry` raise ImportError: OpenVINO then uses its stub.
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+
+
+quiet_runtimes()
 
 
 def _ort():
