@@ -189,11 +189,9 @@ class DecomposeUnsupported(ir.passes.InPlacePass):
         self.report: dict = {}
 
     def _table(self):
-        from tfgraph.targets.op_table import load_table, runtime_table
+        from tfgraph.passes.context import current
 
-        if self.table_name.startswith("runtime:"):
-            return runtime_table(self.table_name.split(":", 1)[1])
-        return load_table(self.table_name)
+        return current().need("op_table", "decompose-unsupported")(self.table_name)
 
     def _inline_rejected_functions(self, model: ir.Model, table, done: dict[str, int]) -> None:
         """Inline the calls of every model-local function whose body holds an op ``table`` rejects."""

@@ -203,7 +203,9 @@ class ConvertFloat16(ir.passes.InPlacePass):
 
     # -- 4. conversion ----------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from tfgraph.calibration import CalibrationSet, collect_ranges, load_calibration
+        from tfgraph.passes.context import current
+
+        ctx = current()
 
         graph = model.graph
         for value in graph.initializers.values():  # constants made by earlier passes may lack a declared type
@@ -215,9 +217,11 @@ class ConvertFloat16(ir.passes.InPlacePass):
         ranges: dict[str, tuple[float, float]] = {}
         if names:
             calibration = self.calibration
-            if not isinstance(calibration, CalibrationSet):
-                calibration = load_calibration(calibration, model)
-            ranges = collect_ranges(model, names, calibration, calibrator="minmax", progress=self.progress)
+            if calibration is None:
+                calibration = ctx.calibration
+            if not hasattr(calibration, "batches"):  # arrays, a dict or an .npz path: the context loads them
+                calibration = ctx.need("load_calibration", "convert-float16")(calibration, model)
+            ranges = ctx.need("collect_ranges", "convert-float16")(model, names, calibration, calibrator="minmax", progress=self.progress)
 
         renamed = False
         for i, node in enumerate(graph):

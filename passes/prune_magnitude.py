@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from tfgraph import prune
+from tfgraph.passes import pruning as prune
 from tfgraph.passes.registry import register_pass
 
 

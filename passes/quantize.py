@@ -376,7 +376,9 @@ class Quantize(ir.passes.InPlacePass):
 
     # -- static (QDQ) -----------------------------------------------------------------------
     def _static(self, model: ir.Model, candidates: list[ir.Node], weights_only: bool = False) -> None:
-        from tfgraph.calibration import CalibrationSet, collect_ranges, load_calibration
+        from tfgraph.passes.context import current
+
+        ctx = current()
 
         graph = model.graph
         activations = []
@@ -389,9 +391,11 @@ class Quantize(ir.passes.InPlacePass):
         ranges = {}
         if activations:
             calibration = self.calibration
-            if not isinstance(calibration, CalibrationSet):
-                calibration = load_calibration(calibration, model)
-            ranges = collect_ranges(model, activations, calibration, calibrator=self.calibrator, progress=self.progress)
+            if calibration is None:
+                calibration = ctx.calibration
+            if not hasattr(calibration, "batches"):  # arrays, a dict or an .npz path: the context loads them
+                calibration = ctx.need("load_calibration", "quantize")(calibration, model)
+            ranges = ctx.need("collect_ranges", "quantize")(model, activations, calibration, calibrator=self.calibrator, progress=self.progress)
         qdq: dict[str, ir.Value] = {}
         for node in candidates:
             record = _record([node], node.outputs[0])

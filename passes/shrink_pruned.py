@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph import prune
+from tfgraph.passes import pruning_units as prune
 from tfgraph.passes.dedup_initializers import DedupInitializersPass
 from tfgraph.passes.registry import register_pass
 
@@ -255,9 +255,9 @@ def _unfused_units(model: ir.Model, graph: ir.Graph) -> list[tuple[prune.Attenti
     if graph is not model.graph or not any(n.op_type == "Softmax" for n in graph) or not _maybe_pruned(graph):
         return []
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    from tfgraph.targets.cpu import FUSION
+    from tfgraph.passes.context import current
 
-    for spec in FUSION:
+    for spec in current().need("attention_fusion", "shrink-pruned"):
         if spec.name != "shrink-pruned":
             spec.create()(copy)
     producers = {o.name: n for n in graph for o in n.outputs if o is not None}

@@ -23,6 +23,10 @@ from tfgraph.stages import Pipeline, partition
 from tfgraph.targets import Target, get_target, list_targets, register_target
 from tfgraph.text import TextEncoder, load_tokenizer
 
+from tfgraph.pass_context import install_default as _install_default_pass_context
+
+_install_default_pass_context()
+
 #: Base class for in-place custom passes (onnx-ir's ``InPlacePass``).
 Pass = _ir.passes.InPlacePass
 PassResult = _ir.passes.PassResult

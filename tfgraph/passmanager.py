@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
 from tfgraph.errors import PassFailedError, TfgraphError, first_line
 from tfgraph.instruments import Instrument, PassRecord, TimingInstrument
+from tfgraph.passes.context import PassContext, active
 from tfgraph.passes.registry import PassSpec
 
 
@@ -48,8 +50,10 @@ class PassManager:
         *,
         instruments: Sequence[Instrument] = (),
         progress: Callable[[int, int, str], None] | None = None,
+        context: PassContext | None = None,
     ):
         self.specs = list(passes)
+        self.context = context  # what the passes need from outside the graph (None: the default context)
         self.instruments = [TimingInstrument(), *instruments]
         self.progress = progress
         self.records: list[PassRecord] = []
@@ -62,6 +66,10 @@ class PassManager:
         raise TypeError(f"not a pass or PassSpec: {item!r}")
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
+        with active(self.context) if self.context is not None else contextlib.nullcontext():
+            return self._run(model)
+
+    def _run(self, model: ir.Model) -> ir.passes.PassResult:
         self.records = []
         passes = [self._instantiate(item) for item in self.specs]
         for instrument in self.instruments:

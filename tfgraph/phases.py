@@ -37,6 +37,7 @@ from tfgraph.input_checks import (check_deterministic, check_input_shapes, check
                                   shapes_text)
 from tfgraph.instruments import CheckerInstrument, NumericDiffInstrument, count_nodes
 from tfgraph.options import CompileOptions
+from tfgraph.pass_context import standard_context
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
 from tfgraph.precision_phase import finish_precision, prepare_precision
@@ -158,7 +159,9 @@ def rewrite(c: Compilation) -> None:
     c.precision_state = prepare_precision(c.pipeline, c.profile, c.model, c.source, o.calibration, o.tokenizer,
                                           o.max_drop, o.inputs, c.feeds, c.shapes, o.seed, o.progress)
     pipeline = c.precision_state["pipeline"] if c.precision_state is not None else c.pipeline
-    c.manager = PassManager(pipeline, instruments=c.instruments,
+    calibration = c.precision_state["calibration"] if c.precision_state is not None else None
+    context = standard_context(calibration=calibration, progress=o.progress)
+    c.manager = PassManager(pipeline, instruments=c.instruments, context=context,
                             progress=lambda done, total, name: c.progress(f"pass {name}", done, total))
     c.model = c.manager.run(c.model).model
     if o.verify:
