@@ -7,6 +7,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.ops import MaskKind
 from tfgraph import ops
 from tfgraph.errors import BadInputError
 from tfgraph.passes import blocked_attention as blocked
@@ -61,7 +62,7 @@ def _finite(new: list[ir.Node], bias: ir.Value) -> ir.Value:
 
 def _mha_bias(new: list[ir.Node], node: ir.Node, q: ir.Value, q_axis: int, k: ir.Value, k_axis: int) -> ir.Value | None:
     """The additive mask as MultiHeadAttention's ``attention_bias``: (B|1, N|1, S, T), broadcast explicitly when needed."""
-    if node.attributes.get_string("mask_kind", "bias") == "none":
+    if MaskKind.of(node) is MaskKind.NONE:
         return None
     bias = _finite(new, node.inputs[3])
     if (
@@ -187,7 +188,7 @@ def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Val
     return new, fused.outputs[0]
 
 
-CAUSAL_KINDS = ("causal", "causal_bias", "window", "window_bias")
+CAUSAL_KINDS = (MaskKind.CAUSAL, MaskKind.CAUSAL_BIAS, MaskKind.WINDOW, MaskKind.WINDOW_BIAS)
 CAUSAL_LOWERINGS = ("com.microsoft.GroupQueryAttention",)
 GQA_HEAD_SIZE_MULTIPLE = 8
 

@@ -56,13 +56,29 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph import ops, verify
+from tfgraph.ops import MaskKind
+from tfgraph import ops
+from tfgraph.passes.attention_mask_blocks import (  # noqa: F401 - part of this module's API
+    MASKED,
+    _broadcast_bias,
+    _explains,
+    block_pattern,
+    block_sparse_confirm_length,
+    classify_block_sparse,
+    classify_blocks,
+)
+from tfgraph.passes.context import current
 from tfgraph.passes.registry import register_pass
 
-MASKED = -1e4
 MAX_PROBE = 4096  # longest probe sequence; a larger integer constant in a mask keeps the mask as a bias
 _NEUTRAL = {"Attention": 1, "AttentionBHSD": 2}  # op → axis of the query's sequence dim
 
+
+
+def _symbols(model: ir.Model) -> set[str]:
+    """Names of the symbolic dimensions of the graph's inputs."""
+    return {d.value for v in model.graph.inputs if v.shape is not None for d in v.shape
+            if not isinstance(d, int) and getattr(d, "value", None)}
 
 def _slice_model(model: ir.Model, values: list[ir.Value]) -> ir.Model:
     """A copy of ``model`` whose outputs are ``values`` (by name), with everything else removed."""
@@ -100,8 +116,8 @@ def _probe_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]], bool]:
     """Feeds for the probes: default sizes with right padding, a small size with left
     padding, and, when the mask's subgraph holds an integer constant that could be a
     window size beyond the default sequence length, a size just above it (batch 1)."""
-    symbols = {d for info in verify.input_signature(model) for d in info.shape if isinstance(d, str)}
-    default = verify.generate_inputs(model, {}, seed=1)
+    symbols = _symbols(model)
+    default = current().need("generate_inputs", "classify-attention-masks")(model, {}, seed=1)
     seq_default = max((v.shape[-1] for k, v in default.items() if v.ndim >= 2), default=16)
     small = {s: (3 if "batch" in s.lower() else 7) for s in symbols}
     plans = [({}, False), (small, True)]
@@ -112,26 +128,11 @@ def _probe_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]], bool]:
         plans.append(({s: (1 if "batch" in s.lower() else window + 2) for s in symbols}, False))
     probes = []
     for sizes, flip in plans:
-        feeds = verify.generate_inputs(model, sizes, seed=1)
+        feeds = current().need("generate_inputs", "classify-attention-masks")(model, sizes, seed=1)
         if flip:
             feeds = {k: (v[..., ::-1].copy() if "mask" in k.lower() and v.ndim >= 2 else v) for k, v in feeds.items()}
         probes.append(feeds)
     return probes, unprobed
-
-
-def _explains(bias: np.ndarray, expected: np.ndarray) -> bool:
-    """``bias`` masks (``<= MASKED``) exactly where ``expected`` is False and adds 0 elsewhere."""
-    masked = bias <= MASKED
-    shape = np.broadcast_shapes(masked.shape, expected.shape)
-    if not np.array_equal(np.broadcast_to(masked, shape), np.broadcast_to(~expected, shape)):
-        return False
-    return bool(np.all(bias[~masked] == 0))
-
-
-def _broadcast_bias(bias: np.ndarray) -> np.ndarray:
-    while bias.ndim < 4:
-        bias = bias[None]
-    return bias
 
 
 def _band(s: int, t: int, left: int | None, right: int) -> np.ndarray:
@@ -211,176 +212,6 @@ def classify(biases: list[np.ndarray]) -> dict:
     return {"kind": "bias"}
 
 
-def _same_block(s: int, w: int) -> np.ndarray:
-    positions = np.arange(s)
-    return (positions[:, None] // w) == (positions[None, :] // w)
-
-
-def classify_blocks(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]]) -> dict | None:
-    """Block-diagonal masks (Swin-like local windows: a query sees the keys of its own block of
-    ``w`` positions), optionally combined with a padding input: ``{"kind": "blocks",
-    "block_size": w[, "key_padding": name]}``, or None."""
-    size = None
-    for raw in biases:
-        bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
-        s, t = bias.shape[-2:]
-        if s != t or np.isnan(bias).any():
-            return None
-        visible = (bias > MASKED).reshape(-1, s, t).any(axis=0)  # padding only removes keys
-        w = int(visible[0].sum())
-        if size not in (None, w) and w < s:
-            return None
-        if w < s:
-            size = w
-    if size is None or size < 1:
-        return None
-    for name in [None] + sorted(set.intersection(*(set(p) for p in paddings)) if paddings else []):
-        for raw, pads in zip(biases, paddings or [{}] * len(biases)):
-            bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
-            s = bias.shape[-1]
-            expected = _same_block(s, size)[None, None]
-            if name is not None:
-                keys = np.asarray(pads[name]) != 0
-                if keys.shape != (bias.shape[0] if bias.shape[0] > 1 else keys.shape[0], s):
-                    break
-                expected = expected & keys[:, None, None, :]
-            if not _explains(bias, expected):
-                break
-        else:
-            return {"kind": "blocks", "block_size": size, **({"key_padding": name} if name else {})}
-    return None
-
-
-MIN_BLOCK = 4  # smallest block size a block-sparse layout may have
-
-
-def _block_changes(visible: np.ndarray, causal: bool) -> int:
-    """The gcd of the positions where a row (column) of ``visible`` (S, S) differs from the
-    one before (on the part both see when ``causal``: keys ``j < i``); 0 when none does.
-    A tile layout of block size ``b`` can only change at multiples of ``b``."""
-    rows, cols = visible[1:] != visible[:-1], visible[:, 1:] != visible[:, :-1]
-    if causal:
-        rows, cols = np.tril(rows), np.tril(cols, -1)  # row i vs i - 1 on j <= i - 1; column j vs j - 1 on i >= j
-    changes = np.concatenate([np.flatnonzero(rows.any(axis=1)), np.flatnonzero(cols.any(axis=0))]) + 1
-    return int(np.gcd.reduce(changes)) if changes.size else 0
-
-
-def _expand(layout: np.ndarray, block: int, s: int, causal: bool) -> np.ndarray:
-    """The (S, S) visible set of a block layout (``j <= i`` too when ``causal``)."""
-    blocks = np.arange(s) // block
-    visible = layout[blocks[:, None], blocks[None, :]]
-    return visible & np.tril(np.ones((s, s), bool)) if causal else visible
-
-
-def block_pattern(n: int, offsets, global_blocks: int, causal: bool) -> np.ndarray:
-    """The (n, n) layout of a repeating block pattern: query block ``t`` sees key blocks
-    ``t + d`` for ``d`` in ``offsets``, and the first ``global_blocks`` key blocks; those
-    query blocks see every key block unless ``causal`` (then only blocks ``<= t``)."""
-    qb, kb = np.arange(n)[:, None], np.arange(n)[None, :]
-    layout = np.isin(kb - qb, list(offsets)) | (kb < global_blocks)
-    if causal:
-        return layout & (kb <= qb)
-    return layout | (qb < global_blocks)
-
-
-def _fit_pattern(layout: np.ndarray, causal: bool) -> tuple[list[int], int] | None:
-    """(offsets, global blocks) of :func:`block_pattern` that give ``layout``, or None."""
-    n = layout.shape[0]
-    allowed = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
-    g = 0
-    while g < n - 1 and np.array_equal(layout[:, g], allowed[:, g]) and (causal or layout[g].all()):
-        g += 1
-    offsets = []
-    for d in range(-(n - 1), n):
-        qb = np.arange(max(g, g - d), min(n, n - d))
-        if qb.size == 0:
-            continue
-        values = layout[qb, qb + d]
-        if values.all():
-            offsets.append(d)
-        elif values.any():
-            return None
-    if not np.array_equal(block_pattern(n, offsets, g, causal), layout):
-        return None
-    return offsets, g
-
-
-def classify_block_sparse(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]]) -> dict | None:
-    """Block-sparse masks: every (query block, key block) tile of ``block_size`` positions is
-    entirely visible or entirely masked, except that, when no query sees a later key
-    (``block_causal``), the visible diagonal tiles are lower-triangular; optionally
-    combined with a (batch, keys) padding input. Queries and keys of one length only, and
-    every query sees at least one key.
-
-    All probes of one size (static shapes, or a mask built from constants): the layout
-    itself, ``block_layout`` (n × n 0/1, n = ceil(S / block_size)) for ``block_sequence = S``.
-    Probes of several sizes: only a layout that repeats along the diagonal, as
-    :func:`block_pattern` (``block_offsets`` and ``global_blocks``); any other layout
-    that changes with the length stays a bias. Returns the kind's attributes or None."""
-    structures = []
-    causal = True
-    for raw in biases:
-        bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
-        s, t = bias.shape[-2:]
-        if s != t or s < 2 or np.isnan(bias).any():
-            return None
-        visible = (bias > MASKED).reshape(-1, s, t).any(axis=0)  # padding only removes keys
-        structures.append(visible)
-        causal &= not np.triu(visible, 1).any()
-    block = int(np.gcd.reduce([_block_changes(visible, causal) for visible in structures]))
-    if block < MIN_BLOCK:  # 0: uniform at every probe (no block structure to see)
-        return None
-    layouts = []
-    for visible in structures:
-        s = visible.shape[0]
-        layout = visible[::block, ::block]
-        if not np.array_equal(_expand(layout, block, s, causal), visible) or not visible.any(axis=1).all():
-            return None
-        layouts.append(layout)
-    sizes = {v.shape[0] for v in structures}
-    kind: dict = {"kind": "block_sparse", "block_size": block, "block_causal": int(causal)}
-    if len(sizes) == 1:
-        layout = layouts[0]
-        n = layout.shape[0]
-        if n < 2 or layout.all() or (causal and layout[np.tril_indices(n)].all()) or (
-                not causal and np.array_equal(layout, np.eye(n, dtype=bool))):
-            return None  # everything visible, plainly causal, or block-diagonal (kind "blocks")
-        kind.update(block_layout=[int(x) for x in layout.reshape(-1)], block_sequence=sizes.pop())
-    else:
-        largest = max(layouts, key=lambda layout: layout.shape[0])
-        fitted = _fit_pattern(largest, causal)
-        if fitted is None:
-            return None
-        offsets, g = fitted
-        full = list(range(-(largest.shape[0] - 1), 1 if causal else largest.shape[0]))
-        if offsets == full or (offsets == [0] and not g and not causal):
-            return None  # causal / everything visible, or block-diagonal (kind "blocks"; causal chunks stay here)
-        if any(not np.array_equal(block_pattern(layout.shape[0], offsets, g, causal), layout) for layout in layouts):
-            return None
-        kind.update(block_offsets=offsets, global_blocks=g)
-    for name in [None] + sorted(set.intersection(*(set(p) for p in paddings)) if paddings else []):
-        for raw, pads, visible in zip(biases, paddings or [{}] * len(biases), structures):
-            bias = _broadcast_bias(np.asarray(raw, dtype=np.float64))
-            expected = visible[None, None]
-            if name is not None:
-                keys = np.asarray(pads[name]) != 0
-                if keys.ndim != 2 or keys.shape[1] != visible.shape[0] or bias.shape[0] not in (1, keys.shape[0]):
-                    break
-                expected = expected & keys[:, None, None, :]
-            if not _explains(bias, expected):
-                break
-        else:
-            return {**kind, **({"key_padding": name} if name else {})}
-    return None
-
-
-def block_sparse_confirm_length(kind: dict) -> int:
-    """A sequence length at which a repeating block pattern shows every offset away from the
-    edges, and that is not a multiple of the block size."""
-    reach = max(abs(d) for d in kind["block_offsets"]) if kind["block_offsets"] else 0
-    return kind["block_size"] * (2 * reach + kind["global_blocks"] + 4) + max(1, kind["block_size"] // 2)
-
-
 def explain_padding(biases: list[np.ndarray], paddings: list[dict[str, np.ndarray]], kind: dict) -> str | None:
     """The name of the (batch, keys) input whose zeros, combined with ``kind``'s band, are
     exactly the masked entries of every probe's bias (visible entries exactly 0); or None."""
@@ -438,7 +269,7 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
         probes, unprobed = _probe_feeds(sliced)
         for feeds in probes:
             try:
-                outputs = verify.run(sliced, feeds)
+                outputs = current().need("run", "classify-attention-masks")(sliced, feeds)
             except Exception:  # noqa: BLE001 - e.g. a probe longer than a precomputed mask table
                 unprobed = True
                 continue
@@ -467,11 +298,11 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
             length = max(block_sparse_confirm_length(kinds[id(v)]) for v in repeating)
             confirm = None
             if length <= MAX_PROBE:
-                symbols = {d for info in verify.input_signature(sliced) for d in info.shape if isinstance(d, str)}
-                feeds = verify.generate_inputs(sliced, {s: (2 if "batch" in s.lower() else length) for s in symbols},
+                symbols = _symbols(sliced)
+                feeds = current().need("generate_inputs", "classify-attention-masks")(sliced, {s: (2 if "batch" in s.lower() else length) for s in symbols},
                                                seed=2)
                 try:
-                    confirm = verify.run(sliced, feeds)
+                    confirm = current().need("run", "classify-attention-masks")(sliced, feeds)
                 except Exception:  # noqa: BLE001 - e.g. longer than a precomputed mask table
                     confirm = None
             for value in repeating:
@@ -498,7 +329,7 @@ class ClassifyAttentionMasksPass(ir.passes.InPlacePass):
             counts[label] = counts.get(label, 0) + 1
             if kind["kind"] == "bias":
                 continue
-            node.attributes["mask_kind"] = ir.AttrString("mask_kind", kind["kind"])
+            node.attributes["mask_kind"] = ir.AttrString("mask_kind", MaskKind(kind["kind"]).value)
             for key in ("window_left", "window_right", "block_size", "block_causal", "block_sequence", "global_blocks"):
                 if key in kind:
                     node.attributes[key] = ir.AttrInt64(key, kind[key])

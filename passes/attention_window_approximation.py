@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from tfgraph.ops import MaskKind
 from tfgraph import ops
 from tfgraph.errors import BadInputError
 from tfgraph.passes import blocked_attention as blocked
 from tfgraph.passes.attention_lowering import is_self_attention
 from tfgraph.passes.registry import register_pass
 
-_CAUSAL = ("causal", "causal_bias")
-_EXACT = ("none", "padding", "causal", "window")
+_CAUSAL = tuple(k for k in MaskKind if k.causal)
+_EXACT = tuple(k for k in MaskKind if k.exact)
 
 
 def parse_window_spec(spec: str) -> dict[str, int]:
@@ -95,7 +96,7 @@ class ApproximateAttentionWindowPass(ir.passes.InPlacePass):
                 node.replace_input_with(3, total.outputs[0])
                 exact = kind in _EXACT or node.attributes.get_string("key_padding") is not None
                 new_kind = "window" if exact else "window_bias"
-                node.attributes["mask_kind"] = ir.AttrString("mask_kind", new_kind)
+                node.attributes["mask_kind"] = ir.AttrString("mask_kind", MaskKind(new_kind).value)
                 node.attributes["window_left"] = ir.AttrInt64("window_left", left)
                 node.attributes["window_right"] = ir.AttrInt64("window_right", right)
                 if global_tokens:

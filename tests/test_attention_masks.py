@@ -202,3 +202,19 @@ def test_gqa_needs_head_size_multiple_of_8():
     LowerAttentionPass(causal_to="com.microsoft.GroupQueryAttention")(model)
     assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["MultiHeadAttention"]
     np.testing.assert_allclose(verify.run(model, feeds)["y"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_kinds_are_a_closed_set():
+    """Every kind the lowerings read is a MaskKind; text outside the set is refused, not misread."""
+    import onnx_ir as ir
+
+    from tfgraph.ops import MaskKind
+
+    assert {k.value for k in MaskKind} == {"none", "bias", "padding", "causal", "causal_bias", "window", "window_bias",
+                                           "blocks", "block_sparse"}
+    node = ir.node("Attention", [], domain="tfgraph", attributes={"mask_kind": "causal_bias"}, num_outputs=1)
+    assert MaskKind.of(node) is MaskKind.CAUSAL_BIAS and MaskKind.of(node).causal and not MaskKind.of(node).exact
+    node.attributes["mask_kind"] = ir.AttrString("mask_kind", "casual")
+    with pytest.raises(ValueError):
+        MaskKind.of(node)
+    assert MaskKind.of(ir.node("Attention", [], domain="tfgraph", num_outputs=1)) is MaskKind.BIAS

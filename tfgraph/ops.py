@@ -35,6 +35,7 @@ lowers nothing gets a correct standard-ONNX graph.
 
 from __future__ import annotations
 
+import enum
 import functools
 
 import onnx.parser
@@ -42,6 +43,41 @@ import onnx_ir as ir
 
 DOMAIN = "tfgraph"
 OPSET_VERSION = 1
+
+
+class MaskKind(str, enum.Enum):
+    """What the additive mask of a neutral attention op means: its ``mask_kind`` attribute, set by
+    ``classify-attention-masks`` (see :mod:`tfgraph.passes.attention_masks` for each kind's exact
+    definition) and read by the lowerings. A ``str`` enum: it compares equal to the attribute text."""
+
+    NONE = "none"  # no mask at all
+    BIAS = "bias"  # a general additive bias (the default before classification)
+    PADDING = "padding"  # key padding only
+    CAUSAL = "causal"  # exactly the causal mask, whatever the inputs
+    CAUSAL_BIAS = "causal_bias"  # causal plus more (padding)
+    WINDOW = "window"  # exactly a band (window_left / window_right attributes)
+    WINDOW_BIAS = "window_bias"  # a band plus more (padding)
+    BLOCKS = "blocks"  # block-diagonal local windows (block_size)
+    BLOCK_SPARSE = "block_sparse"  # a block-sparse layout (block_size, block_layout or block_offsets)
+
+    @classmethod
+    def of(cls, node: ir.Node) -> MaskKind:
+        """The kind a neutral attention node carries (``bias`` when unset); unknown text raises ValueError."""
+        return cls(node.attributes.get_string("mask_kind", cls.BIAS.value))
+
+    @property
+    def causal(self) -> bool:
+        """Every future key is masked (a causal kernel is exact, possibly with the bias)."""
+        return self in (MaskKind.CAUSAL, MaskKind.CAUSAL_BIAS)
+
+    @property
+    def windowed(self) -> bool:
+        return self in (MaskKind.WINDOW, MaskKind.WINDOW_BIAS)
+
+    @property
+    def exact(self) -> bool:
+        """The mask is fully described by the kind (and its attributes): a kernel may drop it."""
+        return self in (MaskKind.NONE, MaskKind.PADDING, MaskKind.CAUSAL, MaskKind.WINDOW)
 
 _ATTENTION = """
 <domain: "tfgraph", opset_import: ["" : 18]>
