@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tfgraph.analysis import BLOCKED_ATTENTION_MARK
+from tfgraph.ops import BLOCKED_FORM, mark_attention_form
 
 # Each of the two additive parts uses half of the lowest float, so their sum stays finite.
 _HALF_MIN = float(np.finfo(np.float32).min) / 2
@@ -265,7 +266,8 @@ def _attend(b: _Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_
         v_h = b("Transpose", b("Reshape", v_windows, split), perm=[0, 1, 3, 2, 4])  # (B, blocks, N, width, H)
         scores = b("Add", b("MatMul", q_h, k_t), b("Unsqueeze", mask, b.i64(2)))
         probs = b("Softmax", scores, axis=-1)
-        probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/Softmax"  # counted as fused by analysis
+        probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/Softmax"
+        mark_attention_form(probs.producer(), BLOCKED_FORM)  # counted as fused by analysis
         context = b("MatMul", probs, v_h)  # (B, blocks, N, block, H)
         context = b("Reshape", b("Transpose", context, perm=[0, 1, 3, 2, 4]), b.i64(0, -1, hidden))
     else:
@@ -441,6 +443,7 @@ def _dense_rows(b: _Builder, q, k, v, rows: np.ndarray, seen: np.ndarray, *, sca
     mask = b("Where", visible, b.const(np.array(0.0, np.float32)), b.const(np.array(2 * _HALF_MIN, np.float32)))
     probs = b("Softmax", b("Add", b("MatMul", q_h, k_t), mask), axis=-1)
     probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/dense_rows/Softmax"
+    mark_attention_form(probs.producer(), BLOCKED_FORM)
     context = b("MatMul", probs, v_h)
     return b("Reshape", b("Transpose", context, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
 
@@ -459,6 +462,7 @@ def _global_rows(b: _Builder, q, k, v, *, scale: float, heads: int, head_size: i
                                     b.const(np.array(2 * _HALF_MIN, np.float32))))
     probs = b("Softmax", scores, axis=-1)
     probs.producer().name = f"{b.prefix}/{BLOCKED_ATTENTION_MARK}/global/Softmax"
+    mark_attention_form(probs.producer(), BLOCKED_FORM)
     context = b("MatMul", probs, v_h)
     return b("Reshape", b("Transpose", context, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
 

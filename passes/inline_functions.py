@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass
 
 from tfgraph.analysis import STANDARD_ATTENTION_MARK
+from tfgraph.ops import STANDARD_FORM, mark_attention_form
 from tfgraph.ops import DOMAIN
 from tfgraph.passes.registry import register_pass
 
@@ -33,6 +34,7 @@ class InlineNeutralOps(ir.passes.InPlacePass):
                 for node in model.functions[key]:
                     if node.op_type == "Softmax" and node.domain == "":
                         node.name = f"{STANDARD_ATTENTION_MARK}/{node.name or 'softmax'}"
+                        mark_attention_form(node, STANDARD_FORM)
         result = InlinePass(criteria=lambda f: f.domain == DOMAIN)(model)
         for key in neutral:
             model.functions.pop(key, None)

@@ -109,3 +109,25 @@ def test_inspect_cli_json(cli, mlp_path):
     assert report["nodes"] == 11 and report["parameters"] == 16 * 32 * 2 + 32 + 16
     assert report["flops"]["total"] == 2 * 8 * 16 * 32 * 2 + 2 * 8 * 32 * 16
     assert report["attention"]["unfused"] == 0
+
+
+@pytest.mark.parametrize("model, target, form", [
+    ("local-small", "cpu-fp32", None),            # windows: blocked form inside If branches
+    ("bert-small", "tensorrt-fp16", "tfgraph::StandardAttention"),  # neutral op inlined to standard ops
+])
+def test_fused_attention_counted_by_mark_not_by_name(onnx_export, model, target, form):
+    """A pass that renames every node does not make fused blocks look unfused (--strict still passes)."""
+    import tfgraph
+
+    @tfgraph.register_pass("test-rename-all", replace=True)
+    class RenameAll(tfgraph.Pass):
+        def call(self, m):
+            for i, node in enumerate(m.graph.all_nodes()):
+                node.name = f"n{i}"
+            return tfgraph.PassResult(m, True)
+
+    artifact = tfgraph.compile(onnx_export(model, "torchscript"), target, extra_passes=["test-rename-all"], strict=True)
+    attention = artifact.manifest["attention"]
+    assert (attention["found"], attention["fused"], attention["unfused"]) == (2, 2, 0)
+    if form:
+        assert attention["fused_ops"] == {form: 2}

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tfgraph.ir import iter_tensors, model_bytes, parameter_count
+from tfgraph.ops import BLOCKED_FORM, STANDARD_FORM, attention_form
 
 # Ops that pass a tensor through without changing which positions it mixes: walked over when
 # looking for the MatMuls on either side of a Softmax.
@@ -72,7 +73,8 @@ def _reaches_matmul_downstream(value: ir.Value, depth: int = 0) -> bool:
     return False
 
 
-BLOCKED_ATTENTION_MARK = "tfgraph.blocked_attention"  # in the names of the blocked form's Softmax nodes
+# Readable prefixes of the node names of those forms (for people reading the graph; not how they are counted).
+BLOCKED_ATTENTION_MARK = "tfgraph.blocked_attention"
 # In the Softmax names of a neutral attention op inlined into standard ops on purpose (inline-neutral-ops).
 STANDARD_ATTENTION_MARK = "tfgraph.standard_attention"
 
@@ -83,9 +85,9 @@ def _scan_attention(graph: ir.Graph) -> tuple[collections.Counter, list[str]]:
     for node in graph:
         if (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
             fused[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
-        elif node.op_type == "Softmax" and node.domain == "" and BLOCKED_ATTENTION_MARK in (node.name or ""):
+        elif node.op_type == "Softmax" and node.domain == "" and attention_form(node) == BLOCKED_FORM:
             fused["tfgraph::BlockedAttention"] += 1
-        elif node.op_type == "Softmax" and node.domain == "" and STANDARD_ATTENTION_MARK in (node.name or ""):
+        elif node.op_type == "Softmax" and node.domain == "" and attention_form(node) == STANDARD_FORM:
             fused["tfgraph::StandardAttention"] += 1
         elif node.op_type == "Softmax" and node.domain == "":
             if _reaches_matmul_upstream(node.inputs[0]) and _reaches_matmul_downstream(node.outputs[0]):

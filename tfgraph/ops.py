@@ -45,6 +45,23 @@ DOMAIN = "tfgraph"
 OPSET_VERSION = 1
 
 
+# Attention computed in standard ops on purpose (a blocked/windowed lowering, or a neutral op inlined
+# for a runtime without fused kernels) is marked on its Softmax node's metadata, which survives renames
+# and serialization: analysis counts such a block as fused by this mark, never by node names.
+ATTENTION_FORM_KEY = "tfgraph.attention_form"
+BLOCKED_FORM = "blocked"
+STANDARD_FORM = "standard"
+
+
+def mark_attention_form(node: ir.Node, form: str) -> None:
+    """Record that ``node`` (the Softmax of an attention block in standard ops) belongs to a fused form."""
+    node.metadata_props[ATTENTION_FORM_KEY] = form
+
+
+def attention_form(node: ir.Node) -> str | None:
+    return node.metadata_props.get(ATTENTION_FORM_KEY)
+
+
 class MaskKind(str, enum.Enum):
     """What the additive mask of a neutral attention op means: its ``mask_kind`` attribute, set by
     ``classify-attention-masks`` (see :mod:`tfgraph.passes.attention_masks` for each kind's exact
