@@ -258,3 +258,23 @@ def test_compile_summary_says_where_it_ran(cli, cuda_artifact, tmp_path):
     assert json.loads((cuda_artifact / "out" / "manifest.json").read_text())["verification"]["ran_on_instead"]
     cpu = cli("compile", cuda_artifact / "mlp.onnx", "-o", tmp_path / "cpu", "--json")
     assert "ran_on_instead" not in json.loads(cpu.out)["verification"]
+
+
+def test_final_verification_also_against_the_input_model(mlp_path):
+    """convert-float16 re-baselines the per-pass checks; the manifest still says how far the compiled
+    graph is from the input model (not only from itself)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    artifact = tfgraph.compile(mlp_path, "cuda-fp16")
+    ver = artifact.manifest["verification"]
+    (name, change), = ver["vs_input"].items()
+    assert ver["outputs"][name]["max_abs"] < change["max_abs"]  # fp16 rounding is visible only against the input
+    from tfgraph.verify import generate_inputs
+
+    feeds = generate_inputs(artifact.model, None, seed=0)
+    want = ort.InferenceSession(str(mlp_path)).run(None, feeds)[0]
+    import onnx_ir as ir
+
+    got = ort.InferenceSession(ir.to_proto(artifact.model).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert abs(float(np.abs(want - got).max()) - change["max_abs"]) < 1e-6

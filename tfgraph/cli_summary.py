@@ -80,6 +80,10 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
         console.print(f"[green]verified[/green] on {', '.join(ver['session']['providers'])} ({shapes}): {outputs}; "
                       f"passes where |error| <= {ver['atol']:g} + {ver['rtol']:g}·|expected| everywhere "
                       "(max rel is over all elements, near-zero ones included)")
+        vs_input = ver.get("vs_input")
+        if vs_input:  # passes changed the outputs on purpose: the end-to-end change, against the input model
+            console.print("against the input model: " + ", ".join(f"{k}: max abs {v['max_abs']:.2e}" for k, v in vs_input.items())
+                          + " (reduced precision or pruning changes the outputs on purpose; see precision/passes)")
         unavailable = ver.get("providers_unavailable") or {}
         if unavailable and not ver.get("ran_on_instead"):  # said once, at the top
             console.print("[bold yellow]not verified on " + "; ".join(f"{k} ({v})" for k, v in unavailable.items())
