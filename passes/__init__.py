@@ -24,6 +24,7 @@ from tfgraph.passes import (  # noqa: E402
     decompose,
     eval_mode,
     float16,
+    gptq,
     identity,
     inline_functions,
     lift_constants,

@@ -40,13 +40,21 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarr
     scale[scale == 0] = 1.0
     zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
     q = np.clip(np.round(cols / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+    q, zero = pack_blocks(q, zero, bits)
+    return q, scale.astype(np.float32).reshape(-1), zero
+
+
+def pack_blocks(q: np.ndarray, zero: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer levels (N, blocks, block_size) and zero points (N, blocks) in MatMulNBits' layout: for
+    bits=4 two values per byte, low nibble first (zero points padded to whole bytes per column)."""
+    n, blocks = q.shape[0], q.shape[1]
+    q, zero = q.astype(np.uint8), zero.astype(np.uint8).reshape(n, blocks)
     if bits == 4:
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        flat = zero.reshape(n, blocks)
         if blocks % 2:
-            flat = np.concatenate([flat, np.zeros((n, 1), np.uint8)], axis=1)
-        zero = (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
-    return q, scale.astype(np.float32).reshape(-1), zero.reshape(-1)
+            zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
+        zero = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    return q, zero.reshape(-1)
 
 
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int, bits: int, block_size: int) -> np.ndarray:

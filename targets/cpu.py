@@ -144,6 +144,69 @@ CPU_INT8 = Target(
     attention=CPU_ATTENTION + "; the packed Q/K/V projection moved out into one DynamicQuantizeMatMul",
 )
 
+# --- int4 weight-only ----------------------------------------------------------------------------
+# Decoders at small batch read every weight once per token: 4-bit weights (com.microsoft.MatMulNBits,
+# blocks of 32 along K with their own scale and zero point, dequantized inside the GEMM; accuracy
+# level 4 computes with int8-quantized activations) cut the bytes read ~6x. Attention lowers to
+# MultiHeadAttention (not the packed Attention, whose Q/K/V weight MatMulNBits cannot hold), so the
+# projections stay MatMuls to quantize. Embedding tables int8 per row (cpu-int8's recipe).
+INT4_EMBEDDINGS = Quantization(
+    mode="dynamic",
+    activation_type="uint8",
+    weight_type="int8",
+    activation_symmetric=False,
+    weight_symmetric=True,
+    per_channel=True,
+    placement={"Gather": (0,)},
+    weight_axes={"Gather": {0: 0}},
+    reason="embedding tables int8 per row; MatMul weights 4-bit block-wise (MatMulNBits)",
+)
+INT4_BLOCK = 32
+INT4_ACCURACY_LEVEL = 4
+
+
+def _int4(weights: PassSpec) -> tuple:
+    return CLEANUP + FUSION + (
+        PassSpec("lower-attention", {"to": "com.microsoft.MultiHeadAttention", "window_to": "auto",
+                                     "window_kernel": "com.microsoft.MultiHeadAttention",
+                                     "blocked_min_sequence": WINDOW_CROSSOVER}),
+        PassSpec("remove-dead"),
+        weights,
+        PassSpec("quantize", INT4_EMBEDDINGS.to_options()),
+        PassSpec("dedup-initializers"),
+        PassSpec("remove-dead"),
+    )
+
+
+_INT4_OPTIONS = {"bits": 4, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL, "min_elements": 1024}
+
+CPU_INT4 = Target(
+    name="cpu-int4",
+    description="onnxruntime CPU EP, int4 weight-only: MatMul weights 4-bit in blocks of 32 (MatMulNBits, "
+    "round-to-nearest), int8 embeddings, float activations",
+    providers=(Provider("CPUExecutionProvider"),),
+    precision="int4",
+    passes=_int4(PassSpec("quantize-weights-nbits", _INT4_OPTIONS)),
+    # Checks after quantization are against the quantized graph (run unoptimized); the change against
+    # fp32 is the precision report's business.
+    tolerance=Tolerance(atol=0.05, rtol=0.05),
+    session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    quantization=INT4_EMBEDDINGS,
+    attention="MultiHeadAttention (projections stay MatMuls, 4-bit)",
+)
+
+CPU_INT4_GPTQ = Target(
+    name="cpu-int4-gptq",
+    description="cpu-int4 with the 4-bit levels chosen by GPTQ on the calibration set (--calibration)",
+    providers=(Provider("CPUExecutionProvider"),),
+    precision="int4",
+    passes=_int4(PassSpec("gptq", {k: v for k, v in _INT4_OPTIONS.items()})),
+    tolerance=Tolerance(atol=0.05, rtol=0.05),
+    session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    quantization=INT4_EMBEDDINGS,
+    attention="MultiHeadAttention (projections stay MatMuls, 4-bit)",
+)
+
 # The static Q/DQ schemes of other runtimes live with their targets: targets/cuda.py (TensorRT),
 # targets/openvino.py, targets/npu.py.
-TARGETS = (CPU_FP32, CPU_INT8)
+TARGETS = (CPU_FP32, CPU_INT8, CPU_INT4, CPU_INT4_GPTQ)

@@ -22,11 +22,25 @@ def checkpoint(kind: str) -> pathlib.Path:
     if key not in _CACHE:
         from tfgraph.models.hf_configs import make_hf_checkpoint
 
-        folder = make_hf_checkpoint(kind, _ROOT / "hf" / kind)
+        folder = _llama64(_ROOT / "hf" / kind) if kind == "llama64" else make_hf_checkpoint(kind, _ROOT / "hf" / kind)
         if kind == "gpt2":
             _tokenizer(folder, vocab_size=128)
         _CACHE[key] = folder
     return _CACHE[key]
+
+
+def _llama64(folder: pathlib.Path) -> pathlib.Path:
+    """A Llama with weights worth quantizing: hidden 64, FFN 256, vocab 512, 4 query / 2 KV heads, 2 layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
 
 
 def _tokenizer(folder: pathlib.Path, vocab_size: int) -> None:

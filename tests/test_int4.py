@@ -1,0 +1,150 @@
+"""int4 weight-only quantization (issue 18): the cpu-int4 / cpu-int4-gptq profiles on a decoder, and GPTQ
+against round-to-nearest on the real MiniLM weights with activations from real sentences."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from _decoders import artifact
+from tfgraph.generate import load_generator
+from tfgraph.passes.gptq import GPTQ, dequantize, gptq_quantize, reconstruction_error, rtn_error
+from tfgraph.passes.weight_only_quant import dequantize_blocks
+
+CALIBRATION = [
+    "The weather forecast promises sunshine for the weekend.", "Engineers tested the new engine on a cold morning.",
+    "My neighbour grows pumpkins in his back garden.", "The orchestra rehearsed the symphony twice.",
+    "Students queued outside the exam hall in silence.", "A small boat drifted slowly towards the harbour.",
+    "The museum opened a new exhibition about ancient Egypt.", "He forgot his umbrella on the crowded bus.",
+    "Fresh bread was cooling on the kitchen table.", "The committee postponed its decision until March.",
+    "Wild horses galloped across the open plain.", "The software update fixed a serious security flaw.",
+    "Children built a snowman in the school yard.", "The chef seasoned the soup with fresh basil.",
+    "Scientists observed a comet through the telescope.", "The library extended its opening hours in winter.",
+    "A gentle breeze carried the scent of pine trees.", "The striker scored twice in the second half.",
+    "Our flight was cancelled because of the storm.", "The old bridge was repaired after the flood.",
+]
+HELD_OUT = [
+    "The cat sat quietly on the warm windowsill.", "Compilers rewrite programs into faster equivalent programs.",
+    "A heavy rain fell over the harbour all night.", "She ordered a coffee and opened her laptop.",
+    "The train to Edinburgh was delayed by forty minutes.", "Farmers harvested the wheat before the rain came.",
+    "The doctor recommended more sleep and less coffee.", "An old map was found inside the wall.",
+    "The team celebrated their victory late into the night.", "Prices at the market rose sharply this year.",
+]
+LAYERS = ("encoder.layer.0.", "encoder.layer.5.")  # the first and last block: 12 linear layers
+
+
+@pytest.fixture(scope="module")
+def minilm_layers():
+    """(name, W (K, N), X calibration, X held out) for the linear layers of MiniLM's first and last block."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tfgraph.models import minilm_path
+
+    path = str(minilm_path())
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(LAYERS)}
+    seen: dict[str, list] = {}
+    for name, module in linears.items():
+        module.register_forward_hook(lambda m, i, o, name=name: seen[name].append(i[0].reshape(-1, i[0].shape[-1])))
+
+    def activations(sentences):
+        for name in linears:
+            seen[name] = []
+        with torch.no_grad():
+            for sentence in sentences:  # one at a time: no padding tokens in the statistics
+                model(**tokenizer([sentence], return_tensors="pt"))
+        return {name: torch.cat(seen[name]).double().numpy() for name in linears}
+
+    calibration, held_out = activations(CALIBRATION), activations(HELD_OUT)
+    return [(name, m.weight.detach().double().numpy().T, calibration[name], held_out[name])
+            for name, m in linears.items()]
+
+
+def _hessian(x: np.ndarray) -> np.ndarray:
+    return 2 * x.T @ x / len(x)
+
+
+def test_gptq_reconstruction_error_below_round_to_nearest_on_minilm(minilm_layers):
+    """4 bits, blocks of 32 for both; the error is the layer output's, tr(ΔWᵀHΔW)/tr(WᵀHW)."""
+    ratios_calibration, ratios_held_out = {}, {}
+    for name, w, x_cal, x_held in minilm_layers:
+        h_cal, h_held = _hessian(x_cal), _hessian(x_held)
+        levels, scale, zero = gptq_quantize(w, h_cal, bits=4, block_size=32)
+        approx = dequantize(levels, scale, zero, w.shape[0])
+        ratios_calibration[name] = reconstruction_error(w, approx, h_cal) / rtn_error(w, h_cal, 4, 32)
+        ratios_held_out[name] = reconstruction_error(w, approx, h_held) / rtn_error(w, h_held, 4, 32)
+    print("GPTQ / RTN error, calibration:", {k: round(v, 3) for k, v in ratios_calibration.items()})
+    print("GPTQ / RTN error, held out:", {k: round(v, 3) for k, v in ratios_held_out.items()})
+    assert len(ratios_calibration) == 12
+    assert all(r < 1 for r in ratios_calibration.values()), ratios_calibration  # every layer, on its data
+    assert np.mean(list(ratios_calibration.values())) < 0.3
+    # On sentences GPTQ never saw, most layers still gain and the mean error is clearly lower.
+    assert sum(r < 1 for r in ratios_held_out.values()) >= 10, ratios_held_out
+    assert np.mean(list(ratios_held_out.values())) < 0.8
+
+
+def test_gptq_act_order_keeps_the_block_layout(minilm_layers):
+    name, w, x_cal, _ = minilm_layers[0]
+    h = _hessian(x_cal)
+    levels, scale, zero = gptq_quantize(w, h, bits=4, block_size=32, act_order=True)
+    assert levels.shape == (w.shape[1], w.shape[0] // 32, 32) and scale.shape == (w.shape[1], w.shape[0] // 32)
+    assert reconstruction_error(w, dequantize(levels, scale, zero, w.shape[0]), h) < rtn_error(w, h, 4, 32)
+
+
+class _Calibration:
+    def __init__(self, batches):
+        self.batches = batches
+
+
+def test_gptq_pass_writes_matmulnbits_that_onnxruntime_runs(tmp_path):
+    """K = 80 (not a multiple of the block): the padded last block, packing and scales as MatMulNBits reads them."""
+    import onnx_ir as ir
+
+    from tfgraph.verify import run
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((80, 48)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 80])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 48])],
+                              [numpy_helper.from_array(w, "W")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    model = ir.serde.deserialize_model(proto)
+    batches = [{"x": rng.standard_normal((16, 80)).astype(np.float32) * np.linspace(0.1, 3, 80, dtype=np.float32)}
+               for _ in range(3)]
+    gptq = GPTQ(bits=4, block_size=32, calibration=_Calibration(batches))
+    assert gptq(model).modified
+    (node,) = list(model.graph)
+    assert node.op_type == "MatMulNBits" and node.attributes.get_int("K") == 80
+    b, scales, zeros = (v.const_value.numpy() for v in node.inputs[1:])
+    approx = dequantize_blocks(b, scales, zeros, 80, 4, 32)
+    x = rng.standard_normal((5, 80)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"x": x})["y"], x @ approx, atol=1e-4, rtol=1e-4)
+    assert gptq.report["layers_better_than_rtn"] == 1 and gptq.report["quantized"] == 1
+
+
+@pytest.mark.parametrize("target", ["cpu-int4", "cpu-int4-gptq"])
+def test_int4_decoder_artifact(target):
+    """A Llama (hidden 64, FFN 256, vocab 512) compiled for int4 with its KV cache: ≤ 0.3x the fp32
+    weight bytes, every projection and the LM head in MatMulNBits, still generating."""
+    path = artifact("llama64", "torchscript", target, from_onnx=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    weights = manifest["weights"]
+    assert weights["bytes_after"] <= 0.3 * weights["bytes_before"], weights
+    ops = [n.op_type for n in onnx.load(str(path / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 15 and "MatMul" not in ops  # 7 per layer + the LM head
+    assert all(step["passed"] for step in manifest["generation"]["verification"]["steps"])
+    accuracy = manifest["precision"]["accuracy_vs_fp32"]["logits"]
+    assert accuracy["cosine"] > 0.99, accuracy
+    if target == "cpu-int4-gptq":
+        report = next(p for p in manifest["precision"]["passes"] if p["pass"] == "gptq")
+        assert report["quantized"] == 15 and report["layers_better_than_rtn"] == 15
+        assert report["mean_reconstruction_error"] < report["mean_reconstruction_error_rtn"]
+    tokens = load_generator(path).generate(np.array([[1, 5, 9, 13]]), 12)
+    assert tokens.shape == (1, 16) and tokens.max() < 512
