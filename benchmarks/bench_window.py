@@ -101,16 +101,19 @@ def blocked_form_at(revision: str):
 def build(variant: str) -> bytes:
     options = VARIANTS[variant]
     if isinstance(options, tuple):  # ("at", revision): tfgraph cpu-fp32 with the blocked form of a git revision
-        from tfgraph.passes import attention_lowering
+        from tfgraph.passes import attention_lowering, attention_lowering_windows
 
-        current = attention_lowering.blocked
-        attention_lowering.blocked = blocked_form_at(options[1])
+        modules = (attention_lowering, attention_lowering_windows)  # both lower through the blocked form
+        current = [m.blocked for m in modules]
+        for m in modules:
+            m.blocked = blocked_form_at(options[1])
         try:
             VARIANTS[variant] = VARIANTS["tfgraph cpu-fp32"]
             return build(variant)
         finally:
             VARIANTS[variant] = options
-            attention_lowering.blocked = current
+            for m, original in zip(modules, current):
+                m.blocked = original
     if options == "gqa-causal":
         model = neutral_model("causal")
         LowerAttentionPass(causal_to="com.microsoft.GroupQueryAttention")(model)
