@@ -128,11 +128,30 @@ def _probe_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]], bool]:
         plans.append(({s: (1 if "batch" in s.lower() else window + 2) for s in symbols}, False))
     probes = []
     for sizes, flip in plans:
+        sizes = _with_total(model, sizes, symbols, default)
         feeds = current().need("generate_inputs", "classify-attention-masks")(model, sizes, seed=1)
         if flip:
             feeds = {k: (v[..., ::-1].copy() if "mask" in k.lower() and v.ndim >= 2 else v) for k, v in feeds.items()}
         probes.append(feeds)
     return probes, unprobed
+
+
+def _with_total(model: ir.Model, sizes: dict, symbols: set[str], default: dict[str, np.ndarray]) -> dict:
+    """A KV-cached decoder's mask spans past and current tokens: when the inputs have one ``past``,
+    one ``total`` and one other sequence dimension, size ``total`` as ``past + sequence`` (sizes left
+    open take the default probe's); otherwise the probe could not run."""
+    past = [d for d in symbols if "past" in d.lower()]
+    total = [d for d in symbols if "total" in d.lower()]
+    rest = [d for d in symbols if d not in past + total and "batch" not in d.lower()]
+    if len(past) != 1 or len(total) != 1 or len(rest) != 1:
+        return sizes
+    known = dict(sizes)
+    for value in model.graph.inputs:
+        if value.shape is not None and value.name in default:
+            for dim, size in zip(value.shape, default[value.name].shape):
+                if getattr(dim, "value", None) and not isinstance(dim, int):
+                    known.setdefault(dim.value, int(size))
+    return {**sizes, total[0]: known[past[0]] + known[rest[0]]}
 
 
 def _band(s: int, t: int, left: int | None, right: int) -> np.ndarray:

@@ -38,6 +38,9 @@ def test_cached_decoder_compiles_and_verifies_prompt_and_decode(kind, exporter, 
     assert all(s["passed"] and s["next_tokens_equal"] for s in steps)
     assert manifest["verification"]["passed"]
     assert manifest["attention"]["unfused"] == 0 and manifest["attention"]["fused"] == 2
+    # The masks are probed with the mask spanning past + current tokens: causal with the key padding.
+    classify = next(r for r in manifest["passes"] if r["name"] == "classify-attention-masks")
+    assert classify["rules"] == {"causal+padding(attention_mask)": {"matches": 2}}
     assert generation["context_length"] == (None if from_onnx else 64)
     if not from_onnx:
         assert "generation_config.json" in manifest["files"]
