@@ -178,7 +178,7 @@ def _providers(manifest: dict, *, fallback: str | None = None, artifact: str = "
     ``fallback="cpu"`` (tfgraph/availability.py)."""
     from tfgraph import runtime
     from tfgraph.availability import session_providers
-    from tfgraph.targets.profile import Provider
+    from tfgraph.providers import Provider
 
     wanted = [Provider(p["name"], p.get("options", {}), p.get("plugin"), extra=p.get("extra"), install=p.get("install"))
               for p in manifest.get("providers") or [{"name": runtime.CPU}]]

@@ -70,7 +70,7 @@ def ran_instead(profile, *, verified: bool) -> str | None:
 
 def session_providers(providers: Sequence, *, fallback: str | None = None, artifact: str = "this artifact") -> list:
     """The providers an artifact's session should use here (see the module docstring)."""
-    from tfgraph.targets.profile import Provider
+    from tfgraph.providers import Provider
 
     if fallback not in FALLBACKS:
         raise BadInputError(f"fallback={fallback!r}: use None (refuse to run elsewhere) or 'cpu'")

@@ -39,9 +39,7 @@ class _StageSpec:
 
 def _specs_from(source) -> tuple[list[_StageSpec], list[str], list[str], dict]:
     """Stage specs, graph input names, output names and session options from an artifact or a Pipeline."""
-    from tfgraph.stages import Pipeline
-
-    if isinstance(source, Pipeline):
+    if not isinstance(source, (str, os.PathLike)) and hasattr(source, "stages"):  # an in-memory tfgraph.stages.Pipeline
         stages = [(s.model.SerializeToString(), s.input_names, s.output_names) for s in source.stages]
         inputs = [v["name"] for v in source.inputs]
         outputs = [v["name"] for v in source.outputs]
@@ -83,14 +81,10 @@ def _specs_from(source) -> tuple[list[_StageSpec], list[str], list[str], dict]:
 
 
 def _session(source: bytes | str, options: Mapping[str, Any], threads: int | None):
-    import onnxruntime as ort
+    from tfgraph.providers import Provider
+    from tfgraph.runtime import CPU, session
 
-    from tfgraph.verify import session_options
-
-    so = session_options(options)
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return session(source, [Provider(CPU)], options={**options, **({"intra_op_num_threads": threads} if threads else {})})
 
 
 def _run_stage(session, spec: _StageSpec, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -38,6 +38,7 @@ from tfgraph.input_checks import (check_deterministic, check_input_shapes, check
 from tfgraph.instruments import CheckerInstrument, NumericDiffInstrument, count_nodes
 from tfgraph.options import CompileOptions
 from tfgraph.pass_context import standard_context
+from tfgraph.placement import placement
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
 from tfgraph.precision_phase import finish_precision, prepare_precision
@@ -263,7 +264,7 @@ def assess(c: Compilation) -> None:
     if c.precision_report is not None:
         c.warnings.extend(c.precision_report.pop("warnings"))
     c.progress("placement")
-    place = runtime.placement(c.model, profile)
+    place = placement(c.model, profile)
     if not o.verify:
         place.unverified = _load_check(c.model, profile)
     if place.unexpected:
@@ -288,6 +289,7 @@ def package(c: Compilation) -> Artifact:
     """The manifest and the artifact (written when an output was given)."""
     scratch = pathlib.Path(c.stack.enter_context(tempfile.TemporaryDirectory(prefix="tfgraph-files-")))
     files, tokenizer_section, notes = deployment_files(tokenizer_dir(c.source), c.model, scratch)
+    files.update(c.generation.files() if c.generation is not None else {})  # genai_config.json
     profile, model, before = c.profile, c.model, c.before
     manifest: dict[str, Any] = {
         "schema_version": MANIFEST_SCHEMA_VERSION,

@@ -110,9 +110,28 @@ def usable(providers: Sequence) -> tuple[list, dict[str, str]]:
     return ok, missing
 
 
-def _session_options(options: Mapping[str, Any] | None, config: Mapping[str, str] | None = None):
-    from tfgraph.verify import session_options
+def session_options(options: Mapping[str, Any] | None = None):
+    """onnxruntime SessionOptions from a profile's mapping (enums given by name)."""
+    import onnxruntime as ort
 
+    so = ort.SessionOptions()
+    # Fatal only: an error reaches the user through the exception (tfgraph's one-line message),
+    # not as onnxruntime's own coloured log lines on stderr.
+    so.log_severity_level = LOG_SEVERITY
+    for key, value in (options or {}).items():
+        if key == "graph_optimization_level" and isinstance(value, str):
+            value = getattr(ort.GraphOptimizationLevel, value)
+        elif key == "execution_mode" and isinstance(value, str):
+            value = getattr(ort.ExecutionMode, value)
+        if key == "config_entries":
+            for k, v in value.items():
+                so.add_session_config_entry(k, str(v))
+            continue
+        setattr(so, key, value)
+    return so
+
+
+def _session_options(options: Mapping[str, Any] | None, config: Mapping[str, str] | None = None):
     so = session_options(options)
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
@@ -123,7 +142,7 @@ def session(model: ir.Model | str | bytes, providers: Sequence, *, options: Mapp
             config: Mapping[str, str] | None = None):
     """An onnxruntime session on ``providers`` (Provider objects; unusable ones must be filtered by
     the caller with :func:`usable`). Plugin EPs go through their devices; CPU stays the fallback."""
-    from tfgraph.verify import SerializedModel
+    from tfgraph.ir import SerializedModel
 
     ort = _ort()
     providers = list(providers) or [_cpu()]
@@ -147,7 +166,7 @@ def session(model: ir.Model | str | bytes, providers: Sequence, *, options: Mapp
 
 
 def _cpu():
-    from tfgraph.targets.profile import Provider
+    from tfgraph.providers import Provider
 
     return Provider(CPU)
 
@@ -195,55 +214,12 @@ def op_name(node: Mapping[str, str]) -> str:
     return node["op_type"] if domain in ("", "ai.onnx") else f"{domain}.{node['op_type']}"
 
 
-def placement(model: ir.Model, profile) -> Placement:
-    """The placement report of ``model`` under ``profile``: from a real session when the profile's
-    accelerator EPs run here, else from the profile's operator table."""
-    accelerators = [p for p in profile.providers if p.name != CPU]
-    names = [p.name for p in profile.providers]
-    allowed = list(profile.allowed_fallbacks)
-    if not accelerators:  # a CPU target: everything runs where it should, if it loads at all
-        return Placement("onnxruntime session", names, {CPU: _count_nodes(model)}, [], allowed)
-    ok, missing = usable(accelerators)
-    if not missing:
-        return _session_placement(model, profile, names, allowed)
-    standalone = standalone_runtime(profile)
-    if standalone is not None:
-        report = standalone.placement(model, profile)
-        report.note = "; ".join(x for x in (report.note, *(f"{k}: {v}" for k, v in missing.items())) if x)
-        return report
-    from tfgraph.targets.op_table import load_table, runtime_table
-
-    table = load_table(profile.op_table) if profile.op_table else runtime_table(accelerators[0].name)
-    unsupported = table.coverage(model)
-    total = _count_nodes(model)
-    fallback = [{"name": u.node_name, "op_type": u.op_type, "domain": u.domain, "reason": u.reason} for u in unsupported]
-    return Placement(
-        f"op table {table.name} ({table.version})", names,
-        {accelerators[0].name: total - len(fallback), **({CPU: len(fallback)} if fallback else {})},
-        fallback, allowed, note="; ".join(f"{k}: {v}" for k, v in missing.items()),
-    )
-
-
 def standalone_runtime(profile):
     """The profile's standalone runtime module when its EP cannot run here but that runtime can; else None."""
     if profile.standalone_runtime is None or not usable(p for p in profile.providers if p.name != CPU)[1]:
         return None
     module = importlib.import_module(profile.standalone_runtime)
     return module if module.unavailable_reason() is None else None
-
-
-def _session_placement(model: ir.Model, profile, names: list[str], allowed: list[str]) -> Placement:
-    sess = session(model, profile.providers, options=profile.session_options,
-                   config={"session.record_ep_graph_assignment_info": "1"})
-    nodes: collections.Counter = collections.Counter()
-    fallback = []
-    for subgraph in sess.get_provider_graph_assignment_info():
-        for node in subgraph.get_nodes():
-            nodes[subgraph.ep_name] += 1
-            if subgraph.ep_name == CPU:
-                fallback.append({"name": node.name, "op_type": node.op_type, "domain": node.domain})
-    return Placement("onnxruntime session", names, dict(nodes), fallback, allowed,
-                     note="nodes as onnxruntime runs them, after its own graph optimizations")
 
 
 def _count_nodes(model: ir.Model) -> int:

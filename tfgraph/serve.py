@@ -57,7 +57,7 @@ from tfgraph.serve_limits import (  # noqa: F401  (RequestError, InputSpec, vali
 def signature(path: pathlib.Path) -> tuple[list[InputSpec], list[str], dict]:
     from tfgraph import ir as tir
     from tfgraph.artifact import MODEL_FILE, read_manifest
-    from tfgraph.verify import _gather_index_bound, input_signature
+    from tfgraph.signature import _gather_index_bound, input_signature
 
     manifest = read_manifest(path)
     model = tir.load(path / MODEL_FILE).model

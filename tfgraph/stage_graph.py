@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from tfgraph.errors import BadInputError
+from tfgraph.signature import _describe, _dtype_name  # noqa: F401 - used here and by stage boundaries
 
 CHEAP_OPS = frozenset({
     "Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Constant",
@@ -115,16 +116,14 @@ def _node_flops(node: ir.Node, shape, dims_out) -> float:
 
 def _profile_costs(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int = 10) -> dict[str, float]:
     """Kernel time (s) per node name from an onnxruntime profile (graph optimizations off, so names match)."""
-    import onnxruntime as ort
-
-    from tfgraph.verify import SerializedModel, session_options
+    from tfgraph.providers import Provider
+    from tfgraph.runtime import CPU
+    from tfgraph.runtime import session as make_session
 
     with tempfile.TemporaryDirectory(prefix="tfgraph-profile-") as tmp:
-        so = session_options({"graph_optimization_level": "ORT_DISABLE_ALL"})
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "profile")
-        with SerializedModel(model) as serialized:
-            session = ort.InferenceSession(serialized.source, so, providers=["CPUExecutionProvider"])
+        options = {"graph_optimization_level": "ORT_DISABLE_ALL", "enable_profiling": True,
+                   "profile_file_prefix": os.path.join(tmp, "profile")}
+        session = make_session(model, [Provider(CPU)], options=options)
         for _ in range(runs + 1):
             session.run(None, dict(feeds))
         path = session.end_profiling()
@@ -135,22 +134,6 @@ def _profile_costs(model: ir.Model, feeds: Mapping[str, np.ndarray], runs: int =
             totals.setdefault(event["name"][: -len("_kernel_time")], []).append(event["dur"] * 1e-6)
     # Drop the first (warm-up) run: take the median over the runs.
     return {name: float(np.median(ts[1:] if len(ts) > 1 else ts)) for name, ts in totals.items()}
-
-
-def _dtype_name(v: ir.Value, arr: np.ndarray | None) -> str:
-    if v.dtype is not None:
-        return v.dtype.name.lower()
-    return str(arr.dtype) if arr is not None else "unknown"
-
-
-def _describe(v: ir.Value, a: np.ndarray | None) -> dict:
-    if v.shape is not None:
-        dims = [d if isinstance(d, int) else (d.value or None) for d in v.shape]
-    elif a is not None:
-        dims = [None] * a.ndim
-    else:
-        dims = None
-    return {"name": v.name, "dtype": _dtype_name(v, a), "shape": dims}
 
 
 def _value_info(v: ir.Value, a: np.ndarray | None, known: Mapping[str, onnx.ValueInfoProto]) -> onnx.ValueInfoProto:

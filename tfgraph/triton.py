@@ -136,7 +136,7 @@ def export_triton(artifact: str | os.PathLike, output: str | os.PathLike, *, nam
         from tfgraph import ir as tir
 
         model = tir.load(src / MODEL_FILE).model
-        from tfgraph.stages import _describe
+        from tfgraph.signature import _describe
 
         stages = [{"file": MODEL_FILE, "inputs": [_describe(v, None) for v in model.graph.inputs],
                    "outputs": [_describe(v, None) for v in model.graph.outputs]}]

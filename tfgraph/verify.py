@@ -12,8 +12,9 @@ import numpy as np
 import onnx_ir as ir
 
 from tfgraph.errors import BadInputError
-from tfgraph.ir import SerializedModel
-from tfgraph.runtime import LOG_SEVERITY, quiet_runtimes
+from tfgraph.ir import SerializedModel  # noqa: F401 - re-exported
+from tfgraph.runtime import LOG_SEVERITY, quiet_runtimes, session_options  # noqa: F401 - re-exported
+from tfgraph.signature import InputInfo, _gather_index_bound, input_signature  # noqa: F401 - re-exported
 
 quiet_runtimes()  # before anything here imports onnxruntime
 
@@ -52,42 +53,6 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...] | int
                 raise BadInputError(f"--shape {name.strip()} is given twice; give each input or dimension once")
             shapes[name.strip()] = values if "x" in dims.lower() else values[0]
     return shapes
-
-
-def _gather_index_bound(value: ir.Value) -> int | None:
-    """When ``value`` indexes a constant table (Gather), the table's size along the gathered axis."""
-    bound = None
-    for node, index in value.uses():
-        if node.op_type == "Gather" and node.domain == "" and index == 1:
-            data = node.inputs[0]
-            if data is not None and data.const_value is not None:
-                axis = node.attributes.get_int("axis", 0)
-                size = data.const_value.shape[axis]
-                if isinstance(size, int):
-                    bound = size if bound is None else min(bound, size)
-        elif node.op_type in ("Cast", "Unsqueeze", "Reshape", "Identity") and index == 0:
-            for out in node.outputs:
-                inner = _gather_index_bound(out)
-                if inner is not None:
-                    bound = inner if bound is None else min(bound, inner)
-    return bound
-
-
-@dataclasses.dataclass(frozen=True)
-class InputInfo:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
-
-
-def input_signature(model: ir.Model) -> list[InputInfo]:
-    infos = []
-    for value in model.graph.inputs:
-        if value.dtype is None or value.shape is None:
-            raise BadInputError(f"graph input '{value.name}' has no type or shape; cannot generate inputs for it")
-        dims = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
-        infos.append(InputInfo(value.name, value.dtype.numpy(), dims))
-    return infos
 
 
 def resolve_shapes(
@@ -288,35 +253,12 @@ def check_feeds(feeds: Mapping[str, Any], model: ir.Model) -> dict[str, np.ndarr
     return out
 
 
-def session_options(options: Mapping[str, Any] | None = None):
-    """onnxruntime SessionOptions from a profile's mapping (enums given by name)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    # Fatal only: an error reaches the user through the exception (tfgraph's one-line message),
-    # not as onnxruntime's own coloured log lines on stderr.
-    so.log_severity_level = LOG_SEVERITY
-    for key, value in (options or {}).items():
-        if key == "graph_optimization_level" and isinstance(value, str):
-            value = getattr(ort.GraphOptimizationLevel, value)
-        elif key == "execution_mode" and isinstance(value, str):
-            value = getattr(ort.ExecutionMode, value)
-        if key == "config_entries":
-            for k, v in value.items():
-                so.add_session_config_entry(k, str(v))
-            continue
-        setattr(so, key, value)
-    return so
-
-
 def make_session(model: ir.Model | str | bytes, *, providers: Sequence[Any] = ("CPUExecutionProvider",), options: Mapping[str, Any] | None = None):
-    import onnxruntime as ort
+    """A session through the one session factory (:func:`tfgraph.runtime.session`); ``providers`` by name."""
+    from tfgraph.providers import Provider
+    from tfgraph.runtime import session
 
-    so = session_options(options)
-    if isinstance(model, ir.Model):
-        with SerializedModel(model) as serialized:
-            return ort.InferenceSession(serialized.source, so, providers=list(providers))
-    return ort.InferenceSession(model, so, providers=list(providers))
+    return session(model, [p if isinstance(p, Provider) else Provider(p) for p in providers], options=options)
 
 
 UNOPTIMIZED = {"graph_optimization_level": "ORT_DISABLE_ALL"}
