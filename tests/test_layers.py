@@ -18,7 +18,7 @@ COMPILE = {"tfgraph.compiler", "tfgraph.phases", "tfgraph.options", "tfgraph.sou
            "tfgraph.input_checks", "tfgraph.hf_files", "tfgraph.pass_context", "tfgraph.passmanager",
            "tfgraph.instruments", "tfgraph.verify", "tfgraph.calibration", "tfgraph.precision", "tfgraph.prune",
            "tfgraph.decoder", "tfgraph.export", "tfgraph.stages", "tfgraph.stage_graph", "tfgraph.stage_io",
-           "tfgraph.selftest", "tfgraph.placement", "tfgraph.cli", "tfgraph.cli_common", "tfgraph.cli_info", "tfgraph.cli_summary",
+           "tfgraph.selftest", "tfgraph.placement", "tfgraph.genai_config", "tfgraph.cli", "tfgraph.cli_common", "tfgraph.cli_info", "tfgraph.cli_summary",
            "tfgraph.pipeline_cli", "tfgraph.generate_cli", "tfgraph.targets", "tfgraph.passes"}
 # What no pass may import (issue 16): targets, calibration, pruning front, verifier, driver, CLI, stages, run-time.
 PASS_FORBIDDEN = {"tfgraph.targets", "tfgraph.calibration", "tfgraph.prune", "tfgraph.verify", "tfgraph.compiler",
