@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from tfgraph.errors import BadInputError
 from tfgraph.passes.registry import register_pass
@@ -153,7 +153,7 @@ class SpecializeShapesPass(ir.passes.InPlacePass):
     def _infer(self, model: ir.Model) -> None:
         """Fresh shapes from the static inputs: the symbolic annotations of earlier inference would
         otherwise win over the concrete ones (ONNX inference merges into what is there)."""
-        from tfgraph.passes.shape_inference import _symbolic
+        from tfgraph.passes.shape_inference import ShapeInferencePass, _symbolic
         from tfgraph.ir import PROTOBUF_LIMIT, model_bytes
 
         graph = model.graph

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from tfgraph.errors import VerificationError, first_line
-from tfgraph.ir import PROTOBUF_LIMIT, model_bytes, parameter_count, to_proto
+from tfgraph.ir import PROTOBUF_LIMIT, graphs, model_bytes, parameter_count, to_proto
 from tfgraph.verify import UNOPTIMIZED, compare, padded_positions, run
 
 
@@ -55,7 +55,7 @@ class PassRecord:
 
 
 def count_nodes(model: ir.Model) -> int:
-    return sum(1 for graph in model.graphs() for _ in graph)
+    return sum(len(graph) for graph in graphs(model))
 
 
 class Instrument:
@@ -75,56 +75,83 @@ class Instrument:
 
 
 class TimingInstrument(Instrument):
-    """Wall time of each pass (``time_s``) and node/parameter counts around it."""
+    """Wall time of each pass (``time_s``) and node/parameter counts around it.
+
+    The counts after a pass are the counts before the next one when the model is the same
+    object (instruments do not change the model), so each is computed once per pass.
+    """
+
+    def __init__(self):
+        self._after: tuple[ir.Model, int, int] | None = None
+
+    def before_pipeline(self, model):
+        self._after = None
 
     def before_pass(self, pass_, record, model):
-        record.nodes_before = count_nodes(model)
-        record.params_before = parameter_count(model)
+        if self._after is not None and self._after[0] is model:
+            record.nodes_before, record.params_before = self._after[1], self._after[2]
+        else:
+            record.nodes_before = count_nodes(model)
+            record.params_before = parameter_count(model)
         self._start = time.perf_counter()
 
     def after_pass(self, pass_, record, model):
         record.time_s = time.perf_counter() - self._start
         record.nodes_after = count_nodes(model)
         record.params_after = parameter_count(model)
+        self._after = (model, record.nodes_after, record.params_after)
+
+    def after_pipeline(self, model):
+        self._after = None
 
 
 def _attr_key(name: str, attr: ir.Attr) -> str:
     if attr.type == ir.AttributeType.TENSOR:
         return f"{name}=T{attr.value.dtype}{attr.value.shape}"
     if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS, ir.AttributeType.TENSORS):
-        return name  # subgraphs are walked by model.graphs(); tensor lists by count only
+        return name  # subgraphs are walked by graphs(); tensor lists by count only
     return f"{name}={attr.value!r}"
 
 
 def fingerprint(model: ir.Model) -> str:
-    """A structural hash: nodes (op, domain, attributes, wiring), graph IO and initializer names/shapes."""
-    h = hashlib.sha256()
+    """A structural hash: nodes (op, domain, attributes, wiring), graph IO and initializer names/shapes.
+
+    Compared only within one run (before and after a pass): the text hashed may change between
+    versions. One string per item, hashed once, so a 100,000-node graph takes about a second.
+    """
     ids: dict[int, int] = {}
 
     def vid(v: ir.Value | None) -> str:
         if v is None:
             return "-"
-        return str(ids.setdefault(id(v), len(ids)))
+        key = id(v)
+        number = ids.get(key)
+        if number is None:
+            number = ids[key] = len(ids)
+        return str(number)
 
-    for graph in model.graphs():
-        h.update(b"G")
+    parts: list[str] = []
+    add = parts.append
+    for graph in graphs(model):
+        add("G")
         for v in graph.inputs:
-            h.update(f"i{vid(v)}:{v.name}".encode())
-        for name, v in sorted(graph.initializers.items()):  # order carries no meaning
+            add(f"i{vid(v)}:{v.name}")
+        for name in sorted(graph.initializers):  # order carries no meaning
+            v = graph.initializers[name]
             t = v.const_value
-            h.update(f"w{vid(v)}:{name}:{getattr(t, 'shape', None)}:{getattr(t, 'dtype', None)}".encode())
+            add(f"w{vid(v)}:{name}:" + ("None:None" if t is None else f"{tuple(t.shape)}:{t.dtype}"))
         for node in graph:
-            attrs = ";".join(_attr_key(k, a) for k, a in node.attributes.items())
+            attrs = ";".join([_attr_key(k, a) for k, a in node.attributes.items()]) if node.attributes else ""
             inputs = list(node.inputs)
             while inputs and inputs[-1] is None:  # trailing omitted optional inputs mean nothing
                 inputs.pop()
-            h.update(
-                f"n{node.domain}:{node.op_type}:{','.join(vid(i) for i in inputs)}->"
-                f"{','.join(vid(o) for o in node.outputs)}[{attrs}]".encode()
+            add(
+                f"n{node.domain}:{node.op_type}:{','.join([vid(i) for i in inputs])}->"
+                f"{','.join([vid(o) for o in node.outputs])}[{attrs}]"
             )
         for v in graph.outputs:
-            h.update(f"o{vid(v)}:{v.name}".encode())
-    return h.hexdigest()
+            add(f"o{vid(v)}:{v.name}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class CheckerInstrument(Instrument):
@@ -138,16 +165,29 @@ class CheckerInstrument(Instrument):
     def __init__(self, *, shape_inference: bool = True, check_modified_flag: bool = True):
         self.shape_inference = shape_inference
         self.check_modified_flag = check_modified_flag
+        self._after: tuple[ir.Model, str] | None = None
+
+    def before_pipeline(self, model):
+        self._after = None
 
     def before_pass(self, pass_, record, model):
         if self.check_modified_flag:
-            self._before = fingerprint(model)
+            # The fingerprint after the previous pass is the one before this pass when the model is
+            # the same object: instruments do not change the model (one fingerprint per pass, not two).
+            if self._after is not None and self._after[0] is model:
+                self._before = self._after[1]
+            else:
+                self._before = fingerprint(model)
+            self._after = None
 
     def after_pass(self, pass_, record, model):
-        if self.check_modified_flag and not record.modified and fingerprint(model) != self._before:
-            raise VerificationError(
-                f"pass '{record.name}' reported modified=False but changed the graph", pass_name=record.name
-            )
+        if self.check_modified_flag:
+            after = fingerprint(model)
+            if not record.modified and after != self._before:
+                raise VerificationError(
+                    f"pass '{record.name}' reported modified=False but changed the graph", pass_name=record.name
+                )
+            self._after = (model, after)
         if not record.modified:
             return
         if model_bytes(model) >= PROTOBUF_LIMIT // 2:

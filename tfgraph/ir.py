@@ -10,6 +10,7 @@ data file on both sides.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pathlib
 import tempfile
@@ -27,57 +28,138 @@ DEFAULT_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 EXTERNAL_DATA_SUFFIX = ".data"
 
 
-def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_tensor_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_tensor_protos(g)
+def _tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor of the model (initializers, tensor attributes, in subgraphs and function
+    bodies) with a label for messages: its name, or the node and attribute that hold it."""
+
+    def walk(graph: onnx.GraphProto, where: str) -> Iterator[tuple[str, onnx.TensorProto]]:
+        for tensor in graph.initializer:
+            yield tensor.name or f"an unnamed initializer of {where}", tensor
+        for node in graph.node:
+            node_label = f"node '{node.name or node.op_type}'"
+            for attr in node.attribute:
+                label = f"{node_label} attribute '{attr.name}'"
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t.name or label, attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    for t in attr.tensors:
+                        yield t.name or label, t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g, f"{label}")
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g, f"{label}")
+
+    yield from walk(proto.graph, "the main graph")
+    for function in proto.functions:
+        # Function bodies hold tensors only in Constant nodes; wrap them in a graph to walk them alike.
+        yield from walk(onnx.helper.make_graph(function.node, function.name, [], []), f"function '{function.name}'")
 
 
-def _external_locations(proto: onnx.ModelProto) -> set[str]:
-    locations = set()
-    # Function bodies hold tensors only in Constant nodes; wrap them in a graph to walk them alike.
-    graphs = [proto.graph] + [onnx.helper.make_graph(f.node, f.name, [], []) for f in proto.functions]
-    for graph in graphs:
-        for tensor in _iter_tensor_protos(graph):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        locations.add(entry.value)
-    return locations
+def _external_entries(tensor: onnx.TensorProto, label: str, model_path: pathlib.Path) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        entries[entry.key] = entry.value
+    if "location" not in entries:
+        raise BadInputError(f"{model_path}: tensor '{label}' is marked as external data but names no location")
+    return entries
+
+
+def _needed_bytes(tensor: onnx.TensorProto, label: str, model_path: pathlib.Path) -> int:
+    """The bytes a tensor's dims and data type need in raw (external) form."""
+    try:
+        dtype = ir.DataType(tensor.data_type)
+        bits = dtype.bitwidth
+    except (ValueError, TypeError, AttributeError):
+        raise BadInputError(
+            f"{model_path}: external tensor '{label}' has data type {tensor.data_type}, which has no fixed size "
+            "in raw form"
+        ) from None
+    if dtype in (ir.DataType.UNDEFINED, ir.DataType.STRING) or not bits:
+        raise BadInputError(
+            f"{model_path}: external tensor '{label}' has data type {dtype.name}, which external data cannot hold"
+        )
+    if any(d < 0 for d in tensor.dims):
+        raise BadInputError(f"{model_path}: external tensor '{label}' has a negative dimension {list(tensor.dims)}")
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return (count * bits + 7) // 8
+
+
+def _int_entry(entries: dict[str, str], key: str, where: str) -> int | None:
+    if key not in entries:
+        return None
+    try:
+        value = int(entries[key])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise BadInputError(f"{where} has {key} '{entries[key]}'; expected a byte count >= 0")
+    return value
+
+
+def _check_location(location: str, base: pathlib.Path, model_path: pathlib.Path) -> pathlib.Path:
+    pure = pathlib.PurePath(location)
+    if pure.is_absolute() or pathlib.PureWindowsPath(location).is_absolute() or ".." in pure.parts:
+        raise BadInputError(
+            f"{model_path}: external data location '{location}' escapes the model's folder; "
+            "only relative paths inside the folder are accepted"
+        )
+    target = (base / location).resolve()
+    if base != target and base not in target.parents:
+        raise BadInputError(
+            f"{model_path}: external data location '{location}' resolves outside the model's folder ({target})"
+        )
+    if not target.is_file():
+        raise BadInputError(f"{model_path}: external data file '{location}' is missing (looked for {target})")
+    return target
 
 
 def check_external_data(proto: onnx.ModelProto, base_dir: pathlib.Path, model_path: pathlib.Path) -> list[pathlib.Path]:
-    """Refuse external-data locations that escape ``base_dir`` or do not exist.
+    """Refuse external data that escapes ``base_dir``, is missing, or does not fit its tensor.
+
+    For every external tensor: ``offset`` and ``length`` (when given) are byte counts,
+    ``length`` is exactly what the tensor's dims and data type need, and ``offset`` plus
+    those bytes lie inside the file. onnx_ir reads ``offset`` + the needed bytes and
+    ignores ``length``; checked here, nothing is read outside the declared extent.
 
     Returns the external data files the model uses.
     """
     base = base_dir.resolve()
-    files = []
-    for location in sorted(_external_locations(proto)):
-        pure = pathlib.PurePath(location)
-        if pure.is_absolute() or pathlib.PureWindowsPath(location).is_absolute() or ".." in pure.parts:
+    files: dict[str, pathlib.Path] = {}
+    sizes: dict[pathlib.Path, int] = {}
+    for label, tensor in _tensor_protos(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = _external_entries(tensor, label, model_path)
+        location = entries["location"]
+        if location not in files:
+            files[location] = _check_location(location, base, model_path)
+        target = files[location]
+        if target not in sizes:
+            sizes[target] = target.stat().st_size
+        size = sizes[target]
+        needed = _needed_bytes(tensor, label, model_path)
+        where = f"{model_path}: external tensor '{label}' in '{location}' ({size} bytes)"
+        offset = _int_entry(entries, "offset", where) or 0
+        length = _int_entry(entries, "length", where)
+        if length is not None and length != needed:
             raise BadInputError(
-                f"{model_path}: external data location '{location}' escapes the model's folder; "
-                "only relative paths inside the folder are accepted"
+                f"{where} declares length {length} bytes at offset {offset}, but its dims {list(tensor.dims)} "
+                f"and type {ir.DataType(tensor.data_type).name} need {needed} bytes"
             )
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
+        declared = f"declares length {length} bytes" if length is not None else "declares no length"
+        if offset > size:
             raise BadInputError(
-                f"{model_path}: external data location '{location}' resolves outside the model's folder ({target})"
+                f"{where} {declared} at offset {offset}, past the end of the file; it needs {needed} bytes"
             )
-        if not target.is_file():
-            raise BadInputError(f"{model_path}: external data file '{location}' is missing (looked for {target})")
-        files.append(target)
-    return files
+        if offset + needed > size:
+            raise BadInputError(
+                f"{where} {declared} at offset {offset} and needs {needed} bytes: "
+                f"bytes {offset}..{offset + needed} run past the end of the file"
+            )
+    return sorted(set(files.values()))
 
 
 def _check_versions(proto: onnx.ModelProto, model_path: pathlib.Path) -> None:
@@ -166,18 +248,51 @@ def load(path: os.PathLike | str) -> LoadedModel:
     return LoadedModel(model, model_path, external_files)
 
 
+_GRAPH = ir.AttributeType.GRAPH
+_GRAPHS = ir.AttributeType.GRAPHS
+_TENSOR = ir.AttributeType.TENSOR
+_TENSORS = ir.AttributeType.TENSORS
+
+
+def graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and every subgraph (what ``model.graphs()`` yields, breadth first).
+
+    A plain walk over the nodes' attributes: onnx_ir's recursive iterator costs several
+    microseconds a node, and the pass manager's instruments walk the model several times per
+    pass (node and parameter counts, fingerprints).
+    """
+    found = [model.graph]
+    for graph in found:  # grows while walked
+        for node in graph:
+            if node.attributes:
+                for attr in node.attributes.values():
+                    if attr.type == _GRAPH:
+                        found.append(attr.value)
+                    elif attr.type == _GRAPHS:
+                        found.extend(attr.value)
+    return found
+
+
 def iter_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
     """Every constant tensor of the model: initializers and tensor attributes, in all subgraphs."""
-    for graph in model.graphs():
+    found = [model.graph]
+    for graph in found:  # one walk: subgraphs are collected on the way
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
         for node in graph:
+            if not node.attributes:
+                continue
             for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.TENSOR:
+                kind = attr.type
+                if kind == _TENSOR:
                     yield attr.value
-                elif attr.type == ir.AttributeType.TENSORS:
+                elif kind == _TENSORS:
                     yield from attr.value
+                elif kind == _GRAPH:
+                    found.append(attr.value)
+                elif kind == _GRAPHS:
+                    found.extend(attr.value)
 
 
 def model_bytes(model: ir.Model) -> int:
@@ -186,7 +301,8 @@ def model_bytes(model: ir.Model) -> int:
 
 
 def parameter_count(model: ir.Model) -> int:
-    return sum(t.size for t in iter_tensors(model))
+    # math.prod over the dims: what Tensor.size computes, without building a numpy shape per tensor.
+    return sum(math.prod(t.shape) for t in iter_tensors(model))
 
 
 def save(model: ir.Model, path: os.PathLike | str, *, external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> list[str]:
