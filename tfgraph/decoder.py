@@ -78,7 +78,9 @@ def prepare(model: ir.Model, task: str | None, shapes: Mapping[str, Any] | None,
         raise BadInputError(f"--task text-generation: the model has no KV-cache inputs (inputs: {names}); export it "
                             "with past_key_values.N.key/.value inputs and present.N.key/.value outputs, or give a "
                             "Hugging Face folder")
-    return GenerationCheck(model, layout, dict(shapes or {}), context_length(model, source), seed=seed, verify=verify)
+    check = GenerationCheck(model, layout, dict(shapes or {}), context_length(model, source), seed=seed, verify=verify)
+    check.source = dict(source)
+    return check
 
 
 class GenerationCheck(Instrument):
@@ -92,6 +94,8 @@ class GenerationCheck(Instrument):
         self.steps: list[tuple[str, dict, dict]] = []  # (label, feeds, reference outputs)
         self.atol = self.rtol = 0.0
         self.final: list[dict] = []
+        self.source: dict = {}
+        self.genai_config: str | None = None
         if verify:
             self._reference(model, seed)
 
@@ -198,12 +202,31 @@ class GenerationCheck(Instrument):
             self.final = self._check(model, "the compiled model under the target's session",
                                      providers=[getattr(p, "name", p) for p in providers], options=options)
 
+    def files(self) -> dict[str, bytes]:
+        """Files for the artifact: ``genai_config.json`` (onnxruntime-genai) when compiled from a Hugging Face
+        folder with the Optimum cache names (see :mod:`tfgraph.genai_config`)."""
+        from tfgraph.genai_config import FILE, genai_config
+
+        if self.source.get("kind") != "huggingface":
+            return {}
+        folder = pathlib.Path(self.source["source"])
+        loaded = []
+        for name in ("config.json", "generation_config.json"):
+            try:
+                loaded.append(json.loads((folder / name).read_text()) if (folder / name).is_file() else {})
+            except (OSError, ValueError):
+                loaded.append({})
+        data = genai_config(self.layout, self.context, *loaded)
+        self.genai_config = FILE if data is not None else None
+        return {FILE: json.dumps(data, indent=2).encode()} if data is not None else {}
+
     def report(self, model: ir.Model) -> dict:
         layout = layout_of(model) or self.layout  # the compiled model's names (they do not change)
         return {
             "task": "text-generation",
             **layout.to_json(),
             "context_length": self.context,
+            "genai_config": self.genai_config,
             "verification": {"steps": self.final, "passed": all(s["passed"] for s in self.final) if self.final else None,
                              "skipped": not self.steps},
         }
