@@ -8,39 +8,43 @@ pipeline is plain data.
 """
 
 from tfgraph.passes.registry import PassSpec, available_passes, create_pass, get_pass_class, register_pass
+from tfgraph.passes.registry import register_lazy as _register_lazy
 
-# Importing the modules registers their passes.
-from tfgraph.passes import (  # noqa: E402
-    attention_fusion,
-    attention_lowering,
-    attention_masks,
-    attention_window_approximation,
-    basic_simplify,
-    constant_folding,
-    cse,
-    dead_code,
-    dedup_derived,
-    dedup_initializers,
-    decompose,
-    eval_mode,
-    float16,
-    gptq,
-    identity,
-    inline_functions,
-    lift_constants,
-    opset,
-    norm_fusion,
-    ort_operator_fusion,
-    pack_projections,
-    prune_magnitude,
-    prune_structured,
-    quantize,
-    reshape_simplify,
-    shape_inference,
-    shape_sources,
-    static_shapes,
-    shrink_pruned,
-    weight_only_quant,
-)  # noqa: E402,F401
+# Built-in passes by registered name → the module that registers them, imported on first use (so
+# ``import tfgraph`` does not import every pass). tests/test_layers.py checks this table against what
+# importing every module registers.
+BUILTIN_PASSES: dict[str, str] = {
+    "approximate-attention-window": "attention_window_approximation",
+    "classify-attention-masks": "attention_masks",
+    "convert-float16": "float16",
+    "cse": "cse",
+    "decompose-unsupported": "decompose",
+    "dedup-derived": "dedup_derived",
+    "dedup-initializers": "dedup_initializers",
+    "eliminate-identity": "identity",
+    "eval-mode": "eval_mode",
+    "fold-constants": "constant_folding",
+    "fuse-attention": "attention_fusion",
+    "fuse-normalization": "norm_fusion",
+    "fuse-ort-operators": "ort_operator_fusion",
+    "gptq": "gptq",
+    "infer-shapes": "shape_inference",
+    "inline-neutral-ops": "inline_functions",
+    "lift-constants": "lift_constants",
+    "lower-attention": "attention_lowering",
+    "pack-projections": "pack_projections",
+    "prune-magnitude": "prune_magnitude",
+    "prune-structured": "prune_structured",
+    "quantize": "quantize",
+    "quantize-weights-nbits": "weight_only_quant",
+    "remove-dead": "dead_code",
+    "shape-from-inputs": "shape_sources",
+    "shrink-pruned": "shrink_pruned",
+    "simplify-ops": "basic_simplify",
+    "simplify-reshapes": "reshape_simplify",
+    "specialize-shapes": "static_shapes",
+    "upgrade-opset": "opset",
+}
+_register_lazy(BUILTIN_PASSES)
 
 __all__ = ["PassSpec", "available_passes", "create_pass", "get_pass_class", "register_pass"]

@@ -16,6 +16,19 @@ import onnx_ir as ir
 from tfgraph.errors import BadInputError
 
 _PASSES: dict[str, type[ir.passes.PassBase]] = {}
+_LAZY: dict[str, str] = {}  # built-in pass name → module under tfgraph.passes, imported on first use
+
+
+def register_lazy(table: dict[str, str]) -> None:
+    """Built-in passes known by name before their modules are imported."""
+    _LAZY.update(table)
+
+
+def _load(name: str) -> None:
+    if name not in _PASSES and name in _LAZY:
+        import importlib
+
+        importlib.import_module(f"tfgraph.passes.{_LAZY[name]}")
 
 P = TypeVar("P", bound=type)
 
@@ -26,6 +39,8 @@ def register_pass(name: str, *, replace: bool = False) -> Callable[[P], P]:
     def decorate(cls: P) -> P:
         if not (isinstance(cls, type) and issubclass(cls, ir.passes.PassBase)):
             raise TypeError(f"{cls!r} must subclass onnx_ir.passes.PassBase (e.g. onnx_ir.passes.InPlacePass)")
+        if name in _LAZY and name not in _PASSES and cls.__module__ != f"tfgraph.passes.{_LAZY[name]}":
+            _load(name)  # a plugin reusing a built-in name: compare with the built-in
         if name in _PASSES and _PASSES[name] is not cls and not replace:
             raise ValueError(f"a pass named '{name}' is already registered ({_PASSES[name].__qualname__})")
         _PASSES[name] = cls
@@ -36,10 +51,13 @@ def register_pass(name: str, *, replace: bool = False) -> Callable[[P], P]:
 
 
 def available_passes() -> list[str]:
+    for name in list(_LAZY):
+        _load(name)
     return sorted(_PASSES)
 
 
 def get_pass_class(name: str) -> type[ir.passes.PassBase]:
+    _load(name)
     try:
         return _PASSES[name]
     except KeyError:

@@ -18,7 +18,7 @@ COMPILE = {"tfgraph.compiler", "tfgraph.phases", "tfgraph.options", "tfgraph.sou
            "tfgraph.input_checks", "tfgraph.hf_files", "tfgraph.pass_context", "tfgraph.passmanager",
            "tfgraph.instruments", "tfgraph.verify", "tfgraph.calibration", "tfgraph.precision", "tfgraph.prune",
            "tfgraph.decoder", "tfgraph.export", "tfgraph.stages", "tfgraph.stage_graph", "tfgraph.stage_io",
-           "tfgraph.selftest", "tfgraph.placement", "tfgraph.genai_config", "tfgraph.cli", "tfgraph.cli_common", "tfgraph.cli_info", "tfgraph.cli_summary",
+           "tfgraph.selftest", "tfgraph.placement", "tfgraph.rebaseline", "tfgraph.genai_config", "tfgraph.cli", "tfgraph.cli_common", "tfgraph.cli_info", "tfgraph.cli_summary",
            "tfgraph.pipeline_cli", "tfgraph.generate_cli", "tfgraph.targets", "tfgraph.passes"}
 # What no pass may import (issue 16): targets, calibration, pruning front, verifier, driver, CLI, stages, run-time.
 PASS_FORBIDDEN = {"tfgraph.targets", "tfgraph.calibration", "tfgraph.prune", "tfgraph.verify", "tfgraph.compiler",
@@ -89,3 +89,25 @@ def test_no_source_file_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for folder in ("tfgraph", "passes", "targets")
             for p in _sources(folder) if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_passes_register_lazily_and_the_table_is_complete():
+    """``import tfgraph`` imports no pass module; the name → module table matches what importing every
+    module under passes/ registers (a new pass must be added to it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, importlib, pkgutil, tfgraph\n"
+        "before = sorted(m for m in sys.modules if m.startswith('tfgraph.passes.') and m.split('.')[-1] not in "
+        "('registry', 'context', 'rules'))\n"
+        "import tfgraph.passes as p\n"
+        "from tfgraph.passes.registry import _PASSES\n"
+        "for info in pkgutil.iter_modules(p.__path__):\n"
+        "    importlib.import_module('tfgraph.passes.' + info.name)\n"
+        "table = {n: c.__module__.rsplit('.', 1)[1] for n, c in _PASSES.items()}\n"
+        "print(before)\nprint(table == p.BUILTIN_PASSES, sorted(set(table.items()) ^ set(p.BUILTIN_PASSES.items())))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]", out[0]
+    assert out[1].startswith("True"), out[1]

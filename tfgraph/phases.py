@@ -42,7 +42,7 @@ from tfgraph.placement import placement
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passmanager import PassManager
 from tfgraph.precision_phase import finish_precision, prepare_precision
-from tfgraph.prune import RebaselineInstrument
+from tfgraph.rebaseline import RebaselineInstrument
 from tfgraph.sources import APPROXIMATION_PASS, resolve_model, tokenizer_dir, versions, with_window_approximation
 from tfgraph.targets import Provider, Target
 from tfgraph.verify import (UNOPTIMIZED, check_feeds, compare, generate_inputs, load_inputs, padded_positions,
