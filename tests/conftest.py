@@ -13,6 +13,73 @@ from onnx import TensorProto, helper, numpy_helper
 from tfgraph.cli import main
 
 
+def _install_export_cache() -> None:
+    """Exports made once per test session: every ``tfgraph.export.export`` call (tests, and compiles of
+    built-in names or Hugging Face folders) with the same model, settings and torch/transformers
+    versions copies the first export instead of running the exporter again (7-16 s each with dynamo).
+    Set TFGRAPH_TEST_EXPORT_CACHE to a folder to keep the cache across sessions."""
+    import atexit
+    import hashlib
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from tfgraph import export as export_module
+
+    real = export_module.export
+    keep = os.environ.get("TFGRAPH_TEST_EXPORT_CACHE")
+    root = pathlib.Path(keep) if keep else pathlib.Path(tempfile.mkdtemp(prefix="tfgraph-test-exports-"))
+    root.mkdir(parents=True, exist_ok=True)
+    if not keep:
+        atexit.register(shutil.rmtree, root, True)
+
+    def versions() -> str:
+        import importlib.metadata as md
+
+        found = []
+        for name in ("torch", "transformers", "onnx", "onnxscript"):
+            try:
+                found.append(f"{name}={md.version(name)}")
+            except md.PackageNotFoundError:
+                found.append(f"{name}=none")
+        return ",".join(found)
+
+    def source_key(model) -> str | None:
+        path = pathlib.Path(model)
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(str(file.relative_to(path)).encode())
+                digest.update(hashlib.sha256(file.read_bytes()).digest())
+            return "dir:" + digest.hexdigest()
+        return None if path.exists() else f"builtin:{model}"
+
+    def cached_export(model, output, **kwargs):
+        key_source = source_key(model)
+        if key_source is None:
+            return real(model, output, **kwargs)
+        key = hashlib.sha256(json.dumps([key_source, sorted(kwargs.items()), versions()], default=str).encode()).hexdigest()[:24]
+        entry = root / key
+        cached = entry / "model.onnx"
+        if not cached.is_file():
+            tmp = pathlib.Path(tempfile.mkdtemp(dir=root))
+            result = real(model, tmp / "model.onnx", **kwargs)
+            if sorted(p.name for p in tmp.iterdir()) != ["model.onnx"]:  # external data: not cached
+                shutil.rmtree(tmp, ignore_errors=True)
+                return real(model, output, **kwargs)
+            del result
+            os.replace(tmp, entry) if not entry.exists() else shutil.rmtree(tmp, ignore_errors=True)
+        output = pathlib.Path(output)
+        shutil.copyfile(cached, output)
+        return output
+
+    export_module.export = cached_export
+
+
+_install_export_cache()
+
+
 def make_mlp(*, opset: int = 18, hidden: int = 16, seed: int = 0) -> onnx.ModelProto:
     """x[batch, seq, hidden] → Identity → MatMul(W1)+b1 → Relu → MatMul(W2) → y, with a dead branch,
     a duplicated MatMul and a Constant, so every cleanup pass has something to do."""
