@@ -159,7 +159,7 @@ class GPTQ(ir.passes.InPlacePass):
             if node.op_type != "MatMul" or node.domain != "" or node.name in self.exclude_nodes:
                 continue
             x, w = node.inputs
-            if (x is None or w is None or w.const_value is None or w.shape is None or len(w.shape) != 2
+            if (x is None or w is None or w.const_value is None or len(w.const_value.shape) != 2
                     or x.dtype not in _FLOATS or w.const_value.size < self.min_elements):
                 continue
             out.append(node)
@@ -225,7 +225,7 @@ class GPTQ(ir.passes.InPlacePass):
                       _initializer(graph, f"{stem}_zero_points", zero_points)]
             new = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name, attributes={
                 "K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level})
-            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype or x.dtype, node.outputs[0].shape
             graph.insert_before(node, new)
             node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
             name = node.outputs[0].name

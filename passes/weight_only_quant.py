@@ -109,7 +109,7 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
             ]
             new = ir.node("MatMulNBits", [x, *values], domain="com.microsoft", name=node.name, attributes={
                 "K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level})
-            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype or x.dtype, node.outputs[0].shape
             graph.insert_before(node, new)
             node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
             out_name = node.outputs[0].name
@@ -128,7 +128,7 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
     def _unfit(self, x: ir.Value | None, w: ir.Value | None) -> str | None:
         if x is None or w is None or w.const_value is None:
             return "weight not constant"
-        if w.shape is None or len(w.shape) != 2:
+        if len(w.const_value.shape) != 2:  # the tensor's own shape: a packed weight's value may carry none
             return "weight not 2-D"
         if x.dtype not in _FLOATS:
             return f"activation type {x.dtype}"

@@ -167,6 +167,7 @@ INT4_ACCURACY_LEVEL = 4
 
 def _int4(weights: PassSpec) -> tuple:
     return CLEANUP + FUSION + (
+        PassSpec("pack-projections"),  # Q/K/V and gate/up as one MatMul each: fewer, larger 4-bit GEMMs
         PassSpec("lower-attention", {"to": "com.microsoft.MultiHeadAttention", "window_to": "auto",
                                      "window_kernel": "com.microsoft.MultiHeadAttention",
                                      "blocked_min_sequence": WINDOW_CROSSOVER}),

@@ -32,9 +32,10 @@ from tfgraph.kv_layout import CacheLayout
 GENERATION_CONFIG = "generation_config.json"
 
 
-def load_generator(path: str | pathlib.Path) -> Generator:
-    """The :class:`Generator` of a decoder artifact; BadInputError (exit 2) for any other artifact."""
-    return Generator(path)
+def load_generator(path: str | pathlib.Path, *, threads: int | None = None) -> Generator:
+    """The :class:`Generator` of a decoder artifact; BadInputError (exit 2) for any other artifact.
+    ``threads``: onnxruntime's intra-op threads (default: its own choice, one per core)."""
+    return Generator(path, threads=threads)
 
 
 def _token_ids(value: Any) -> list[int]:
@@ -48,7 +49,7 @@ def _token_ids(value: Any) -> list[int]:
 class Generator:
     """Token generation with an artifact's KV-cached decoder (see the module)."""
 
-    def __init__(self, path: str | pathlib.Path):
+    def __init__(self, path: str | pathlib.Path, *, threads: int | None = None):
         from tfgraph.artifact import MODEL_FILE, load, read_manifest
 
         self.path = pathlib.Path(path)
@@ -69,7 +70,7 @@ class Generator:
                 self.config = json.loads((self.path / GENERATION_CONFIG).read_text())
             except ValueError as e:
                 raise BadInputError(f"{self.path}/{GENERATION_CONFIG}: not valid JSON ({e})") from None
-        self.session = load(self.path)
+        self.session = load(self.path) if threads is None else _session(self.path / MODEL_FILE, manifest, threads)
         self._outputs = [o.name for o in self.session.get_outputs()]
         provider = self.session.get_providers()[0]
         self._device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
@@ -201,6 +202,23 @@ class Generator:
         if not new:
             return ids.astype(np.int64)
         return np.concatenate([ids.astype(np.int64), np.stack(new, axis=1)], axis=1)
+
+
+def _session(model: pathlib.Path, manifest: dict, threads: int):
+    """The artifact's session with ``threads`` intra-op threads (its providers that exist here, its
+    optimization level)."""
+    import onnxruntime as ort
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise BadInputError(f"threads must be a positive integer, got {threads!r}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    level = (manifest.get("session_options") or {}).get("graph_optimization_level", "ORT_ENABLE_ALL")
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, str(level), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.intra_op_num_threads = threads
+    available = set(ort.get_available_providers())
+    providers = [p["name"] for p in manifest.get("providers") or [] if p.get("name") in available]
+    return ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:

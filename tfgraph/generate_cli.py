@@ -21,6 +21,7 @@ def add_command(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default 0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within the smallest set of probability >= P (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (the same seed gives the same tokens)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: one per core)")
     p.add_argument("--json", action="store_true",
                    help="JSON lines: one {\"token\", \"text\"} object per token as it comes, then a summary object")
     p.set_defaults(func=cmd_generate)
@@ -43,7 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tfgraph.generate import load_generator
     from tfgraph.text import load_tokenizer
 
-    generator = load_generator(args.artifact)
+    generator = load_generator(args.artifact, threads=args.threads)
     encoder = load_tokenizer(args.artifact, ["input_ids", "attention_mask"]) if args.prompt is not None else None
     if args.prompt is not None:
         if encoder is None:

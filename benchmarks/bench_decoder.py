@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Decoders on onnxruntime CPU: tfgraph (cpu-fp32, cpu-int4) against onnxruntime-genai's model builder
+(fp32, int4) on the same random-init Llama checkpoint, interleaved in one run.
+
+Checkpoints (``LlamaForCausalLM``, random init, seed 0, vocabulary 32000, RoPE, RMSNorm, SwiGLU):
+
+* ``small``: hidden 512, 4 layers, 8 query / 2 KV heads, FFN 1408 (~46 M parameters);
+* ``156m``: hidden 1024, 8 layers, 16 query / 4 KV heads, FFN 2816 (~155 M parameters), the issue's.
+
+Each gets a tiny trained BPE tokenizer (the builder copies one). tfgraph artifacts come from
+``tfgraph.compile(HF_DIR, target, task="text-generation")`` (dynamo export, verified); the builder's from
+``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu``. Every
+measurement runs in a fresh subprocess (so its peak RSS is its own), variants in rotating order per
+round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, through the
+``genai_config.json`` they carry, through ``onnxruntime_genai`` too; the builder's through
+``onnxruntime_genai`` (its own runtime, C++ loop). ``--threads`` intra-op threads for every run. Measured, greedy, eos ignored: prompt (prefill) ms at
+32 and 512 tokens (batch 1), decode ms/token at batch 1 and 4 (32-token prompts, ``--new-tokens``
+tokens; tfgraph: the steps after the prompt; genai: ``generate_next_token`` calls after
+``append_tokens``), peak RSS of the process. Medians over ``--rounds``.
+
+Usage::
+
+    python benchmarks/bench_decoder.py --sizes small --rounds 3
+    python benchmarks/bench_decoder.py --sizes small,156m --rounds 5
+
+Writes ``benchmarks/results/decoder_cpu.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "decoder_cpu.md"
+SIZES = {
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1408),
+    "156m": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                 intermediate_size=2816),
+}
+VARIANTS = (("tfgraph", "cpu-fp32"), ("tfgraph", "cpu-int4"), ("builder", "fp32"), ("builder", "int4"))
+# (model, runtime): tfgraph's artifacts run in tfgraph's generator and, through their genai_config.json, in
+# onnxruntime-genai too (the same loop as the builder's: separates the graph from the loop).
+RUNS = (("tfgraph", "cpu-fp32", "tfgraph"), ("tfgraph", "cpu-fp32", "genai"), ("builder", "fp32", "genai"),
+        ("tfgraph", "cpu-int4", "tfgraph"), ("tfgraph", "cpu-int4", "genai"), ("builder", "int4", "genai"))
+TEXT = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "we read a book at night"]
+
+
+def checkpoint(size: str, work: pathlib.Path) -> pathlib.Path:
+    folder = work / f"llama-{size}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **SIZES[size])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def build(size: str, work: pathlib.Path, exporter: str, threads: int) -> dict[tuple[str, str], pathlib.Path]:
+    """The four models of ``size`` (built once; reused when present), onnxruntime-genai set to ``threads``."""
+    source = checkpoint(size, work)
+    out: dict[tuple[str, str], pathlib.Path] = {}
+    for kind, variant in VARIANTS:
+        path = work / f"{size}-{kind}-{variant}"
+        out[(kind, variant)] = path
+        if path.is_dir() and any(path.iterdir()):
+            continue
+        start = time.perf_counter()
+        if kind == "tfgraph":
+            import tfgraph
+
+            tfgraph.compile(source, variant, output=path, task="text-generation", exporter=exporter, force=True)
+        else:
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(path),
+                            "-p", variant, "-e", "cpu", "-c", str(work / "builder-cache")], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"built {size} {kind} {variant} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    for path in out.values():
+        config_file = path / "genai_config.json"
+        config = json.loads(config_file.read_text())
+        config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        config_file.write_text(json.dumps(config, indent=2))
+    return out
+
+
+# --- worker: one variant, one process ------------------------------------------------------------------
+def _tfgraph_runner(path: str, threads: int):
+    import tfgraph
+
+    generator = tfgraph.load_generator(path, threads=threads)
+
+    def prefill(ids: np.ndarray) -> float:
+        generator.generate(ids, 1)
+        return generator.stats["prefill_ms"]
+
+    def decode(ids: np.ndarray, new: int) -> float:
+        generator.generate(ids, new)
+        return generator.stats["decode_ms_per_token"]
+
+    return prefill, decode
+
+
+def _genai_runner(path: str, threads: int):  # threads: set in genai_config.json by build()
+    import onnxruntime_genai as og
+
+    model = og.Model(path)
+
+    def start(ids: np.ndarray, new: int):
+        params = og.GeneratorParams(model)
+        length = ids.shape[1] + new
+        params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=ids.shape[0])
+        return og.Generator(model, params)
+
+    def prefill(ids: np.ndarray) -> float:
+        generator = start(ids, 1)
+        begin = time.perf_counter()
+        generator.append_tokens(ids.astype(np.int32))
+        return (time.perf_counter() - begin) * 1e3
+
+    def decode(ids: np.ndarray, new: int) -> float:
+        generator = start(ids, new)
+        generator.append_tokens(ids.astype(np.int32))
+        begin, steps = time.perf_counter(), 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps += 1
+        return (time.perf_counter() - begin) * 1e3 / max(steps, 1)
+
+    return prefill, decode
+
+
+def _peak_rss_mb() -> float:
+    """This process's high-water RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child inherits)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(runtime: str, path: str, new_tokens: int, vocab: int, threads: int) -> dict:
+    prefill, decode = (_tfgraph_runner if runtime == "tfgraph" else _genai_runner)(path, threads)
+    rng = np.random.default_rng(0)
+    prompt = lambda batch, length: rng.integers(3, vocab, size=(batch, length)).astype(np.int64)  # noqa: E731
+    decode(prompt(1, 8), 4)  # warm-up
+    result = {f"prefill_ms_s{n}": prefill(prompt(1, n)) for n in (32, 512)}
+    for batch in (1, 4):
+        result[f"decode_ms_b{batch}"] = decode(prompt(batch, 32), new_tokens)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def measure(models: dict, rounds: int, new_tokens: int, threads: int) -> dict:
+    samples: dict[str, list[dict]] = {f"{k}:{v}:{r}": [] for k, v, r in RUNS}
+    order = list(RUNS)
+    for r in range(rounds):
+        for kind, variant, runtime in order[r % len(order):] + order[: r % len(order)]:
+            command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
+                       "--new-tokens", str(new_tokens), "--threads", str(threads)]
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            key = f"{kind}:{variant}:{runtime}"
+            samples[key].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{rounds} {key}: {samples[key][-1]}", file=sys.stderr, flush=True)
+    keys = next(iter(samples.values()))[0].keys()
+    return {name: {k: float(np.median([s[k] for s in runs])) for k in keys} for name, runs in samples.items()}
+
+
+def _bytes(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data"))
+
+
+def report(results: dict, models: dict, args) -> str:
+    lines = [f"# Decoders on onnxruntime CPU: tfgraph vs onnxruntime-genai's builder ({datetime.date.today()})", "",
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} intra-op thread(s) "
+             f"everywhere; runtime: tfgraph.load_generator or onnxruntime-genai; {args.rounds} interleaved rounds, "
+             f"medians; {args.new_tokens} new tokens per decode run, greedy, eos ignored.", ""]
+    for size, table in results.items():
+        lines += [f"## {size}", "", "| model | runtime | prefill 32 (ms) | prefill 512 (ms) | decode b1 (ms/token) | "
+                  "decode b4 (ms/token) | peak RSS (MB) | model bytes (MB) |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in table.items():
+            kind, variant, runtime = name.split(":")
+            size_mb = _bytes(models[size][(kind, variant)]) / 2**20
+            lines.append(f"| {kind} {variant} | {runtime} | {r['prefill_ms_s32']:.1f} | {r['prefill_ms_s512']:.1f} | "
+                         f"{r['decode_ms_b1']:.2f} | {r['decode_ms_b4']:.2f} | {r['peak_rss_mb']:.0f} | {size_mb:.1f} |")
+        for precision in ("fp32", "int4"):
+            ours, theirs = table[f"tfgraph:cpu-{precision}:tfgraph"], table[f"builder:{precision}:genai"]
+            ratios = ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("prefill_ms_s32", "prefill_ms_s512",
+                                                                         "decode_ms_b1", "decode_ms_b4"))
+            lines.append(f"\n{precision}: tfgraph / builder: {ratios}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="small", help="comma-separated: small, 156m (default small)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (default 64)")
+    parser.add_argument("--exporter", default="dynamo", help="tfgraph's exporter (default dynamo)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every run")
+    parser.add_argument("--workdir", default=str(REPO / "build" / "bench_decoder"), help="checkpoints and models")
+    parser.add_argument("--output", default=str(DEFAULT_OUT), help="markdown report (JSON beside it)")
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.new_tokens, 32000, args.threads)))
+        return 0
+    work = pathlib.Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    models, results = {}, {}
+    for size in args.sizes.split(","):
+        models[size] = build(size, work, args.exporter, args.threads)
+        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads)
+    text = report(results, models, args)
+    out = pathlib.Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
+                                                    "results": results}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
