@@ -189,3 +189,20 @@ def onnx_export(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# The fast lane is `pytest -m "not slow"`: hand-built graphs and the built-in tiny models. These modules
+# export real or Hugging Face models across exporters, build a wheel, or start Ray / servers, and run in
+# the full suite (the README's test command and CI).
+SLOW_MODULES = frozenset({
+    "test_gpu_lowering.py", "test_compile_models.py", "test_fusion_models.py", "test_precision_minilm.py",
+    "test_wheel.py", "test_hf_attention.py", "test_int4.py", "test_windowed_attention.py", "test_decoder_compile.py",
+    "test_generate.py", "test_serve_hostile.py", "test_block_sparse.py",
+})
+SLOW_TESTS = frozenset({"test_ray_executor_two_nodes_on_loopback", "test_a_window_blind_lowering_fails"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
