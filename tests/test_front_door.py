@@ -411,3 +411,10 @@ def test_manifest_matches_its_schema(cli, mlp_path, tmp_path, validate_every_man
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, schema)
     assert out / "manifest.json" in validate_every_manifest  # the session-wide check saw this artifact too
+
+
+def test_inspect_prints_input_shapes(cli, mlp_path):
+    """Symbolic shapes in brackets are data, not rich markup."""
+    result = cli("inspect", mlp_path, "--no-flops")
+    assert result.code == 0, result.err
+    assert "x FLOAT[batch, sequence, 16]" in result.out

@@ -38,7 +38,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console = _stdout_console()
     console.print(f"[bold]{args.model}[/bold]  ir_version {report['ir_version']}, opsets {report['opsets']}, producer {report['producer'] or '?'}")
     for kind in ("inputs", "outputs"):
-        console.print(f"{kind}: " + ", ".join(f"{v['name']} {v['dtype']}[{', '.join(v['shape'])}]" for v in report[kind]))
+        # markup=False: rich would read "[batch, sequence]" as a style tag and drop it.
+        console.print(f"{kind}: " + ", ".join(f"{v['name']} {v['dtype']}[{', '.join(v['shape'])}]" for v in report[kind]),
+                      markup=False)
     console.print(f"nodes {_fmt_int(report['nodes'])}, parameters {_fmt_int(report['parameters'])} ({_fmt_bytes(report['bytes'])})")
     if "flops" in report:
         shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in report["flops"]["shapes"].items())
