@@ -49,12 +49,21 @@ def upgrade_opset(model: ir.Model, version: int, why: str = "16-bit Q/DQ") -> bo
     current = model.opset_imports.get("", None)
     if current is None or current >= version:
         return False
+    # onnx's converter drops node metadata (tfgraph's attention-form marks): carried across by node name.
+    saved = {}
+    for i, node in enumerate(model.graph.all_nodes()):
+        if node.metadata_props:
+            node.name = node.name or f"tfgraph_node_{i}"
+            saved[node.name] = dict(node.metadata_props)
     try:
         proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
     except Exception as e:  # noqa: BLE001 - reported with what was asked
         raise ValueError(f"cannot convert the model from opset {current} to {version} for {why}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     converted = ir.serde.deserialize_model(proto)
+    for node in converted.graph.all_nodes():
+        if node.name in saved:
+            node.metadata_props.update(saved[node.name])
     model.graph = converted.graph
     model.functions.clear()
     model.functions.update(converted.functions)

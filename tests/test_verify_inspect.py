@@ -114,6 +114,7 @@ def test_inspect_cli_json(cli, mlp_path):
 @pytest.mark.parametrize("model, target, form", [
     ("local-small", "cpu-fp32", None),            # windows: blocked form inside If branches
     ("bert-small", "tensorrt-fp16", "tfgraph::StandardAttention"),  # neutral op inlined to standard ops
+    ("bert-small", "npu-a8w8", "tfgraph::StandardAttention"),  # ... then converted to opset 21 (the mark survives)
 ])
 def test_fused_attention_counted_by_mark_not_by_name(onnx_export, model, target, form):
     """A pass that renames every node does not make fused blocks look unfused (--strict still passes)."""
@@ -126,7 +127,9 @@ def test_fused_attention_counted_by_mark_not_by_name(onnx_export, model, target,
                 node.name = f"n{i}"
             return tfgraph.PassResult(m, True)
 
-    artifact = tfgraph.compile(onnx_export(model, "torchscript"), target, extra_passes=["test-rename-all"], strict=True)
+    shapes = {"input_ids": (1, 16), "attention_mask": (1, 16)} if target.startswith("npu") else None
+    artifact = tfgraph.compile(onnx_export(model, "torchscript"), target, extra_passes=["test-rename-all"], strict=True,
+                               shapes=shapes)
     attention = artifact.manifest["attention"]
     assert (attention["found"], attention["fused"], attention["unfused"]) == (2, 2, 0)
     if form:
