@@ -418,3 +418,9 @@ def test_inspect_prints_input_shapes(cli, mlp_path):
     result = cli("inspect", mlp_path, "--no-flops")
     assert result.code == 0, result.err
     assert "x FLOAT[batch, sequence, 16]" in result.out
+
+
+def test_no_against_input_line_when_nothing_changed_the_outputs(cli, mlp_path, tmp_path):
+    result = cli("compile", mlp_path, "-o", tmp_path / "out")
+    assert result.code == 0 and "against the input model" not in result.out
+    assert "vs_input" not in json.loads((tmp_path / "out" / "manifest.json").read_text())["verification"]
