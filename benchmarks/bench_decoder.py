@@ -228,15 +228,15 @@ def main() -> int:
     work = pathlib.Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     models, results = {}, {}
-    for size in args.sizes.split(","):
-        models[size] = build(size, work, args.exporter, args.threads)
-        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads)
-    text = report(results, models, args)
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                                    "results": results}, indent=2) + "\n")
+    for size in args.sizes.split(","):  # the report is rewritten after each size
+        models[size] = build(size, work, args.exporter, args.threads)
+        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads)
+        text = report(results, models, args)
+        out.write_text(text + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
+                                                        "results": results}, indent=2) + "\n")
     print(text)
     return 0
 

@@ -189,8 +189,10 @@ CPU_INT4 = Target(
     precision="int4",
     passes=_int4(PassSpec("quantize-weights-nbits", _INT4_OPTIONS)),
     # Checks after quantization are against the quantized graph (run unoptimized); the change against
-    # fp32 is the precision report's business.
-    tolerance=Tolerance(atol=0.05, rtol=0.05),
+    # fp32 is the precision report's business. Accuracy level 4 quantizes activations at run time, so a
+    # fusion that changes float rounding flips levels (cpu-int8's reason): 0.07 on the logits of a 155 M
+    # parameter Llama under ORT_ENABLE_ALL.
+    tolerance=Tolerance(atol=0.25, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=INT4_EMBEDDINGS,
     attention="MultiHeadAttention (projections stay MatMuls, 4-bit)",
@@ -202,7 +204,7 @@ CPU_INT4_GPTQ = Target(
     providers=(Provider("CPUExecutionProvider"),),
     precision="int4",
     passes=_int4(PassSpec("gptq", {k: v for k, v in _INT4_OPTIONS.items()})),
-    tolerance=Tolerance(atol=0.05, rtol=0.05),
+    tolerance=Tolerance(atol=0.25, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=INT4_EMBEDDINGS,
     attention="MultiHeadAttention (projections stay MatMuls, 4-bit)",

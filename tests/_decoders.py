@@ -52,7 +52,10 @@ def _tokenizer(folder: pathlib.Path, vocab_size: int) -> None:
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<unk>"])
     tokenizer.train_from_iterator(SENTENCES, trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>",
+                            unk_token="<unk>").save_pretrained(folder)  # tokenizer.json + tokenizer_config.json
 
 
 def onnx_file(kind: str, exporter: str) -> pathlib.Path:

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _decoders import artifact
+from _decoders import SENTENCES, artifact, checkpoint
 from tfgraph.generate import load_generator
 from tfgraph.passes.gptq import GPTQ, dequantize, gptq_quantize, reconstruction_error, rtn_error
 from tfgraph.passes.weight_only_quant import dequantize_blocks
@@ -149,3 +149,15 @@ def test_int4_decoder_artifact(target):
         assert report["mean_reconstruction_error"] < report["mean_reconstruction_error_rtn"]
     tokens = load_generator(path).generate(np.array([[1, 5, 9, 13]]), 12)
     assert tokens.shape == (1, 16) and tokens.max() < 512
+
+
+def test_gptq_calibrates_a_decoder_on_sentences(tmp_path):
+    """--calibration sentences.txt for a KV-cached decoder: the sentences are prompts (the cache empty)."""
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(SENTENCES))
+    path = artifact("gpt2", "torchscript", "cpu-int4-gptq", from_onnx=True, calibration=str(text),
+                    tokenizer=str(checkpoint("gpt2")))
+    precision = json.loads((path / "manifest.json").read_text())["precision"]
+    assert precision["calibration"]["source"] == str(text)
+    report = next(p for p in precision["passes"] if p["pass"] == "gptq")
+    assert report["quantized"] > 0 and report["layers_better_than_rtn"] == report["quantized"]

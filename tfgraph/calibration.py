@@ -255,6 +255,18 @@ def tokenize(sentences: Sequence[str], tokenizer_dir: str | os.PathLike, input_n
     return {k: np.asarray(v).astype(np.int64) for k, v in tokens.items() if k in names}
 
 
+def _empty_cache(feeds: dict[str, np.ndarray], model: ir.Model) -> dict[str, np.ndarray]:
+    """Sentences for a KV-cached decoder (``--task text-generation``) are prompts: its past key/value
+    inputs (batch, kv_heads, past, head_size) get past length 0."""
+    batch = next(iter(feeds.values())).shape[0] if feeds else 0
+    for value in model.graph.inputs:
+        shape = value.shape
+        if (value.name not in feeds and value.name.startswith("past") and shape is not None and len(shape) == 4
+                and isinstance(shape[1], int) and isinstance(shape[3], int) and value.dtype is not None):
+            feeds[value.name] = np.zeros((batch, shape[1], 0, shape[3]), value.dtype.numpy())
+    return feeds
+
+
 def load_calibration(
     source: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationSet | None,
     model: ir.Model,
@@ -296,7 +308,8 @@ def load_calibration(
                                   "tokenizer.json, e.g. the model's Hugging Face folder; tokenizer=... in the API)")
         sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         names = [v.name for v in model.graph.inputs]
-        batches = [tokenize(sentences[i : i + batch_size], tokenizer, names) for i in range(0, len(sentences), batch_size)]
+        batches = [_empty_cache(tokenize(sentences[i : i + batch_size], tokenizer, names), model)
+                   for i in range(0, len(sentences), batch_size)]
         return checked(batches, str(path))
     raise BadInputError(f"calibration data {path}: expected an .npz of feeds or a .txt of sentences")
 
