@@ -27,6 +27,8 @@ def _install_export_cache() -> None:
 
     from tfgraph import export as export_module
 
+    if getattr(export_module.export, "tfgraph_test_cache", False):
+        return  # this file is imported twice (as conftest and as tests.conftest): wrap once
     real = export_module.export
     keep = os.environ.get("TFGRAPH_TEST_EXPORT_CACHE")
     root = pathlib.Path(keep) if keep else pathlib.Path(tempfile.mkdtemp(prefix="tfgraph-test-exports-"))
@@ -75,6 +77,7 @@ def _install_export_cache() -> None:
         return output
 
     cached_export.__wrapped__ = real  # tests of the exporter itself call the real one
+    cached_export.tfgraph_test_cache = True
     export_module.export = cached_export
 
 
