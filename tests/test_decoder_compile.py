@@ -36,7 +36,11 @@ def test_cached_decoder_compiles_and_verifies_prompt_and_decode(kind, exporter, 
     steps = generation["verification"]["steps"]
     assert [s["past"] for s in steps] == [0, 16, 17]  # the prompt with an empty cache, then decode steps
     assert all(s["passed"] and s["next_tokens_equal"] for s in steps)
-    assert manifest["verification"]["passed"]
+    from tests._checks import assert_matches_source
+
+    # Recomputed outside the compile: the artifact against the export, with a non-empty past.
+    assert_matches_source(artifact(kind, exporter, from_onnx=from_onnx), onnx_file(kind, exporter),
+                          shapes={"batch": 1, "sequence": 5, "past_sequence": 7, "total_sequence": 12})
     assert manifest["attention"]["unfused"] == 0 and manifest["attention"]["fused"] == 2
     # The masks are probed with the mask spanning past + current tokens: causal with the key padding.
     classify = next(r for r in manifest["passes"] if r["name"] == "classify-attention-masks")

@@ -77,7 +77,10 @@ def test_llama_dynamo_cuda_fp16_verified(onnx_export):
     pytest.importorskip("transformers", reason="needs the 'hf' extra")
     artifact = tfgraph.compile(onnx_export("llama", "dynamo", "sdpa"), target="cuda-fp16")
     manifest = artifact.manifest
-    assert manifest["verification"]["passed"] and not table_fallbacks(artifact)
+    assert not table_fallbacks(artifact)
+    from tests._checks import assert_matches_source
+
+    assert_matches_source(artifact, onnx_export("llama", "dynamo", "sdpa"))  # within fp16 tolerance of the fp32 export
     gqa = [n for n in artifact.model.graph if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(n.inputs[0].dtype == ir.DataType.FLOAT16 for n in gqa)
     decomposed = next(r for r in manifest["passes"] if r["name"] == "decompose-unsupported")["report"]["decomposed"]
