@@ -38,28 +38,16 @@ def _one_line(err: str) -> str:
 
 # --- A. graph size (item 18) --------------------------------------------------------------------
 
-def chain_model(n: int, kind: str) -> onnx.ModelProto:
-    """x → n Adds → y: ``const`` adds a distinct small initializer each step, ``input`` adds the graph
-    input again (neither can be folded away)."""
-    nodes, inits = [], []
-    current = "x"
-    for i in range(n):
-        if kind == "const":
-            inits.append(numpy_helper.from_array(np.full((4,), (i % 97 + 1) * 1e-3, np.float32) + i * 1e-6, f"c{i}"))
-            other = f"c{i}"
-        else:
-            other = "x"
-        nodes.append(helper.make_node("Add", [current, other], [f"v{i}"], name=f"add{i}"))
-        current = f"v{i}"
-    graph = helper.make_graph(
-        nodes, "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+def _benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The synthetic chains the scaling benchmark compiles (x → n Adds → y: ``const`` adds a distinct small
+# initializer each step, ``input`` adds the graph input again; neither can be folded away).
+chain_model = _benchmark_module("bench_compile_scaling").chain_model
 
 
 def _pipeline_seconds(n: int, kind: str) -> float:
