@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from tfgraph.errors import BadInputError
+from tfgraph.signature import position_limit
 from tfgraph.serve_limits import (  # noqa: F401  (RequestError, InputSpec, validate: this module's API)
     MAX_JSON_DEPTH,
     NON_FINITE_JSON,
@@ -47,7 +48,6 @@ from tfgraph.serve_limits import (  # noqa: F401  (RequestError, InputSpec, vali
     is_mask,
     json_outputs,
     parse_json,
-    position_limit,
     read_npz,
     sequence_axis,
     validate,

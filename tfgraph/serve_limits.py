@@ -67,42 +67,6 @@ def sequence_axis(spec: InputSpec) -> bool:
     return np.issubdtype(spec.dtype, np.integer) and len(spec.shape) == 2 and not isinstance(spec.shape[1], int)
 
 
-# --- the model's position table -------------------------------------------------------------------
-
-_PASS_THROUGH = {"Unsqueeze", "Squeeze", "Cast", "Expand", "Reshape", "Identity", "Add", "Flatten"}
-
-
-def _computed_positions(value, depth: int = 0) -> bool:
-    """Whether ``value`` is computed in the graph from a Range or a slice of a constant buffer."""
-    node = value.producer() if value is not None else None
-    if node is None or depth > 8:
-        return False
-    if node.op_type == "Range":
-        return True
-    if node.op_type == "Slice" and node.inputs and node.inputs[0] is not None and node.inputs[0].const_value is not None:
-        return True
-    if node.op_type in _PASS_THROUGH:
-        return any(_computed_positions(i, depth + 1) for i in node.inputs if i is not None and i.const_value is None)
-    return False
-
-
-def position_limit(model) -> int | None:
-    """Rows of the model's position-embedding table (the longest sequence it can run), if one is found."""
-    limits = []
-    for node in model.graph:
-        if node.op_type != "Gather" or node.domain != "" or len(node.inputs) < 2:
-            continue
-        table, index = node.inputs[0], node.inputs[1]
-        if table is None or table.const_value is None or index is None or index.producer() is None:
-            continue  # indices straight from a graph input (ids, explicit position_ids) do not bound the length
-        shape = table.const_value.shape
-        if len(shape) != 2 or node.attributes.get_int("axis", 0) != 0 or not isinstance(shape[0], int):
-            continue
-        if _computed_positions(index) or "position" in (table.name or "").lower():
-            limits.append(shape[0])
-    return min(limits) if limits else None
-
-
 # --- JSON -----------------------------------------------------------------------------------------
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)

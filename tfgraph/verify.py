@@ -14,7 +14,7 @@ import onnx_ir as ir
 from tfgraph.errors import BadInputError
 from tfgraph.ir import SerializedModel  # noqa: F401 - re-exported
 from tfgraph.runtime import LOG_SEVERITY, quiet_runtimes, session_options  # noqa: F401 - re-exported
-from tfgraph.signature import InputInfo, _gather_index_bound, input_signature  # noqa: F401 - re-exported
+from tfgraph.signature import InputInfo, _gather_index_bound, input_signature, position_limit  # noqa: F401 - re-exported
 
 quiet_runtimes()  # before anything here imports onnxruntime
 
@@ -129,45 +129,6 @@ def feed_bytes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> int:
             count *= int(d)
         total += count * sizes.get(name, 8)
     return total
-
-
-def position_limit(model: ir.Model) -> int | None:
-    """How many positions the model's position table holds, when it has one: the rows of a constant
-    table gathered by positions the graph computes itself (a Range, or a slice of a constant
-    0, 1, 2, … buffer), or by a ``position_ids`` input. None when the graph shows no such table."""
-    limits = []
-    for node in model.graph.all_nodes():
-        if node.op_type != "Gather" or node.domain != "" or len(node.inputs) < 2:
-            continue
-        table, index = node.inputs[0], node.inputs[1]
-        if table is None or table.const_value is None or index is None or len(table.const_value.shape) != 2:
-            continue
-        if node.attributes.get_int("axis", 0) != 0:
-            continue
-        if _is_positions(index):
-            rows = table.const_value.shape[0]
-            if isinstance(rows, int):
-                limits.append(rows)
-    return min(limits) if limits else None
-
-
-def _is_positions(value: ir.Value, depth: int = 0) -> bool:
-    if depth > 8:
-        return False
-    if value.is_graph_input():
-        return "position" in value.name.lower()
-    producer = value.producer()
-    if producer is None:
-        return False
-    if producer.op_type == "Range":
-        return True
-    if producer.op_type == "Slice" and producer.inputs[0] is not None and producer.inputs[0].const_value is not None:
-        data = producer.inputs[0].const_value.numpy()
-        flat = data.reshape(-1) if data.ndim <= 1 else data.reshape(-1, data.shape[-1])[0]
-        return data.size > 2 and np.issubdtype(data.dtype, np.integer) and np.array_equal(flat, np.arange(flat.size))
-    if producer.op_type in ("Cast", "Unsqueeze", "Reshape", "Identity", "Expand", "Add", "Squeeze") and producer.inputs:
-        return any(v is not None and _is_positions(v, depth + 1) for v in producer.inputs[:1])
-    return False
 
 
 def generate_inputs(
