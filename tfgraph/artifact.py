@@ -48,12 +48,14 @@ def check_output_dir(path: os.PathLike | str, *, force: bool) -> pathlib.Path:
     cwd = pathlib.Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise BadInputError(f"{path}: is the current folder or one of its ancestors; name a new folder for the artifact")
+    name_max = _pathconf(resolved, "PC_NAME_MAX", 255)
     for part in resolved.parts[1:]:
-        if len(os.fsencode(part)) > _name_max(resolved):
+        if len(os.fsencode(part)) > name_max:
             raise BadInputError(f"{path}: a path component is {len(os.fsencode(part))} bytes long, over the file "
-                                f"system's limit of {_name_max(resolved)}; choose a shorter name")
-    if len(os.fsencode(str(resolved))) + 64 > _path_max(resolved):
-        raise BadInputError(f"{path}: the path is too long for the file system ({_path_max(resolved)} bytes)")
+                                f"system's limit of {name_max}; choose a shorter name")
+    path_max = _pathconf(resolved, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(str(resolved))) + 64 > path_max:  # room for the temporary sibling's and the files' names
+        raise BadInputError(f"{path}: the path is too long for the file system ({path_max} bytes)")
     if path.exists() and not force:
         raise BadInputError(f"{path}: output folder exists; choose another or pass --force to replace it")
     if os.path.lexists(path) and not path.is_dir():
@@ -67,18 +69,11 @@ def check_output_dir(path: os.PathLike | str, *, force: bool) -> pathlib.Path:
     return path
 
 
-def _name_max(path: pathlib.Path) -> int:
+def _pathconf(path: pathlib.Path, name: str, default: int) -> int:
     try:
-        return os.pathconf(_nearest_existing(path), "PC_NAME_MAX")
+        return os.pathconf(_nearest_existing(path), name)
     except (OSError, ValueError):
-        return 255
-
-
-def _path_max(path: pathlib.Path) -> int:
-    try:
-        return os.pathconf(_nearest_existing(path), "PC_PATH_MAX")
-    except (OSError, ValueError):
-        return 4096
+        return default
 
 
 def _read_only(path: pathlib.Path) -> bool:
