@@ -424,3 +424,13 @@ def test_no_against_input_line_when_nothing_changed_the_outputs(cli, mlp_path, t
     result = cli("compile", mlp_path, "-o", tmp_path / "out")
     assert result.code == 0 and "against the input model" not in result.out
     assert "vs_input" not in json.loads((tmp_path / "out" / "manifest.json").read_text())["verification"]
+
+
+def test_placement_label_says_whether_it_was_run(cli, mlp_path, tmp_path):
+    """'expected placement, not run' only for an operator-table prediction (CUDA here), not for a real
+    session or the EP's own runtime (OpenVINO's query_model)."""
+    pytest.importorskip("openvino")
+    predicted = cli("compile", mlp_path, "-t", "cuda-fp16", "-o", tmp_path / "cuda")
+    assert predicted.code == 0 and "expected placement, not run (op table cuda" in predicted.out
+    queried = cli("compile", mlp_path, "-t", "openvino-fp32", "-o", tmp_path / "ov")
+    assert queried.code == 0 and "\nplacement (" in queried.out and "expected placement" not in queried.out

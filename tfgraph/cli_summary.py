@@ -96,7 +96,8 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
         counts = ", ".join(f"{ep} {n}" for ep, n in place["nodes"].items())
         fallback = (f"; CPU fallback {place['fallback_count']} ({', '.join(f'{k} {v}' for k, v in place['fallback_ops'].items())})"
                     f", {place['unexpected_fallback']} unexpected" if place["fallback_count"] else "; no CPU fallback")
-        label = "placement" if place["source"] == "onnxruntime session" else "expected placement, not run"
+        # Only an operator table predicts; a session or the EP's own runtime assigned the nodes.
+        label = "expected placement, not run" if place["source"].startswith("op table") else "placement"
         console.print(f"{label} ({place['source']}): {counts}{fallback}")
         if place.get("unverified"):
             console.print(f"[yellow]{place['unverified']}[/yellow]")
