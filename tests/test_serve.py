@@ -19,6 +19,7 @@ import urllib.request
 import numpy as np
 import onnxruntime as ort
 import pytest
+import _serving as serving
 from _pipeline_models import model_path
 
 pytest.importorskip("starlette")
@@ -39,20 +40,8 @@ def artifact(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(artifact):
     app = create_app(artifact, max_batch=8, max_latency_ms=3, max_request_bytes=1 << 20, max_elements=1 << 16)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    host, port = srv.servers[0].sockets[0].getsockname()[:2]
-    assert host == "127.0.0.1"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    with serving.running(serving.config(app)) as url:
+        yield url
 
 
 def _post(url, body: bytes, content_type="application/json", accept=None, timeout=30):
@@ -268,25 +257,10 @@ def text_artifact(tmp_path_factory):
     return out
 
 
-def _serve_in_thread(app):
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-
-
 @pytest.fixture(scope="module")
 def text_server(text_artifact):
-    srv, thread, url = _serve_in_thread(create_app(text_artifact, max_batch=8, max_latency_ms=2))
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    with serving.running(serving.config(create_app(text_artifact, max_batch=8, max_latency_ms=2))) as url:
+        yield url
 
 
 def test_text_encoder(text_artifact, artifact):
@@ -372,8 +346,7 @@ def test_text_request_errors(text_server):
 def test_text_refused_with_reason_without_tokenizers_package(text_artifact, monkeypatch):
     """An artifact with a tokenizer still serves token ids where `tokenizers` is not installed; text gets a 422 saying why."""
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers → ImportError
-    srv, thread, url = _serve_in_thread(create_app(text_artifact, max_latency_ms=1))
-    try:
+    with serving.running(serving.config(create_app(text_artifact, max_latency_ms=1))) as url:
         with urllib.request.urlopen(url + "/metadata", timeout=10) as r:
             text = json.loads(r.read())["text"]
         assert text["accepted"] is False and "tokenizers" in text["reason"]
@@ -381,6 +354,3 @@ def test_text_refused_with_reason_without_tokenizers_package(text_artifact, monk
         assert status == 422 and "tokenizers" in json.loads(body)["error"]
         ids = {"input_ids": [[101, 7592, 102]], "attention_mask": [[1, 1, 1]], "token_type_ids": [[0, 0, 0]]}
         assert _post(url, json.dumps({"inputs": ids}).encode())[0] == 200
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)

@@ -22,6 +22,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import _serving as serving
 from _pipeline_models import model_path
 
 pytest.importorskip("starlette")
@@ -181,16 +182,8 @@ def log_server(tmp_path_factory):
     from tfgraph.serve import create_app, server_config
 
     app = create_app(_log_artifact(tmp_path_factory.mktemp("log") / "log"), max_latency_ms=1)
-    srv = uvicorn.Server(server_config(app, host="127.0.0.1", port=0, read_timeout_s=READ_TIMEOUT))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serving.running(server_config(app, host="127.0.0.1", port=0, read_timeout_s=READ_TIMEOUT)) as url:
+        yield url
 
 
 def test_non_finite_outputs_are_null_in_json(log_server):
