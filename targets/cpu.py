@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tfgraph.passes.registry import PassSpec
 from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
 
@@ -150,16 +152,12 @@ CPU_INT8 = Target(
 # level 4 computes with int8-quantized activations) cut the bytes read ~6x. Attention lowers to
 # MultiHeadAttention (not the packed Attention, whose Q/K/V weight MatMulNBits cannot hold), so the
 # projections stay MatMuls to quantize. Embedding tables int8 per row (cpu-int8's recipe).
-INT4_EMBEDDINGS = Quantization(
-    mode="dynamic",
-    activation_type="uint8",
-    weight_type="int8",
-    activation_symmetric=False,
-    weight_symmetric=True,
-    per_channel=True,
+INT4_EMBEDDINGS = dataclasses.replace(  # cpu-int8's scheme, on the embedding tables only
+    CPU_INT8_SCHEME,
     placement={"Gather": (0,)},
     weight_axes={"Gather": {0: 0}},
     reason="embedding tables int8 per row; MatMul weights 4-bit block-wise (MatMulNBits)",
+    revert_weights_float16=False,
 )
 INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4
