@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph.passes.quantize import _initializer
 from tfgraph.passes.registry import register_pass
-from tfgraph.passes.weight_only_quant import _FLOATS, dequantize_blocks, pack_blocks, quantize_blocks
+from tfgraph.passes.weight_only_quant import (_FLOATS, dequantize_blocks, drop_unused_initializers, pack_blocks,
+                                              quantize_blocks, swap_in_matmul_nbits)
 
 
 def _grid(cols: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,21 +219,9 @@ class GPTQ(ir.passes.InPlacePass):
             errors[node.name] = reconstruction_error(weight, dequantize(levels, scale, zero, k), hessian)
             baseline[node.name] = rtn_error(weight, hessian, self.bits, self.block_size)
             packed, zero_points = pack_blocks(levels, zero, self.bits)
-            stem = (w.name or node.name or "w").replace("/", "_")
-            inputs = [x, _initializer(graph, f"{stem}_q{self.bits}", packed),
-                      _initializer(graph, f"{stem}_scales", scale.reshape(-1).astype(_FLOATS[x.dtype])),
-                      _initializer(graph, f"{stem}_zero_points", zero_points)]
-            new = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name, attributes={
-                "K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level})
-            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype or x.dtype, node.outputs[0].shape
-            graph.insert_before(node, new)
-            node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-            name = node.outputs[0].name
-            graph.remove(node, safe=True)
-            new.outputs[0].name = name
-        for value in list(graph.initializers.values()):
-            if not value.uses() and not value.is_graph_output():
-                del graph.initializers[value.name]
+            swap_in_matmul_nbits(graph, node, packed, scale.reshape(-1), zero_points, bits=self.bits,
+                                 block_size=self.block_size, accuracy_level=self.accuracy_level)
+        drop_unused_initializers(graph)
         model.opset_imports.setdefault("com.microsoft", 1)
         better = sum(errors[k] < baseline[k] for k in errors)
         self.report = {"bits": self.bits, "block_size": self.block_size, "act_order": self.act_order,

@@ -67,6 +67,35 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int
     return w.reshape(n, blocks * block_size)[:, :k].T
 
 
+def swap_in_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: np.ndarray, scales: np.ndarray,
+                         zero_points: np.ndarray, *, bits: int, block_size: int, accuracy_level: int) -> ir.Node:
+    """Replace the MatMul ``node`` (activations @ a constant (K, N) weight) by com.microsoft.MatMulNBits
+    on the weight's ``packed`` blocks, ``scales`` and ``zero_points``; consumers and the output's name
+    move to the new node."""
+    x, w = node.inputs
+    k, n = w.const_value.shape
+    stem = (w.name or node.name or "w").replace("/", "_")
+    inputs = [x, _initializer(graph, f"{stem}_q{bits}", packed),
+              _initializer(graph, f"{stem}_scales", scales.astype(_FLOATS[x.dtype])),
+              _initializer(graph, f"{stem}_zero_points", zero_points)]
+    new = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name, attributes={
+        "K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level})
+    new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype or x.dtype, node.outputs[0].shape
+    graph.insert_before(node, new)
+    node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    name = node.outputs[0].name
+    graph.remove(node, safe=True)
+    new.outputs[0].name = name
+    return new
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove the initializers nothing reads any more (the float weights a quantization replaced)."""
+    for value in list(graph.initializers.values()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[value.name]
+
+
 @register_pass("quantize-weights-nbits")
 class QuantizeWeightsNBits(ir.passes.InPlacePass):
     """MatMul with a constant 2-D weight → com.microsoft.MatMulNBits (block-wise int weights, float activations)."""
@@ -101,24 +130,11 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
             k, n = weight.shape
             q, scale, zero = quantize_blocks(weight, self.bits, self.block_size)
             approx = dequantize_blocks(q, scale, zero, k, self.bits, self.block_size)
-            stem = (w.name or node.name or "w").replace("/", "_")
-            values = [
-                _initializer(graph, f"{stem}_q{self.bits}", q),
-                _initializer(graph, f"{stem}_scales", scale.astype(_FLOATS[x.dtype])),
-                _initializer(graph, f"{stem}_zero_points", zero),
-            ]
-            new = ir.node("MatMulNBits", [x, *values], domain="com.microsoft", name=node.name, attributes={
-                "K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level})
-            new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype or x.dtype, node.outputs[0].shape
-            graph.insert_before(node, new)
-            node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
             out_name = node.outputs[0].name
-            graph.remove(node, safe=True)
-            new.outputs[0].name = out_name
+            swap_in_matmul_nbits(graph, node, q, scale, zero, bits=self.bits, block_size=self.block_size,
+                                 accuracy_level=self.accuracy_level)
             done[node.name or out_name] = float(np.linalg.norm(approx - weight) / max(np.linalg.norm(weight), 1e-30))
-        for value in list(graph.initializers.values()):
-            if not value.uses() and not value.is_graph_output():
-                del graph.initializers[value.name]
+        drop_unused_initializers(graph)
         if done:
             model.opset_imports.setdefault("com.microsoft", 1)
         self.report = {"bits": self.bits, "block_size": self.block_size, "quantized": len(done),
