@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.ir import exposed_outputs
 from tfgraph.passes.registry import register_pass
 from tfgraph.passes.weight_only_quant import (_FLOATS, dequantize_blocks, drop_unused_initializers, pack_blocks,
                                               quantize_blocks, swap_in_matmul_nbits)
@@ -179,13 +180,11 @@ class GPTQ(ir.passes.InPlacePass):
             calibration = ctx.need("load_calibration", "gptq")(calibration, model)
         run = ctx.need("run", "gptq")
         graph = model.graph
-        kept = list(graph.outputs)
         computed = [v for v in values if not v.is_graph_input()]
         names = [v.name for v in values]
         sums: dict[str, np.ndarray] = {}
         counts = dict.fromkeys(names, 0)
-        graph.outputs.extend(v for v in computed if v not in kept)
-        try:
+        with exposed_outputs(model, computed):
             for batch in calibration.batches:
                 found = run(model, {v.name: batch[v.name] for v in graph.inputs})
                 for name in names:
@@ -193,9 +192,6 @@ class GPTQ(ir.passes.InPlacePass):
                     x = x.reshape(-1, x.shape[-1])
                     sums[name] = sums.get(name, 0) + x.T @ x
                     counts[name] += x.shape[0]
-        finally:
-            graph.outputs.clear()
-            graph.outputs.extend(kept)
         return {name: 2.0 * sums[name] / max(counts[name], 1) for name in names}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tfgraph.errors import BadInputError
+from tfgraph.ir import exposed_outputs
 from tfgraph.passes.context import current
 from tfgraph.passes.pruning_units import (  # noqa: F401 - part of this module's API
     SCORES,
@@ -125,14 +126,8 @@ def _activation_scores(copy: ir.Model, att_groups, ffn_groups, feeds) -> tuple[d
         extra += [u.node.outputs[0] for u in units]
     for units in ffn_groups.values():
         extra += [u.down.inputs[0] for u in units]
-    names = {v.name for v in copy.graph.outputs}
-    added = [v for v in dict.fromkeys(extra) if v.name not in names]
-    copy.graph.outputs.extend(added)
-    try:
+    with exposed_outputs(copy, extra):
         outputs = run(copy, feeds)
-    finally:
-        for _ in added:
-            copy.graph.outputs.pop()
     head_scores, neuron_scores = {}, {}
     for key, units in att_groups.items():
         total = np.zeros(units[0].num_heads)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph.ir import iter_tensors, model_bytes, parameter_count
+from tfgraph.ir import exposed_outputs, iter_tensors, model_bytes, parameter_count
 from tfgraph.ops import BLOCKED_FORM, STANDARD_FORM, attention_form
 
 # Ops that pass a tensor through without changing which positions it mixes: walked over when
@@ -189,13 +189,8 @@ def estimate_flops(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str
                 added.append(v)
                 existing.add(v.name)
         targets.append(node)
-    # Expose the operands as extra outputs for one run, then restore the graph's outputs.
-    model.graph.outputs.extend(added)
-    try:
+    with exposed_outputs(model, added):  # the operands as extra outputs of one run
         outputs = run(model, feeds)
-    finally:
-        for _ in added:
-            model.graph.outputs.pop()
 
     def shape_of(v: ir.Value | None) -> tuple[int, ...] | None:
         if v is None:

@@ -9,12 +9,13 @@ data file on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -348,3 +349,17 @@ class SerializedModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def exposed_outputs(model: ir.Model, values: Iterable[ir.Value]) -> Iterator[None]:
+    """Make ``values`` (intermediate values of the main graph) extra graph outputs for the ``with``
+    block, so one run returns them too; the graph's own outputs are restored afterwards."""
+    outputs = model.graph.outputs
+    kept = list(outputs)
+    outputs.extend(v for v in dict.fromkeys(values) if v not in kept)
+    try:
+        yield
+    finally:
+        outputs.clear()
+        outputs.extend(kept)

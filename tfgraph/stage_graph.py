@@ -67,20 +67,10 @@ def _concrete_values(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[s
     """Every top-level value of one onnxruntime run (graph optimizations off)."""
     from tfgraph.verify import run
 
-    graph = model.graph
-    existing = {v.name for v in graph.outputs}
-    added = []
-    for node in graph:
-        for v in node.outputs:
-            if v.name and v.name not in existing:
-                added.append(v)
-                existing.add(v.name)
-    graph.outputs.extend(added)
-    try:
+    from tfgraph.ir import exposed_outputs
+
+    with exposed_outputs(model, (v for node in model.graph for v in node.outputs if v.name)):
         values = run(model, feeds)
-    finally:
-        for _ in added:
-            graph.outputs.pop()
     values.update(feeds)
     return values
 
