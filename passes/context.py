@@ -51,18 +51,23 @@ class PassContext:
         return dataclasses.replace(self, **changes)
 
 
-_DEFAULT: list[PassContext] = [PassContext()]
+_DEFAULT: list[PassContext | Callable[[], PassContext]] = [PassContext()]
 _CURRENT: contextvars.ContextVar[PassContext | None] = contextvars.ContextVar("tfgraph_pass_context", default=None)
 
 
 def current() -> PassContext:
-    """The active context, else the default one."""
+    """The active context, else the default one (built on first use when installed as a factory)."""
     ctx = _CURRENT.get()
-    return ctx if ctx is not None else _DEFAULT[0]
+    if ctx is not None:
+        return ctx
+    if not isinstance(_DEFAULT[0], PassContext):
+        _DEFAULT[0] = _DEFAULT[0]()
+    return _DEFAULT[0]
 
 
-def set_default(ctx: PassContext) -> None:
-    """Install the context passes see when none is active (``import tfgraph`` installs the standard one)."""
+def set_default(ctx: PassContext | Callable[[], PassContext]) -> None:
+    """Install the context passes see when none is active, or a factory that makes it on first use
+    (``import tfgraph`` installs the standard one that way, so importing loads no calibration code)."""
     _DEFAULT[0] = ctx
 
 

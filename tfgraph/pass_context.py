@@ -48,4 +48,4 @@ def standard_context(**overrides: Any) -> PassContext:
 def install_default() -> None:
     from tfgraph.passes import context
 
-    context.set_default(standard_context())
+    context.set_default(standard_context)  # built when a pass first asks for it
