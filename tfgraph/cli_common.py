@@ -34,6 +34,9 @@ class _Progress:
         self.enabled = enabled
         self._progress = None
         self._task = None
+        self._t0: float | None = None  # first callback (not-a-terminal log lines)
+        self._group: str | None = None  # phase of the last callback
+        self._printed = 0.0  # when the last line was printed
 
     def __enter__(self):
         return self
@@ -51,14 +54,12 @@ class _Progress:
         import time
 
         now = time.monotonic()
-        self._t0 = getattr(self, "_t0", now)
-        last_group, last_time = getattr(self, "_last", (None, now))
-        new_phase = group != last_group
-        if not line or now - self._t0 < self.QUIET_S or (not new_phase and now - last_time < self.EVERY_S):
-            if new_phase:
-                self._last = (group, last_time)
+        if self._t0 is None:
+            self._t0 = self._printed = now
+        new_phase, self._group = group != self._group, group
+        if not line or now - self._t0 < self.QUIET_S or (not new_phase and now - self._printed < self.EVERY_S):
             return
-        self._last = (group, now)
+        self._printed = now
         print(f"tfgraph: {line}", file=sys.stderr, flush=True)
 
     def _start(self):
