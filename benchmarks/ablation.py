@@ -22,7 +22,7 @@ import time
 import onnxruntime as ort
 
 import tfgraph
-from tfgraph.verify import generate_inputs, parse_shapes
+from tfgraph.compiler.verify import generate_inputs, parse_shapes
 
 
 def _session(path_or_bytes, threads: int) -> ort.InferenceSession:
@@ -49,6 +49,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         from tfgraph.passes import PassSpec
+        from tfgraph.targets.profile import phases
 
         target = tfgraph.get_target(args.target)
         kept = tuple(p for p in target.passes if p.name not in args.drop)
@@ -57,7 +58,7 @@ def main() -> None:
             description="ablation variant",
             providers=target.providers,
             precision=target.precision,
-            passes=kept[:-1] + tuple(PassSpec.parse(p) for p in args.passes) + kept[-1:],
+            phases=phases(rewrite=kept[:-1] + tuple(PassSpec.parse(p) for p in args.passes) + kept[-1:]),
             tolerance=target.tolerance,
             session_options=target.session_options,
         )

@@ -4,7 +4,7 @@ output change pruning causes on real weights (MiniLM).
 
 Part 1, BERT-base (HF ``transformers.BertModel(BertConfig())``, random init, seed 0, dynamo
 export, SDPA attention): the unpruned export and the export with 30% and 50% of attention
-heads and FFN neurons zeroed (``tfgraph.prune.prune_structured``, L2 score, global ranking)
+heads and FFN neurons zeroed (``tfgraph.compiler.prune.prune_structured``, L2 score, global ranking)
 are each compiled with ``tfgraph.compile(target="cpu-fp32")`` (which shrinks the zeroed
 heads/neurons away: ``shrink-pruned``). Reported: stored weight bytes (manifest), their ratio
 to the unpruned compile, the encoder-only ratio (without the embedding tables, which head and
@@ -42,60 +42,15 @@ import time
 import warnings
 
 import numpy as np
+from tfgraph.models import sentences
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compression_cpu.md"
 THREADS = 2
 WARMUP = 3
 
-EVAL_SENTENCES = [
-    "The cat sat quietly on the warm windowsill.",
-    "Compilers rewrite programs into faster equivalent programs.",
-    "A heavy rain fell over the harbour all night.",
-    "She ordered a coffee and opened her laptop.",
-    "The train to Edinburgh was delayed by forty minutes.",
-    "Photosynthesis converts sunlight into chemical energy.",
-    "He forgot his umbrella and got soaked on the way home.",
-    "The museum opens at nine on weekdays.",
-    "Our team finally fixed the memory leak in the parser.",
-    "Fresh bread smells wonderful in the early morning.",
-    "The committee postponed the vote until next spring.",
-    "Mountains in the north are covered with snow all year.",
-    "Please remember to water the tomatoes while I am away.",
-    "The stock market fell sharply after the announcement.",
-    "Children were playing football in the park after school.",
-    "A good night's sleep improves concentration.",
-    "The recipe calls for two cups of flour and one egg.",
-    "Astronomers discovered a planet orbiting a distant star.",
-    "The library is quiet except for the ticking clock.",
-    "He plays the violin in a small orchestra.",
-    "Traffic on the bridge was worse than usual this morning.",
-    "The new phone has a larger screen and a better camera.",
-    "Bees are essential for pollinating many crops.",
-    "She wrote her thesis on medieval trade routes.",
-    "The hotel room had a view of the old harbour.",
-    "Regular exercise lowers the risk of heart disease.",
-    "The printer on the second floor is out of paper again.",
-    "They hiked along the coast for three days.",
-    "Interest rates are expected to rise next quarter.",
-    "The dog barked at the delivery van.",
-    "Learning a new language takes patience and practice.",
-    "The bridge was built more than a century ago.",
-    "A sudden power cut stopped every machine in the factory.",
-    "The garden is full of roses in June.",
-    "The software update fixed several security problems.",
-    "We watched the sunset from the top of the hill.",
-]
-CALIBRATION_SENTENCES = [
-    "The weather forecast promises sunshine for the weekend.",
-    "Engineers tested the new engine on a cold morning.",
-    "My neighbour grows pumpkins in his back garden.",
-    "The orchestra rehearsed the symphony twice before the concert.",
-    "Students queued outside the exam hall in silence.",
-    "The river flooded the lower streets after the storm.",
-    "A database index makes lookups much faster.",
-    "The chef sharpened his knives before service.",
-]
+EVAL_SENTENCES = sentences.EVERYDAY
+CALIBRATION_SENTENCES = sentences.EVERYDAY_CALIBRATION
 
 
 def log(message: str) -> None:
@@ -144,10 +99,10 @@ def bench_bert(workdir: pathlib.Path, fractions: list[float], rounds: int, shape
     import transformers
 
     import tfgraph
-    from tfgraph import prune
-    from tfgraph.export import export
+    from tfgraph.compiler import prune
+    from tfgraph.compiler.export import export
     from tfgraph.ir import load
-    from tfgraph.verify import run
+    from tfgraph.compiler.verify import run
 
     torch.manual_seed(0)
     folder = workdir / "hf-bert-base"
@@ -225,11 +180,11 @@ def bench_bert(workdir: pathlib.Path, fractions: list[float], rounds: int, shape
 def bench_minilm(workdir: pathlib.Path, fractions: list[float]) -> dict:
     import transformers
 
-    from tfgraph import prune
-    from tfgraph.export import export
+    from tfgraph.compiler import prune
+    from tfgraph.compiler.export import export
     from tfgraph.ir import load
     from tfgraph.models import minilm_path
-    from tfgraph.verify import run
+    from tfgraph.compiler.verify import run
 
     log("export minilm (dynamo)")
     exported = export("minilm", workdir / "minilm.onnx")
@@ -282,7 +237,7 @@ def render(report: dict) -> str:
         f"- onnxruntime CPU, {THREADS} intra-op threads, ORT_ENABLE_ALL, {b['warmup']} warm-up runs, "
         f"{b['rounds']} interleaved round-robin rounds, medians",
         "- model: HF `BertModel(BertConfig())` random init (seed 0), dynamo export; pruning: "
-        "`tfgraph.prune.prune_structured(heads=f, neurons=f, score='l2')` (global ranking), compiled with "
+        "`tfgraph.compiler.prune.prune_structured(heads=f, neurons=f, score='l2')` (global ranking), compiled with "
         "`tfgraph.compile(target='cpu-fp32')` (shrink-pruned removes the zeroed heads/neurons)",
         f"- command: `python benchmarks/bench_compression.py --rounds {b['rounds']}`",
         "",

@@ -16,7 +16,7 @@ Every variant runs in onnxruntime CPU with ``intra_op_num_threads=2``,
 then ``--rounds`` rounds run every variant once in round-robin order (the starting
 variant rotates each round). A large fp32 MatMul runs as one more variant of the same
 rotation and gives the machine's GEMM rate at that moment; each variant's matmul
-GFLOP/s (``tfgraph.analysis.estimate_flops`` on the raw TorchScript export) is reported
+GFLOP/s (``tfgraph.compiler.flops.estimate_flops`` on the raw TorchScript export) is reported
 as a fraction of it.
 
 A peer that crashes, or whose model onnxruntime cannot load or run, is recorded with a
@@ -157,12 +157,12 @@ def model_dims(name: str, config: dict) -> tuple[str, int, int]:
 
 def model_source(name: str) -> str:
     return {
-        "minilm": "all-MiniLM-L6-v2 real weights (tfgraph.export.export('minilm'), SDPA attention, outputs "
+        "minilm": "all-MiniLM-L6-v2 real weights (tfgraph.compiler.export.export('minilm'), SDPA attention, outputs "
         "last_hidden_state + sentence_embedding)",
         "bert-base": "HF transformers.BertModel(BertConfig()) random init (seed 0), save_pretrained, "
-        "tfgraph.export.export(folder) (SDPA attention, output last_hidden_state)",
+        "tfgraph.compiler.export.export(folder) (SDPA attention, output last_hidden_state)",
         "gpt2": "HF transformers.GPT2LMHeadModel(GPT2Config()) random init (seed 0), save_pretrained, "
-        "tfgraph.export.export(folder) (SDPA attention, output logits, no KV cache)",
+        "tfgraph.compiler.export.export(folder) (SDPA attention, output logits, no KV cache)",
     }[name]
 
 
@@ -174,7 +174,7 @@ def build_variants(name: str, exporter: str, source, workdir: pathlib.Path, dims
     import onnx_ir as ir
 
     import tfgraph
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
 
     out: dict[str, dict] = {}
     base = workdir / exporter
@@ -382,7 +382,7 @@ def bench_model(name: str, shapes: list[tuple[int, int]], rounds: int, workdir: 
     """Fill ``result`` for model ``name``; ``checkpoint()`` is called after every finished (model, shape)."""
     import onnx_ir as ir
 
-    from tfgraph.analysis import estimate_flops
+    from tfgraph.compiler.flops import estimate_flops
 
     log(f"{name}: preparing the Hugging Face folder")
     with silenced(logfile):

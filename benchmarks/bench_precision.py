@@ -38,64 +38,15 @@ import tempfile
 import time
 
 import numpy as np
+from tfgraph.models import sentences
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision_cpu.md"
 THREADS = 2
 WARMUP = 2
 
-CALIBRATION = [
-    "The bakery on the corner sells fresh croissants every morning.",
-    "Our flight was cancelled because of the storm.",
-    "She repaired the old bicycle with parts from a flea market.",
-    "Rivers carry sediment from the mountains to the sea.",
-    "The orchestra rehearsed the symphony for three weeks.",
-    "He keeps his passwords in an encrypted notebook.",
-    "A fox crossed the road just before dawn.",
-    "The city council approved a new budget for public parks.",
-    "Vaccines train the immune system to recognise a pathogen.",
-    "My grandmother grows lavender and rosemary on her balcony.",
-    "The software update fixed a bug in the login screen.",
-    "Tourists queued for hours to see the famous painting.",
-    "Wind turbines generate electricity even on cloudy days.",
-    "The detective found a clue hidden under the carpet.",
-    "Students presented their science projects in the gym.",
-    "The soup needs a little more salt and pepper.",
-]
-EVAL = [
-    "A small boat drifted slowly across the calm lake.",
-    "The company reported higher profits in the third quarter.",
-    "He learned to play chess from his older brother.",
-    "The hospital opened a new wing for children.",
-    "Heavy snow closed the mountain pass for a week.",
-    "She translated the novel from Spanish into English.",
-    "The neural network was trained on millions of images.",
-    "Farmers are worried about the long dry summer.",
-    "The kitten fell asleep on a pile of warm laundry.",
-    "Archaeologists uncovered a Roman villa near the river.",
-    "Please turn off the lights when you leave the room.",
-    "The marathon runners passed the finish line in the rain.",
-    "Electric cars are becoming cheaper every year.",
-    "The teacher explained fractions with slices of pizza.",
-    "A loud thunderclap woke everyone in the house.",
-    "The museum's dinosaur skeleton is over ten metres long.",
-    "Coffee prices rose after a poor harvest in Brazil.",
-    "They painted the fence white before the party.",
-    "The spacecraft sent back photographs of Saturn's rings.",
-    "I could not find my keys anywhere this morning.",
-    "The judge postponed the trial until next month.",
-    "Bread dough must rest before it goes into the oven.",
-    "The volunteers cleaned plastic from the beach.",
-    "His speech about climate policy received long applause.",
-    "Many birds migrate south before the winter arrives.",
-    "The printer jammed halfway through the report.",
-    "A gentle breeze carried the smell of the sea.",
-    "The startup hired twenty engineers last month.",
-    "Mathematics is the language of the physical sciences.",
-    "The children built a snowman in the front garden.",
-    "Our neighbours are renovating their kitchen.",
-    "The bridge was closed for repairs over the weekend.",
-]
+CALIBRATION = sentences.CALIBRATION
+EVAL = sentences.HELD_OUT
 
 
 def log(message: str) -> None:
@@ -182,7 +133,7 @@ def ort_variants(fp32_path: pathlib.Path, work: pathlib.Path, calib_batches) -> 
 
 def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, embedding_output, fp16=False, max_drop=None):
     import tfgraph
-    from tfgraph.verify import run
+    from tfgraph.compiler.verify import run
     from tfgraph.ir import load
 
     variants: dict[str, dict] = {}
@@ -264,16 +215,19 @@ def fp16_target():
     from tfgraph.targets import Tolerance
     from tfgraph.targets.cpu import CPU_FP32
 
+    from tfgraph.targets.profile import Phase
+
     return dataclasses.replace(
         CPU_FP32, name="bench-cpu-fp16", precision="fp16", min_cosine=None,
-        passes=CPU_FP32.passes + (PassSpec("convert-float16"), PassSpec("dedup-initializers"), PassSpec("remove-dead")),
+        phases=CPU_FP32.phases + (Phase("precision", (PassSpec("convert-float16"),)),
+                                  Phase("finish", (PassSpec("dedup-initializers"), PassSpec("remove-dead")))),
         tolerance=Tolerance(atol=2e-2, rtol=2e-2))
 
 
 def fp16_only(source, work, calib, evals, out: pathlib.Path) -> int:
     import tfgraph
     from tfgraph.ir import load
-    from tfgraph.verify import run
+    from tfgraph.compiler.verify import run
 
     art = tfgraph.compile(str(source), fp16_target(), output=work / "fp16", force=True, calibration=calib)
     base = load(source).model
@@ -368,8 +322,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from tfgraph.calibration import CalibrationSet, tokenize
-    from tfgraph.export import export
+    from tfgraph.compiler.calibration import CalibrationSet, tokenize
+    from tfgraph.compiler.export import export
     from tfgraph.ir import load
     from tfgraph.models import minilm_path
 

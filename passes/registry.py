@@ -134,6 +134,8 @@ class PassSpec:
 
     name: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The target phase this pass runs in (set by ``targets.profile.Phase``; "" for extra passes).
+    phase: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))

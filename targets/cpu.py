@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tfgraph.passes.registry import PassSpec
-from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
+from tfgraph.targets.profile import Phase, Provider, Quantization, Target, Tolerance, phases
 
 # Canonicalizing cleanup, in order: make Constant weights initializers, drop Identity
 # nodes (before folding, so `Identity(weight)` is rewired rather than folded into a
@@ -81,7 +81,8 @@ CPU_FP32 = Target(
     precision="fp32",
     # Semantic dedup last (fp32 only: a tied LM head read through FusedMatMul transB would stay
     # fp32 under cpu-int8's MatMul quantization, so that target keeps the transposed copy to quantize).
-    passes=CLEANUP + FUSION + CPU_LOWERING + (PassSpec("dedup-derived"), PassSpec("remove-dead")),
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=CPU_LOWERING,
+                  finalize=(PassSpec("dedup-derived"), PassSpec("remove-dead"))),
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     attention=CPU_ATTENTION,
@@ -129,10 +130,11 @@ CPU_INT8 = Target(
     "with dynamic activation quantization (DynamicQuantizeMatMul), int8 embeddings",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int8",
-    passes=CLEANUP + FUSION + CPU_LOWERING + (
-        PassSpec("quantize", CPU_INT8_SCHEME.to_options()),
-        PassSpec("dedup-initializers"),  # the per-column zero points (all 0) of same-width weights
-        PassSpec("remove-dead"),
+    phases=phases(
+        normalize=CLEANUP, fuse=FUSION, lower=CPU_LOWERING,
+        precision=(PassSpec("quantize", CPU_INT8_SCHEME.to_options()),),
+        # the per-column zero points (all 0) of same-width weights
+        finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead")),
     ),
     # Element-wise checks after quantization (each pass, and the final ORT_ENABLE_ALL session) are
     # against the quantized graph run unoptimized: they catch broken graphs, not int8 error. Run-time
@@ -163,17 +165,19 @@ INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4
 
 
-def _int4(weights: PassSpec) -> tuple:
-    return CLEANUP + FUSION + (
-        PassSpec("pack-projections"),  # Q/K/V and gate/up as one MatMul each: fewer, larger 4-bit GEMMs
-        PassSpec("lower-attention", {"to": "com.microsoft.MultiHeadAttention", "window_to": "auto",
-                                     "window_kernel": "com.microsoft.MultiHeadAttention",
-                                     "blocked_min_sequence": WINDOW_CROSSOVER}),
-        PassSpec("remove-dead"),
-        weights,
-        PassSpec("quantize", INT4_EMBEDDINGS.to_options()),
-        PassSpec("dedup-initializers"),
-        PassSpec("remove-dead"),
+def _int4(weights: PassSpec) -> tuple[Phase, ...]:
+    return phases(
+        normalize=CLEANUP,
+        fuse=FUSION,
+        lower=(
+            PassSpec("pack-projections"),  # Q/K/V and gate/up as one MatMul each: fewer, larger 4-bit GEMMs
+            PassSpec("lower-attention", {"to": "com.microsoft.MultiHeadAttention", "window_to": "auto",
+                                         "window_kernel": "com.microsoft.MultiHeadAttention",
+                                         "blocked_min_sequence": WINDOW_CROSSOVER}),
+            PassSpec("remove-dead"),
+        ),
+        precision=(weights, PassSpec("quantize", INT4_EMBEDDINGS.to_options())),
+        finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead")),
     )
 
 
@@ -185,7 +189,7 @@ CPU_INT4 = Target(
     "round-to-nearest), int8 embeddings, float activations",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int4",
-    passes=_int4(PassSpec("quantize-weights-nbits", _INT4_OPTIONS)),
+    phases=_int4(PassSpec("quantize-weights-nbits", _INT4_OPTIONS)),
     # Checks after quantization are against the quantized graph (run unoptimized); the change against
     # fp32 is the precision report's business. Accuracy level 4 quantizes activations at run time, so a
     # fusion that changes float rounding flips levels (cpu-int8's reason): 0.07 on the logits of a 155 M
@@ -201,7 +205,7 @@ CPU_INT4_GPTQ = Target(
     description="cpu-int4 with the 4-bit levels chosen by GPTQ on the calibration set (--calibration)",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int4",
-    passes=_int4(PassSpec("gptq", {k: v for k, v in _INT4_OPTIONS.items()})),
+    phases=_int4(PassSpec("gptq", {k: v for k, v in _INT4_OPTIONS.items()})),
     tolerance=Tolerance(atol=0.25, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=INT4_EMBEDDINGS,

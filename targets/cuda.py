@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from tfgraph.passes.registry import PassSpec
 from tfgraph.targets.cpu import CLEANUP, FUSION
-from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
+from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance, phases
 
 CPU = Provider("CPUExecutionProvider")
 CUDA_INSTALL = "pip install onnxruntime-gpu (in place of onnxruntime; an NVIDIA GPU with CUDA 12 and cuDNN 9)"
@@ -64,10 +64,8 @@ CUDA_FP16_LOWERING = (
     # What the CUDA table lacks, resolved now: CastLike → Cast/constant, neutral ops left (the final
     # RMSNorm) inlined into standard ops (then typed again).
     PassSpec("decompose-unsupported", {"table": "cuda", "inline_functions": True}),
-    PassSpec("convert-float16"),
-    PassSpec("dedup-initializers"),
-    PassSpec("remove-dead"),
 )
+FINALIZE = (PassSpec("dedup-initializers"), PassSpec("remove-dead"))
 
 FP16_TOLERANCE = Tolerance(atol=2e-2, rtol=2e-2)
 
@@ -77,7 +75,8 @@ CUDA_FP16 = Target(
     "BiasGelu), LayerNorm/Softmax kept fp32 where ranges demand",
     providers=(CUDA, CPU),
     precision="fp16",
-    passes=CLEANUP + FUSION + CUDA_FP16_LOWERING,
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=CUDA_FP16_LOWERING,
+                  precision=(PassSpec("convert-float16"),), finalize=FINALIZE),
     tolerance=FP16_TOLERANCE,
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     min_cosine=0.999,
@@ -91,7 +90,7 @@ CUDA_INT8 = Target(
     "attention as MultiHeadAttention/GroupQueryAttention",
     providers=(CUDA, CPU),
     precision="int8-weights",
-    passes=CLEANUP + FUSION + (
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=(
         PassSpec("lower-attention", {
             "to": "com.microsoft.MultiHeadAttention",
             "causal_to": "com.microsoft.GroupQueryAttention",
@@ -101,11 +100,10 @@ CUDA_INT8 = Target(
         PassSpec("fuse-ort-operators"),
         PassSpec("infer-shapes"),
         PassSpec("decompose-unsupported", {"table": "cuda", "inline_functions": True}),
+    ), precision=(
         PassSpec("convert-float16"),
         PassSpec("quantize-weights-nbits", {"bits": 8, "block_size": 32}),
-        PassSpec("dedup-initializers"),
-        PassSpec("remove-dead"),
-    ),
+    ), finalize=FINALIZE),
     tolerance=Tolerance(atol=5e-2, rtol=5e-2),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     min_cosine=0.995,
@@ -146,7 +144,7 @@ TENSORRT_FP16 = Target(
     "TensorRT fuses attention and LayerNorm itself",
     providers=(_trt(trt_fp16_enable=True), CUDA, CPU),
     precision="fp16 (TensorRT builder)",
-    passes=CLEANUP + FUSION + STANDARD_LOWERING,
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=STANDARD_LOWERING),
     # The graph stays fp32 (TensorRT picks fp16 kernels when it builds the engine): verified in fp32.
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_BASIC"},
@@ -160,11 +158,8 @@ TENSORRT_INT8 = Target(
     "standard ONNX only",
     providers=(_trt(trt_fp16_enable=True, trt_int8_enable=True), CUDA, CPU),
     precision="int8",
-    passes=CLEANUP + FUSION + STANDARD_LOWERING + (
-        PassSpec("quantize", TENSORRT_INT8_SCHEME.to_options()),
-        PassSpec("dedup-initializers"),
-        PassSpec("remove-dead"),
-    ),
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=STANDARD_LOWERING,
+                  precision=(PassSpec("quantize", TENSORRT_INT8_SCHEME.to_options()),), finalize=FINALIZE),
     tolerance=Tolerance(atol=0.25, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_BASIC"},
     quantization=TENSORRT_INT8_SCHEME,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tfgraph.passes.registry import PassSpec
 from tfgraph.targets.cpu import CLEANUP, FUSION
-from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
+from tfgraph.targets.profile import Phase, Provider, Quantization, Target, Tolerance, phases
 
 # QNN HTP through the plugin EP (onnxruntime-qnn 2.7.0; on x86-64 Linux its HTP backend is a simulator).
 # soc_model: without it, HTP graph finalization of a tiny BERT already fails with
@@ -66,12 +66,10 @@ NPU_A16W8 = Quantization(
 )
 
 
-def _quantized(scheme: Quantization) -> tuple[PassSpec, ...]:
-    return (
-        PassSpec("quantize", scheme.to_options()),
-        PassSpec("dedup-initializers"),
-        PassSpec("remove-dead"),
-    )
+def _quantized(scheme: Quantization) -> tuple[Phase, ...]:
+    return phases(normalize=CLEANUP, fuse=NPU_FUSION, lower=NPU_LOWERING,
+                  precision=(PassSpec("quantize", scheme.to_options()),),
+                  finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead")))
 
 
 _ATTENTION = ("standard MatMul/Softmax attention (the neutral tfgraph.Attention inlined; QNN rejects "
@@ -97,7 +95,7 @@ NPU_A16W8_TARGET = Target(
     "on MatMul inputs, standard-ONNX attention",
     providers=(QNN_HTP,),
     precision="a16w8",
-    passes=CLEANUP + NPU_FUSION + NPU_LOWERING + _quantized(NPU_A16W8),
+    phases=_quantized(NPU_A16W8),
     tolerance=Tolerance(atol=0.1, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=NPU_A16W8,
@@ -112,7 +110,7 @@ NPU_A8W8_TARGET = Target(
     "on MatMul inputs, standard-ONNX attention",
     providers=(QNN_HTP,),
     precision="a8w8",
-    passes=CLEANUP + NPU_FUSION + NPU_LOWERING + _quantized(NPU_A8W8),
+    phases=_quantized(NPU_A8W8),
     tolerance=Tolerance(atol=0.25, rtol=0.1),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=NPU_A8W8,

@@ -61,7 +61,7 @@ from typing import Any
 
 from tfgraph.passes.registry import PassSpec
 from tfgraph.targets.cpu import CLEANUP, FUSION
-from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance
+from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance, phases
 
 PLUGIN = "onnxruntime_ep_openvino"
 EP = "OpenVINOExecutionProvider"
@@ -110,7 +110,7 @@ OPENVINO_FP32 = Target(
     "com.microsoft.Attention, windows blocked in standard ops",
     providers=(Provider(EP, _options("f32", "FP32"), plugin=PLUGIN, extra="openvino"),),
     precision="fp32",
-    passes=CLEANUP + FUSION + OV_LOWERING,
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=OV_LOWERING),
     # OpenVINO's fp32 kernels differ from onnxruntime's in summation order only: 1e-6 measured on the
     # small built-in models (tests/test_openvino.py).
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
@@ -132,7 +132,7 @@ OPENVINO_BF16 = Target(
     "fp32 on CPUs without it): openvino-fp32's graph",
     providers=(Provider(EP, _options("bf16"), plugin=PLUGIN, extra="openvino"),),
     precision="bf16",
-    passes=CLEANUP + FUSION + OV_LOWERING,
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=OV_LOWERING),
     tolerance=Tolerance(atol=5e-2, rtol=5e-2),
     session_options=OV_SESSION,
     allowed_fallbacks=OV_FALLBACKS,
@@ -164,11 +164,9 @@ OPENVINO_INT8 = Target(
     description="OpenVINO EP on CPU, int8: openvino-fp32's graph, MatMuls as uint8/int8 QDQ (static, calibrated)",
     providers=(Provider(EP, _options("f32", "FP32"), plugin=PLUGIN, extra="openvino"),),
     precision="int8",
-    passes=CLEANUP + FUSION + OV_LOWERING + (
-        PassSpec("quantize", OPENVINO_INT8_SCHEME.to_options()),
-        PassSpec("dedup-initializers"),
-        PassSpec("remove-dead"),
-    ),
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=OV_LOWERING,
+                  precision=(PassSpec("quantize", OPENVINO_INT8_SCHEME.to_options()),),
+                  finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead"))),
     # Checks after quantization compare QDQ graphs run on onnxruntime; the change against fp32 is the
     # accuracy report's (min_cosine).
     tolerance=Tolerance(atol=0.25, rtol=0.05),
@@ -229,14 +227,14 @@ def run_openvino(model: Any, feeds: Mapping[str, Any], target: Target | None = N
 def query_placement(model: Any, profile: Target):
     """Placement report from plain OpenVINO for a model the EP cannot load here: each ONNX node
     that OpenVINO's ONNX frontend cannot convert, or that ``Core.query_model(…, "CPU")`` does not
-    take, counts as a CPU fallback. Returns a ``tfgraph.runtime.Placement``."""
+    take, counts as a CPU fallback. Returns a ``tfgraph.deploy.runtime.Placement``."""
     import contextlib
 
     import onnx
     import openvino as ov
     from openvino.frontend import FrontEndManager
 
-    from tfgraph.runtime import Placement
+    from tfgraph.deploy.runtime import Placement
 
     with contextlib.ExitStack() as stack:
         path = _model_path(model, stack)

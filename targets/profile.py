@@ -85,6 +85,28 @@ class Quantization:
 
 
 @dataclasses.dataclass(frozen=True)
+class Phase:
+    """A named, ordered group of passes in a target's pipeline (``normalize``, ``fuse``, ``lower``,
+    ``precision``, ``finalize``...). The compile driver runs a target's phases in order; verification
+    reports which phase (and pass) broke the outputs, and the manifest records each pass's phase.
+    Adding, removing or reordering phases is a change to the profile, not to the driver."""
+
+    name: str
+    passes: tuple[PassSpec, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passes", tuple(dataclasses.replace(p, phase=self.name) for p in self.passes))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "passes": [p.to_json() for p in self.passes]}
+
+
+def phases(**named: tuple[PassSpec, ...]) -> tuple[Phase, ...]:
+    """``phases(normalize=CLEANUP, fuse=FUSION, lower=...)``: phases in the order given."""
+    return tuple(Phase(name, tuple(passes)) for name, passes in named.items())
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """A frozen, data-like compilation profile.
 
@@ -96,7 +118,7 @@ class Target:
     description: str
     providers: tuple[Provider, ...]
     precision: str
-    passes: tuple[PassSpec, ...]
+    phases: tuple[Phase, ...]
     tolerance: Tolerance
     # onnxruntime SessionOptions attributes the artifact is loaded with (graph_optimization_level by enum name).
     session_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -126,10 +148,28 @@ class Target:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
-        object.__setattr__(self, "passes", tuple(self.passes))
+        object.__setattr__(self, "phases", tuple(self.phases))
+        names = [ph.name for ph in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target {self.name!r}: phase names repeat: {names}")
         object.__setattr__(self, "session_options", _freeze(self.session_options))
         object.__setattr__(self, "allowed_fallbacks", tuple(self.allowed_fallbacks))
         object.__setattr__(self, "opset", tuple(self.opset))
+
+    @property
+    def passes(self) -> tuple[PassSpec, ...]:
+        """The whole pipeline, phase after phase (each spec carries its ``phase``)."""
+        return tuple(spec for phase in self.phases for spec in phase.passes)
+
+    def map_passes(self, change, **fields) -> Target:
+        """A copy whose every pass spec is ``change(spec)`` (a spec, a tuple of specs, or None to drop
+        it), phases kept; ``fields`` replace other fields (e.g. ``name``)."""
+        def mapped(spec):
+            out = change(spec)
+            return () if out is None else (out,) if isinstance(out, PassSpec) else tuple(out)
+
+        new = tuple(Phase(ph.name, tuple(s for spec in ph.passes for s in mapped(spec))) for ph in self.phases)
+        return dataclasses.replace(self, phases=new, **fields)
 
     def to_json(self) -> dict:
         return {
@@ -137,7 +177,7 @@ class Target:
             "description": self.description,
             "providers": [p.to_json() for p in self.providers],
             "precision": self.precision,
-            "passes": [p.to_json() for p in self.passes],
+            "phases": [ph.to_json() for ph in self.phases],
             "tolerance": self.tolerance.to_json(),
             "session_options": dict(self.session_options),
             **({"quantization": self.quantization.to_json()} if self.quantization is not None else {}),

@@ -48,7 +48,7 @@ def assert_matches_source(artifact, source, *, seed: int = 101, shapes=None, fee
     defined value). Returns the errors so a test can also assert on them."""
     import json
 
-    from tfgraph.verify import generate_inputs, padded_positions
+    from tfgraph.compiler.verify import generate_inputs, padded_positions
 
     if isinstance(artifact, (str, os.PathLike)):  # an artifact folder
         folder = pathlib.Path(artifact)

@@ -61,7 +61,7 @@ def _tokenizer(folder: pathlib.Path, vocab_size: int) -> None:
 def onnx_file(kind: str, exporter: str) -> pathlib.Path:
     key = ("onnx", kind, exporter)
     if key not in _CACHE:
-        from tfgraph.export import export
+        from tfgraph.compiler.export import export
 
         _CACHE[key] = export(checkpoint(kind), _ROOT / f"{kind}-{exporter}.onnx", exporter=exporter,
                              task="text-generation")

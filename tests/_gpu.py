@@ -9,7 +9,7 @@ def table_fallbacks(artifact) -> list[str]:
     """Nodes the target's operator table says fall back to the CPU, beyond its documented ones. Here that is
     the manifest's placement; on a host where the EP runs, placement comes from a real session (where the CUDA
     EP keeps int64 shape arithmetic on the CPU on purpose), so the graph is judged by the table directly."""
-    from tfgraph.runtime import op_name
+    from tfgraph.deploy.runtime import op_name
 
     place = artifact.manifest["placement"]
     nodes = place["fallback"]

@@ -13,7 +13,7 @@ def model_path(tmp_path_factory, name: str, fused: bool) -> pathlib.Path:
     """``name`` (a built-in) exported with the dynamo exporter (unfused attention) or compiled for cpu-fp32
     (fused com.microsoft Attention): an .onnx file or an artifact folder."""
     import tfgraph
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
 
     key = f"{name}-{'fused' if fused else 'raw'}"
     with _LOCK:

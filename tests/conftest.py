@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tfgraph.cli import main
+from tfgraph.cli.main import main
 
 
 def _install_export_cache() -> None:
-    """Exports made once per test session: every ``tfgraph.export.export`` call (tests, and compiles of
+    """Exports made once per test session: every ``tfgraph.compiler.export.export`` call (tests, and compiles of
     built-in names or Hugging Face folders) with the same model, settings and torch/transformers
     versions copies the first export instead of running the exporter again (7-16 s each with dynamo).
     Set TFGRAPH_TEST_EXPORT_CACHE to a folder to keep the cache across sessions."""
@@ -25,7 +25,7 @@ def _install_export_cache() -> None:
     import shutil
     import tempfile
 
-    from tfgraph import export as export_module
+    from tfgraph.compiler import export as export_module
 
     if getattr(export_module.export, "tfgraph_test_cache", False):
         return  # this file is imported twice (as conftest and as tests.conftest): wrap once
@@ -144,11 +144,11 @@ def cli(capsys):
 
 @pytest.fixture(scope="session", autouse=True)
 def validate_every_manifest():
-    """Every artifact any test writes has its manifest checked against tfgraph/manifest.schema.json."""
+    """Every artifact any test writes has its manifest checked against tfgraph/deploy/manifest.schema.json."""
     jsonschema = pytest.importorskip("jsonschema")
     import json
 
-    from tfgraph import artifact
+    from tfgraph.deploy import artifact
 
     validator = jsonschema.Draft202012Validator(json.loads(artifact.MANIFEST_SCHEMA.read_text()))
     real = artifact.atomic_write_dir
@@ -178,7 +178,7 @@ def onnx_export(tmp_path_factory):
     def get(model: str, exporter: str, attention: str | None = None) -> pathlib.Path:
         key = (model, exporter, attention)
         if key not in cache:
-            from tfgraph.export import export
+            from tfgraph.compiler.export import export
             from tfgraph.models import list_models
 
             source = model

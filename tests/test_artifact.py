@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import tfgraph
-from tfgraph import artifact as artifact_mod
+from tfgraph.deploy import artifact as artifact_mod
 from tfgraph.ir import load as ir_load
 from tests._checks import assert_matches_source
 from tests.conftest import make_mlp

@@ -167,7 +167,8 @@ def test_neutral_op_runs_unlowered():
     base = get_target("cpu-fp32")
     target = tfgraph.Target(
         name="test-neutral", description="fusion only", providers=base.providers, precision="fp32",
-        passes=tuple(p for p in base.passes if p.name not in ("lower-attention", "pack-projections")), tolerance=base.tolerance,
+        phases=base.map_passes(lambda p: None if p.name in ("lower-attention", "pack-projections") else p).phases,
+        tolerance=base.tolerance,
     )
     artifact = tfgraph.compile(_model(EAGER), target, inputs=_feeds())
     assert _ops(artifact.model).get(("tfgraph", "Attention")) == 1
@@ -260,13 +261,14 @@ def test_head_split_form_negative_twin():
 def _target_lowering(*passes: str) -> tfgraph.Target:
     from tfgraph.passes import PassSpec
     from tfgraph.targets import get_target
+    from tfgraph.targets.profile import phases
 
     base = get_target("cpu-fp32")
     pipeline = tuple(p for p in base.passes if p.name not in ("lower-attention", "pack-projections"))
     pipeline = pipeline[:-1] + tuple(PassSpec.parse(p) for p in passes) + pipeline[-1:]
     return tfgraph.Target(
         name="test-lowering", description="", providers=base.providers, precision="fp32",
-        passes=pipeline, tolerance=base.tolerance, session_options=base.session_options,
+        phases=phases(rewrite=pipeline), tolerance=base.tolerance, session_options=base.session_options,
     )
 
 

@@ -10,7 +10,8 @@ import onnx.parser
 import onnx_ir as ir
 import pytest
 
-from tfgraph import ops, verify
+from tfgraph import ops
+from tfgraph.compiler import verify
 from tfgraph.passes.attention_lowering import LowerAttentionPass
 from tfgraph.passes.attention_masks import ClassifyAttentionMasksPass, classify
 from tfgraph.passes.registry import create_pass

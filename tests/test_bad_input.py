@@ -150,6 +150,6 @@ def test_unknown_pass(cli, mlp_path, tmp_path):
 
 
 def test_usage_error_exit_2(tmp_path):
-    from tfgraph.cli import main
+    from tfgraph.cli.main import main
 
     assert main(["compile"]) == 2

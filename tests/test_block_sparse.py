@@ -17,7 +17,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tfgraph import ops, verify
+from tfgraph import ops
+from tfgraph.compiler import verify
 from tfgraph.passes.attention_lowering import LowerAttentionPass
 from tfgraph.passes.attention_masks import ClassifyAttentionMasksPass, block_pattern, classify_block_sparse
 from tfgraph.passes.blocked_attention import KERNELS, block_sparse_attention

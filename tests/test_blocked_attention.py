@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tfgraph import verify
+from tfgraph.compiler import verify
 from tfgraph.passes.blocked_attention import KERNELS, blocked_attention, dense_mask
 
 HEADS, HEAD_SIZE = 2, 8

@@ -16,7 +16,8 @@ import pytest
 import tfgraph
 from tfgraph import analysis
 from tfgraph.ir import load as ir_load
-from tfgraph.verify import generate_inputs
+from tfgraph.compiler.verify import generate_inputs
+from tfgraph.models import sentences
 
 pytest.importorskip("torch", reason="exports need the 'export' extra (torch)")
 
@@ -96,12 +97,7 @@ def test_compile_builtin_name_exports_first(cli, tmp_path):
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
 
 
-SENTENCES = [
-    "The cat sat quietly on the warm windowsill.",
-    "Compilers rewrite programs into faster equivalent programs.",
-    "A heavy rain fell over the harbour all night.",
-    "She ordered a coffee and opened her laptop.",
-]
+SENTENCES = sentences.EVERYDAY[:4]
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

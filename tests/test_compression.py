@@ -16,18 +16,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import tfgraph
-from tfgraph import analysis, prune
+from tfgraph import analysis
+from tfgraph.compiler import prune
 from tfgraph.errors import VerificationError
-from tfgraph.instruments import fingerprint
+from tfgraph.compiler.instruments import fingerprint
 from tfgraph.ir import load as ir_load
 from tfgraph.ir import model_bytes
 from tfgraph.passes.dedup_derived import DedupDerivedPass
 from tfgraph.passes.registry import PassSpec
 from tfgraph.passes.shrink_pruned import ShrinkPrunedPass
-from tfgraph.passmanager import PassManager
+from tfgraph.compiler.passmanager import PassManager
 from tfgraph.targets import Target
 from tfgraph.targets.cpu import CLEANUP, CPU_FP32, CPU_LOWERING, FUSION
-from tfgraph.verify import generate_inputs, run
+from tfgraph.targets.profile import phases
+from tfgraph.compiler.verify import generate_inputs, run
 
 pytest.importorskip("torch", reason="exports need the 'export' extra (torch)")
 
@@ -37,7 +39,7 @@ EXPORTERS = ("dynamo", "torchscript")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """``exported(name, exporter)`` → path of the ONNX export (built-in name or an HF kind 'hf-<kind>'), cached."""
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
     from tfgraph.models.hf_configs import make_hf_checkpoint
 
     root = tmp_path_factory.mktemp("exports")
@@ -178,7 +180,7 @@ def test_compile_fails_on_duplicates_left_behind(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
     )
     no_dedup = Target(name="no-dedup", description="test", providers=CPU_FP32.providers, precision="fp32",
-                      passes=(PassSpec("remove-dead"),), tolerance=CPU_FP32.tolerance)
+                      phases=phases(rewrite=(PassSpec("remove-dead"),)), tolerance=CPU_FP32.tolerance)
     with pytest.raises(VerificationError, match="more than once"):
         tfgraph.compile(proto, no_dedup)
     artifact = tfgraph.compile(proto, "cpu-fp32")

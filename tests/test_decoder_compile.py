@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from _decoders import artifact, onnx_file
-from tfgraph.kv_layout import detect
+from tfgraph.deploy.kv_layout import detect
 
 
 def _manifest(path) -> dict:

@@ -13,8 +13,8 @@ from _pipeline_models import model_path
 import tfgraph
 from tfgraph import ir as tir
 from tfgraph.errors import BadInputError
-from tfgraph.stages import partition_artifact
-from tfgraph.verify import generate_inputs
+from tfgraph.compiler.stages import partition_artifact
+from tfgraph.compiler.verify import generate_inputs
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,7 @@ def test_artifact_permissions_follow_the_umask(cli, mlp_path, tmp_path, umask, d
 ])
 def test_missing_plugin_extra_is_named_before_any_pass(cli, mlp_path, tmp_path, monkeypatch, target, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if the package were not installed
-    from tfgraph import passmanager
+    from tfgraph.compiler import passmanager
 
     ran = []
     monkeypatch.setattr(passmanager.PassManager, "run", lambda self, model: ran.append(1))
@@ -249,7 +249,7 @@ def test_summary_names_the_tolerance_and_whole_pass_names(cli, mlp_path, tmp_pat
 
 
 def test_piped_progress_prints_phase_lines(monkeypatch, capsys):
-    from tfgraph import cli as cli_module
+    from tfgraph.cli import main as cli_module
 
     clock = iter([0.0, 0.5, 3.0, 3.1, 3.2, 9.0, 9.1])
     monkeypatch.setattr("time.monotonic", lambda: next(clock))
@@ -364,7 +364,7 @@ def test_artifact_carries_tokenizer_and_config(quick_start):
 def _cli_options() -> set[str]:
     import argparse
 
-    from tfgraph.cli import build_parser
+    from tfgraph.cli.main import build_parser
 
     found: set[str] = set()
 
@@ -398,7 +398,7 @@ def test_readme_options_exist_and_cli_options_are_documented():
 def test_manifest_matches_its_schema(cli, mlp_path, tmp_path, validate_every_manifest):
     """The schema is real: a compiled manifest validates, and a broken one does not."""
     jsonschema = pytest.importorskip("jsonschema")
-    from tfgraph.artifact import MANIFEST_SCHEMA, MANIFEST_SCHEMA_VERSION
+    from tfgraph.deploy.artifact import MANIFEST_SCHEMA, MANIFEST_SCHEMA_VERSION
 
     out = tmp_path / "out"
     assert cli("compile", mlp_path, "-o", out, "--quiet").code == 0

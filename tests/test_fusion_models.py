@@ -48,7 +48,7 @@ def test_mistral_sliding_window_attention_fused(cli, tmp_path, checkpoints, atte
     """Mistral's sliding window lives in the exporter's mask, which the fused op takes as its bias:
     the window is preserved exactly, not approximated — checked against the export at a sequence
     three times the window (8), where a lost window would change every late position."""
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
     from tests._checks import assert_matches_source
 
     exported = export(checkpoints["mistral"], tmp_path / "mistral.onnx", exporter="torchscript", attention=attention)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _decoders import artifact
-from tfgraph.generate import load_generator
+from tfgraph.deploy.generate import load_generator
 
 og = pytest.importorskip("onnxruntime_genai")
 PROMPT = [5, 9, 17, 33, 65, 12]

@@ -11,7 +11,7 @@ import pytest
 
 from _decoders import artifact, checkpoint
 from tfgraph.errors import BadInputError
-from tfgraph.generate import load_generator
+from tfgraph.deploy.generate import load_generator
 
 NEW_TOKENS = 32
 

@@ -199,7 +199,7 @@ def cuda_artifact(tmp_path_factory):
 
 @pytest.mark.skipif(CUDA_HERE, reason="the CUDA EP runs here: the artifact loads on it")
 def test_load_refuses_gpu_artifact_without_its_provider(cuda_artifact):
-    from tfgraph.availability import CpuFallbackWarning
+    from tfgraph.deploy.availability import CpuFallbackWarning
 
     with pytest.raises(tfgraph.ProviderUnavailableError) as info:
         tfgraph.load(cuda_artifact / "out")
@@ -219,8 +219,8 @@ def test_load_refuses_gpu_artifact_without_its_provider(cuda_artifact):
 def test_load_rule_is_the_same_for_every_target(monkeypatch):
     """With every accelerator EP absent: each non-CPU target is refused, naming its EPs and how to install them,
     and opens on the CPU with a warning when asked; CPU targets open on the CPU as always."""
-    from tfgraph import runtime
-    from tfgraph.availability import CpuFallbackWarning, session_providers
+    from tfgraph.deploy import runtime
+    from tfgraph.deploy.availability import CpuFallbackWarning, session_providers
 
     monkeypatch.setattr(runtime, "unavailable_reason",
                         lambda p: None if p.name == runtime.CPU else f"{p.name} is absent (test)")
@@ -271,7 +271,7 @@ def test_final_verification_also_against_the_input_model(mlp_path):
     ver = artifact.manifest["verification"]
     (name, change), = ver["vs_input"].items()
     assert ver["outputs"][name]["max_abs"] < change["max_abs"]  # fp16 rounding is visible only against the input
-    from tfgraph.verify import generate_inputs
+    from tfgraph.compiler.verify import generate_inputs
 
     feeds = generate_inputs(artifact.model, None, seed=0)
     want = ort.InferenceSession(str(mlp_path)).run(None, feeds)[0]

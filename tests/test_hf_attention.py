@@ -26,7 +26,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers", reason="needs the 'hf' extra")
 
 from tfgraph.errors import BadInputError  # noqa: E402
-from tfgraph.export import export  # noqa: E402
+from tfgraph.compiler.export import export  # noqa: E402
 from tfgraph.models import ATTENTION_IMPLEMENTATIONS, DEFAULT_ATTENTION, get_model, hf_model, list_models  # noqa: E402
 from tfgraph.models.hf_configs import HF_KINDS, make_hf_checkpoint  # noqa: E402
 

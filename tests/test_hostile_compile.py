@@ -37,7 +37,7 @@ def test_unwritable_output_parent_refused_before_any_pass(cli, mlp_path, tmp_pat
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if pathlib.Path(p) == parent else real(p, mode, **kw))
     else:
         parent.chmod(0o555)
-    from tfgraph import passmanager
+    from tfgraph.compiler import passmanager
 
     ran = []
     monkeypatch.setattr(passmanager.PassManager, "run", lambda self, model: ran.append(1))
@@ -49,7 +49,7 @@ def test_read_only_file_system_refused():
     ro = next((p for p in ("/sys", "/proc/sys") if os.path.isdir(p) and os.statvfs(p).f_flag & os.ST_RDONLY), None)
     if ro is None:
         pytest.skip("no read-only file system mounted here")
-    from tfgraph.artifact import check_output_dir
+    from tfgraph.deploy.artifact import check_output_dir
     from tfgraph.errors import BadInputError
 
     with pytest.raises(BadInputError, match="read-only"):
@@ -69,7 +69,7 @@ def test_output_that_is_the_current_folder_or_an_ancestor(cli, mlp_path, tmp_pat
 def test_failed_replace_leaves_no_backup_folder(cli, mlp_path, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert cli("compile", mlp_path, "-o", out, "--quiet").code == 0
-    import tfgraph.artifact as artifact
+    import tfgraph.deploy.artifact as artifact
 
     real = os.replace
     calls = []
@@ -137,7 +137,7 @@ def test_pinned_shapes_checked_against_shared_dimensions(cli, tmp_path, target):
     ("cse:size_limit=true", "is not int"),
 ])
 def test_pass_options_checked_before_the_first_pass(cli, mlp_path, tmp_path, monkeypatch, spec, fragment):
-    from tfgraph import phases
+    from tfgraph.compiler import phases
 
     resolved = []
     monkeypatch.setattr(phases, "resolve_model", lambda *a, **k: resolved.append(1))

@@ -24,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import make_mlp
-from tfgraph.cli import main
+from tfgraph.cli.main import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def _pipeline_seconds(n: int, kind: str) -> float:
     """Sum of the cpu-fp32 passes' times (as the manifest records them) on an n-node chain."""
     import onnx_ir as ir
 
-    from tfgraph.passmanager import PassManager
+    from tfgraph.compiler.passmanager import PassManager
     from tfgraph.targets import get_target
 
     model = ir.serde.deserialize_model(chain_model(n, kind))

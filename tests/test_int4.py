@@ -11,29 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _decoders import SENTENCES, artifact, checkpoint
-from tfgraph.generate import load_generator
+from tfgraph.deploy.generate import load_generator
 from tfgraph.passes.gptq import GPTQ, dequantize, gptq_quantize, reconstruction_error, rtn_error
 from tfgraph.passes.weight_only_quant import dequantize_blocks
+from tfgraph.models import sentences
 
-CALIBRATION = [
-    "The weather forecast promises sunshine for the weekend.", "Engineers tested the new engine on a cold morning.",
-    "My neighbour grows pumpkins in his back garden.", "The orchestra rehearsed the symphony twice.",
-    "Students queued outside the exam hall in silence.", "A small boat drifted slowly towards the harbour.",
-    "The museum opened a new exhibition about ancient Egypt.", "He forgot his umbrella on the crowded bus.",
-    "Fresh bread was cooling on the kitchen table.", "The committee postponed its decision until March.",
-    "Wild horses galloped across the open plain.", "The software update fixed a serious security flaw.",
-    "Children built a snowman in the school yard.", "The chef seasoned the soup with fresh basil.",
-    "Scientists observed a comet through the telescope.", "The library extended its opening hours in winter.",
-    "A gentle breeze carried the scent of pine trees.", "The striker scored twice in the second half.",
-    "Our flight was cancelled because of the storm.", "The old bridge was repaired after the flood.",
-]
-HELD_OUT = [
-    "The cat sat quietly on the warm windowsill.", "Compilers rewrite programs into faster equivalent programs.",
-    "A heavy rain fell over the harbour all night.", "She ordered a coffee and opened her laptop.",
-    "The train to Edinburgh was delayed by forty minutes.", "Farmers harvested the wheat before the rain came.",
-    "The doctor recommended more sleep and less coffee.", "An old map was found inside the wall.",
-    "The team celebrated their victory late into the night.", "Prices at the market rose sharply this year.",
-]
+CALIBRATION = sentences.DECODER_CALIBRATION
+HELD_OUT = sentences.DECODER_HELD_OUT
 LAYERS = ("encoder.layer.0.", "encoder.layer.5.")  # the first and last block: 12 linear layers
 
 
@@ -105,7 +89,7 @@ def test_gptq_pass_writes_matmulnbits_that_onnxruntime_runs(tmp_path):
     """K = 80 (not a multiple of the block): the padded last block, packing and scales as MatMulNBits reads them."""
     import onnx_ir as ir
 
-    from tfgraph.verify import run
+    from tfgraph.compiler.verify import run
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((80, 48)).astype(np.float32)

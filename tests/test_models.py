@@ -1,4 +1,4 @@
-"""Tests of the reference models (tfgraph.models) and the ONNX export (tfgraph.export).
+"""Tests of the reference models (tfgraph.models) and the ONNX export (tfgraph.compiler.export).
 
 Every built-in small model is exported with both exporters, then run in
 onnxruntime at shapes other than the traced ones and compared to torch.
@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from tfgraph.errors import BadInputError  # noqa: E402
-from tfgraph.export import export  # noqa: E402
+from tfgraph.compiler.export import export  # noqa: E402
 from tfgraph.models import ModelSpec, get_model, hf_model, is_hf_dir, list_models  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -10,7 +10,7 @@ import onnx.parser
 import onnx_ir as ir
 import pytest
 
-from tfgraph import verify
+from tfgraph.compiler import verify
 from tfgraph.passes.registry import create_pass
 
 HIDDEN = 16

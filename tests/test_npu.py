@@ -24,7 +24,7 @@ MIN_COSINE = {"npu-a16w8": 0.999, "npu-a8w8": 0.998}
 
 
 def _qnn_usable():
-    from tfgraph import runtime
+    from tfgraph.deploy import runtime
     from tfgraph.targets import get_target
 
     _, missing = runtime.usable(get_target("npu-a16w8").providers)
@@ -75,7 +75,7 @@ def _dynamic_model() -> onnx.ModelProto:
 
 
 def _run(model, feeds):
-    from tfgraph.verify import UNOPTIMIZED, run
+    from tfgraph.compiler.verify import UNOPTIMIZED, run
 
     return run(model, feeds, options=UNOPTIMIZED)
 
@@ -128,7 +128,7 @@ def exported(tmp_path_factory):
     pytest.importorskip("torch", reason="exports need the 'export' extra (torch)")
     from _pipeline_models import model_path
 
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
 
     paths = {name: model_path(tmp_path_factory, name, fused=False) for name in ("bert-small", "gpt-small")}
     # TorchScript's erf GELU: QNN's GELU fusion needs the opset-21 graph (upgrade-opset), else Erf falls back.
@@ -151,10 +151,11 @@ def test_npu_target_runs_on_qnn(exported, tmp_path, name, target):
     if why:
         pytest.skip(f"QNN EP not usable here: {why}")
     import tfgraph
-    from tfgraph import precision, runtime
+    from tfgraph.compiler import precision
+    from tfgraph.deploy import runtime
     from tfgraph.ir import load
     from tfgraph.targets import get_target
-    from tfgraph.verify import generate_inputs
+    from tfgraph.compiler.verify import generate_inputs
 
     profile = get_target(target)
     out = tmp_path / "out"
@@ -192,7 +193,7 @@ def test_npu_target_runs_on_qnn(exported, tmp_path, name, target):
     for output, acc in report.items():
         assert acc["cosine"] >= MIN_COSINE[target], (output, acc)
         assert acc["max_abs"] <= profile.tolerance.atol + profile.tolerance.rtol * np.abs(expected[output]).max()
-    from tfgraph.placement import placement
+    from tfgraph.compiler.placement import placement
 
     assert placement(model, profile).fallback == []
     assert artifact.manifest["precision"]["precision"] == profile.precision

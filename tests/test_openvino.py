@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import tfgraph
-from tfgraph import runtime
+from tfgraph.deploy import runtime
 from tfgraph.targets import get_target
 
 ov = pytest.importorskip("openvino", reason="the OpenVINO checks need the 'openvino' package")
@@ -30,7 +30,7 @@ def _ep_usable() -> bool:
 
 @pytest.fixture(scope="module")
 def raw_models(tmp_path_factory):
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
 
     root = tmp_path_factory.mktemp("ov-models")
     paths = {}
@@ -96,7 +96,7 @@ def test_runs_on_openvino_within_tolerance(raw_models, tmp_path_factory, name, p
     # The real runtime against the fp32 input model, on non-padded positions.
     source = onnx.load(raw_models[name])
     from tfgraph.ir import load as ir_load
-    from tfgraph.verify import generate_inputs, padded_positions
+    from tfgraph.compiler.verify import generate_inputs, padded_positions
 
     feeds = generate_inputs(ir_load(raw_models[name]).model, {"batch": 3, "sequence": 9}, seed=7)
     reference = ort.InferenceSession(source.SerializeToString(), providers=[runtime.CPU])

@@ -78,7 +78,7 @@ def test_not_quite_gelu_stays():
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_bert_small_operator_fusions(tmp_path, exporter):
     pytest.importorskip("torch")
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
 
     path = export("bert-small", tmp_path / "m.onnx", exporter=exporter)
     artifact = tfgraph.compile(path, "cpu-fp32", extra_passes=["fuse-ort-operators", "remove-dead"])

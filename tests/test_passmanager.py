@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 
 import tfgraph
 from tfgraph.errors import VerificationError
-from tfgraph.instruments import Instrument
+from tfgraph.compiler.instruments import Instrument
 from tfgraph.passes import PassSpec, available_passes, create_pass
-from tfgraph.passmanager import PassManager
+from tfgraph.compiler.passmanager import PassManager
 from tfgraph.targets import get_target
 from tests.conftest import make_mlp
 
@@ -185,13 +186,45 @@ def test_targets_are_frozen_data():
         target.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         target.session_options["x"] = 1  # type: ignore[index]
-    assert json.loads(json.dumps(target.to_json()))["passes"][0]["name"] in available_passes()
+    assert json.loads(json.dumps(target.to_json()))["phases"][0]["passes"][0]["name"] in available_passes()
     # The issue's eleven profiles, registered by name.
     assert {t.name for t in tfgraph.list_targets()} >= {
         "cpu-fp32", "cpu-int8", "cuda-fp16", "cuda-int8", "tensorrt-fp16", "tensorrt-int8",
         "openvino-fp32", "openvino-bf16", "openvino-int8", "npu-a16w8", "npu-a8w8"}
     for registered in tfgraph.list_targets():  # every pass a registered target names exists
         assert all(spec.name in available_passes() for spec in registered.passes)
+
+
+def test_targets_name_their_phases_and_the_manifest_records_them(tmp_path):
+    """A profile is named phases of passes; the driver runs them in the profile's order and every pass
+    record says which phase it ran in. Reordering phases is a profile change only."""
+    from tfgraph.passes.registry import PassSpec
+    from tfgraph.targets.profile import Phase, Target, phases
+
+    cpu = get_target("cpu-int8")
+    assert [ph.name for ph in cpu.phases] == ["normalize", "fuse", "lower", "precision", "finalize"]
+    assert cpu.passes == tuple(s for ph in cpu.phases for s in ph.passes)
+    assert {s.phase for s in cpu.phases[3].passes} == {"precision"}
+    with pytest.raises(ValueError, match="repeat"):
+        Target(name="x", description="", providers=cpu.providers, precision="fp32",
+               phases=(Phase("a", ()), Phase("a", ())), tolerance=cpu.tolerance)
+    base = get_target("cpu-fp32")
+    # Two phases swapped: dedup/remove-dead first, then a cse-only phase (both harmless in any order).
+    custom = Target(name="reordered", description="", providers=base.providers, precision="fp32",
+                    phases=phases(tidy=(PassSpec("remove-dead"),), merge=(PassSpec("cse"), PassSpec("dedup-initializers"))),
+                    tolerance=base.tolerance)
+    swapped = dataclasses.replace(custom, name="swapped", phases=tuple(reversed(custom.phases)))
+    model = make_mlp()
+    for target, order in ((custom, ["tidy", "merge", "merge"]), (swapped, ["merge", "merge", "tidy"])):
+        manifest = tfgraph.compile(model, target).manifest
+        assert [r["phase"] for r in manifest["passes"]] == order
+        assert [ph["name"] for ph in manifest["profile"]["phases"]] == list(dict.fromkeys(order))
+    dropped = base.map_passes(lambda s: None if s.name == "pack-projections" else s, name="no-pack")
+    assert "pack-projections" not in [s.name for s in dropped.passes]
+    assert [ph.name for ph in dropped.phases] == [ph.name for ph in base.phases]
+    # Passes given on top of the target's carry no phase.
+    extra = tfgraph.compile(model, "cpu-fp32", extra_passes=["cse"]).manifest["passes"][-1]
+    assert extra["name"] == "cse" and "phase" not in extra
 
 
 def _transpose_model(*, tied: bool) -> ir.Model:
@@ -253,7 +286,7 @@ def test_dedup_initializers_rewires_users():
 
 
 def test_compile_options_are_one_frozen_value(mlp_path):
-    from tfgraph.options import CompileOptions
+    from tfgraph.compiler.options import CompileOptions
 
     options = CompileOptions(verify=False, seed=3)
     with pytest.raises(Exception):

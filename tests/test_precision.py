@@ -7,14 +7,14 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tfgraph import calibration as cal
-from tfgraph import precision
+from tfgraph.compiler import calibration as cal
+from tfgraph.compiler import precision
 from tfgraph.passes.quantize import quantize_array
 from tfgraph.passes.registry import create_pass
 from tfgraph.targets.cpu import CPU_INT8_SCHEME
 from tfgraph.targets.cuda import TENSORRT_INT8_SCHEME as TENSORRT_LIKE_INT8
 from tfgraph.targets.npu import NPU_A8W8
-from tfgraph.verify import run
+from tfgraph.compiler.verify import run
 
 # --- calibrators -------------------------------------------------------------------------------
 
@@ -358,10 +358,11 @@ def test_compile_float16_target_defined_here_reports_kept_nodes():
     import tfgraph
     from tfgraph.passes.registry import PassSpec
     from tfgraph.targets import Provider, Target, Tolerance
+    from tfgraph.targets.profile import phases
 
     target = Target(name="test-fp16", description="convert-float16 only (a test profile)",
                     providers=(Provider("CPUExecutionProvider"),), precision="fp16",
-                    passes=(PassSpec("convert-float16"), PassSpec("remove-dead")), tolerance=Tolerance(5e-2, 5e-2),
+                    phases=phases(rewrite=(PassSpec("convert-float16"), PassSpec("remove-dead"))), tolerance=Tolerance(5e-2, 5e-2),
                     min_cosine=0.999)
     feeds = _attention_feeds()
     artifact = tfgraph.compile(_masked_attention(), target, inputs=feeds, calibration=feeds)
@@ -431,7 +432,7 @@ def test_calibration_fits_pinned_input_shapes():
     into batches of the pinned size and padded (zeros: pad token, masked) or truncated to the length."""
     from onnx import TensorProto, helper
 
-    from tfgraph.calibration import load_calibration
+    from tfgraph.compiler.calibration import load_calibration
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT)], "g",

@@ -5,60 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tfgraph.models import sentences
 
 pytest.importorskip("transformers")
 
-CALIBRATION = [
-    "The bakery on the corner sells fresh croissants every morning.",
-    "Our flight was cancelled because of the storm.",
-    "She repaired the old bicycle with parts from a flea market.",
-    "Rivers carry sediment from the mountains to the sea.",
-    "The orchestra rehearsed the symphony for three weeks.",
-    "He keeps his passwords in an encrypted notebook.",
-    "A fox crossed the road just before dawn.",
-    "The city council approved a new budget for public parks.",
-    "Vaccines train the immune system to recognise a pathogen.",
-    "My grandmother grows lavender and rosemary on her balcony.",
-    "The software update fixed a bug in the login screen.",
-    "Tourists queued for hours to see the famous painting.",
-    "Wind turbines generate electricity even on cloudy days.",
-    "The detective found a clue hidden under the carpet.",
-    "Students presented their science projects in the gym.",
-    "The soup needs a little more salt and pepper.",
-]
+CALIBRATION = sentences.CALIBRATION
 
-HELD_OUT = [
-    "A small boat drifted slowly across the calm lake.",
-    "The company reported higher profits in the third quarter.",
-    "He learned to play chess from his older brother.",
-    "The hospital opened a new wing for children.",
-    "Heavy snow closed the mountain pass for a week.",
-    "She translated the novel from Spanish into English.",
-    "The neural network was trained on millions of images.",
-    "Farmers are worried about the long dry summer.",
-    "The kitten fell asleep on a pile of warm laundry.",
-    "Archaeologists uncovered a Roman villa near the river.",
-    "Please turn off the lights when you leave the room.",
-    "The marathon runners passed the finish line in the rain.",
-    "Electric cars are becoming cheaper every year.",
-    "The teacher explained fractions with slices of pizza.",
-    "A loud thunderclap woke everyone in the house.",
-    "The museum's dinosaur skeleton is over ten metres long.",
-    "Coffee prices rose after a poor harvest in Brazil.",
-    "They painted the fence white before the party.",
-    "The spacecraft sent back photographs of Saturn's rings.",
-    "I could not find my keys anywhere this morning.",
-    "The judge postponed the trial until next month.",
-    "Bread dough must rest before it goes into the oven.",
-    "The volunteers cleaned plastic from the beach.",
-    "His speech about climate policy received long applause.",
-]
+HELD_OUT = sentences.HELD_OUT[:24]
 
 
 @pytest.fixture(scope="module")
 def minilm_int8(tmp_path_factory):
     import tfgraph
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
     from tfgraph.models import minilm_path
 
     work = tmp_path_factory.mktemp("minilm-int8")
@@ -73,10 +32,10 @@ def minilm_int8(tmp_path_factory):
 def test_int8_minilm_sentence_embedding_cosine(minilm_int8):
     import collections
 
-    from tfgraph.calibration import tokenize
+    from tfgraph.compiler.calibration import tokenize
     from tfgraph.ir import load
     from tfgraph.models import minilm_path
-    from tfgraph.verify import run
+    from tfgraph.compiler.verify import run
 
     source, artifact, compiled = minilm_int8
     fp32_model = load(source).model

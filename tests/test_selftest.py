@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 
-from tfgraph.selftest import window_self_test
+from tfgraph.compiler.selftest import window_self_test
 
 
 def test_cpu_fp32_passes_on_both_sides_of_the_crossover():
@@ -34,10 +34,9 @@ class ForgetWindows(ir.passes.InPlacePass):
                 node.attributes["window_right"] = ir.AttrInt64("window_right", 30)
         return ir.passes.PassResult(model, True)
 
-passes = tuple(p for p in CPU_FP32.passes if p.name != "lower-attention")
-lowering = next(p for p in CPU_FP32.passes if p.name == "lower-attention")
-register_target(dataclasses.replace(CPU_FP32, name="window-blind", passes=passes + (
-    PassSpec("forget-windows"), PassSpec("lower-attention", dict(lowering.options, window_to="blocked")))), replace=True)
+register_target(CPU_FP32.map_passes(
+    lambda p: (PassSpec("forget-windows"), PassSpec("lower-attention", dict(p.options, window_to="blocked")))
+    if p.name == "lower-attention" else p, name="window-blind"), replace=True)
 """
 
 

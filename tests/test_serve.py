@@ -25,8 +25,8 @@ from _pipeline_models import model_path
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from tfgraph.serve import create_app  # noqa: E402
-from tfgraph.stages import partition_artifact  # noqa: E402
+from tfgraph.deploy.serve import create_app  # noqa: E402
+from tfgraph.compiler.stages import partition_artifact  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def text_server(text_artifact):
 
 def test_text_encoder(text_artifact, artifact):
     from tfgraph.errors import BadInputError
-    from tfgraph.text import TextEncoder, load_tokenizer
+    from tfgraph.deploy.text import TextEncoder, load_tokenizer
 
     encoder = TextEncoder.from_artifact(text_artifact)
     assert encoder.input_names == ["input_ids", "attention_mask", "token_type_ids"]
@@ -294,7 +294,7 @@ def test_text_encoder(text_artifact, artifact):
 
 
 def test_text_requests_match_onnxruntime_and_sentence_transformers(text_server, text_artifact):
-    from tfgraph.text import TextEncoder
+    from tfgraph.deploy.text import TextEncoder
 
     with urllib.request.urlopen(text_server + "/metadata", timeout=10) as r:
         meta = json.loads(r.read())

@@ -179,7 +179,7 @@ def _log_artifact(folder):
 
 @pytest.fixture(scope="module")
 def log_server(tmp_path_factory):
-    from tfgraph.serve import create_app, server_config
+    from tfgraph.deploy.serve import create_app, server_config
 
     app = create_app(_log_artifact(tmp_path_factory.mktemp("log") / "log"), max_latency_ms=1)
     with serving.running(server_config(app, host="127.0.0.1", port=0, read_timeout_s=READ_TIMEOUT)) as url:

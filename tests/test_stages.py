@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import tfgraph
 from tfgraph import ir as tir
 from tfgraph.errors import BadInputError
-from tfgraph.verify import generate_inputs
+from tfgraph.compiler.verify import generate_inputs
 
 
 def _whole(model, feeds):

@@ -15,9 +15,9 @@ from google.protobuf import text_format  # noqa: E402
 
 from tfgraph import ir as tir  # noqa: E402
 from tfgraph.errors import BadInputError  # noqa: E402
-from tfgraph.stages import partition_artifact  # noqa: E402
-from tfgraph.triton import export_triton, model_config_pb2, validate_repository  # noqa: E402
-from tfgraph.verify import generate_inputs  # noqa: E402
+from tfgraph.compiler.stages import partition_artifact  # noqa: E402
+from tfgraph.deploy.triton import export_triton, model_config_pb2, validate_repository  # noqa: E402
+from tfgraph.compiler.verify import generate_inputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tfgraph import analysis
+from tfgraph.compiler.flops import estimate_flops
 from tfgraph.errors import BadInputError
-from tfgraph.verify import compare, generate_inputs, parse_shapes
+from tfgraph.compiler.verify import compare, generate_inputs, parse_shapes
 from tests.conftest import make_mlp
 
 
@@ -81,7 +82,7 @@ def test_compare_tolerance_nan_and_shape():
 def test_flops_match_the_formula():
     model = ir.serde.deserialize_model(make_mlp(hidden=16))
     feeds = generate_inputs(model, {"batch": 3, "sequence": 10})
-    flops = analysis.estimate_flops(model, feeds)
+    flops = estimate_flops(model, feeds)
     # Three MatMuls: x·W1 twice (16→32), h·W2 once (32→16), over 3·10 rows.
     assert flops["total"] == 2 * 30 * 16 * 32 * 2 + 2 * 30 * 32 * 16
     # The probe outputs were removed again.

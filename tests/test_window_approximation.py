@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 
 import numpy as np
@@ -14,9 +13,9 @@ import pytest
 pytest.importorskip("transformers", reason="needs the 'hf' extra")
 
 import tfgraph  # noqa: E402
-from tfgraph import verify  # noqa: E402
+from tfgraph.compiler import verify  # noqa: E402
 from tfgraph.errors import BadInputError  # noqa: E402
-from tfgraph.export import export  # noqa: E402
+from tfgraph.compiler.export import export  # noqa: E402
 from tfgraph.models.hf_configs import make_hf_checkpoint  # noqa: E402
 from tfgraph.passes.attention_window_approximation import parse_window_spec  # noqa: E402
 from tfgraph.passes.registry import PassSpec  # noqa: E402
@@ -24,10 +23,8 @@ from tfgraph.targets.cpu import CPU_FP32  # noqa: E402
 
 
 def _target(name: str, **lowering) -> tfgraph.targets.Target:
-    passes = tuple(
-        PassSpec(p.name, {**p.options, **lowering}) if p.name == "lower-attention" else p for p in CPU_FP32.passes
-    )
-    return dataclasses.replace(CPU_FP32, name=name, passes=passes)
+    return CPU_FP32.map_passes(
+        lambda p: PassSpec(p.name, {**p.options, **lowering}) if p.name == "lower-attention" else p, name=name)
 
 
 @pytest.fixture(scope="module")

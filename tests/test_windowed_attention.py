@@ -6,13 +6,12 @@ The compiled models are run at sequence lengths below and above the blocked form
 crossover (lowered here to 16 tokens so that short tests exercise both branches of the
 ``If``), at lengths that are and are not multiples of the block, with right and left
 padding, against the raw export. Positions that are themselves padding are left out:
-a query that sees no key has no defined value (see ``tfgraph.verify.compare``).
+a query that sees no key has no defined value (see ``tfgraph.compiler.verify.compare``).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 
 import numpy as np
@@ -23,8 +22,8 @@ import pytest
 pytest.importorskip("transformers", reason="needs the 'hf' extra")
 
 import tfgraph  # noqa: E402
-from tfgraph import verify  # noqa: E402
-from tfgraph.export import export  # noqa: E402
+from tfgraph.compiler import verify  # noqa: E402
+from tfgraph.compiler.export import export  # noqa: E402
 from tfgraph.models.hf_configs import make_hf_checkpoint  # noqa: E402
 from tfgraph.passes.registry import PassSpec  # noqa: E402
 from tfgraph.targets.cpu import CPU_FP32  # noqa: E402
@@ -33,10 +32,9 @@ CROSSOVER = 16
 
 
 def _target(**lowering) -> tfgraph.targets.Target:
-    passes = tuple(
-        PassSpec(p.name, {**p.options, **lowering}) if p.name == "lower-attention" else p for p in CPU_FP32.passes
-    )
-    return dataclasses.replace(CPU_FP32, name="cpu-fp32-window-test", passes=passes)
+    return CPU_FP32.map_passes(
+        lambda p: PassSpec(p.name, {**p.options, **lowering}) if p.name == "lower-attention" else p,
+        name="cpu-fp32-window-test")
 
 
 def _report(manifest: dict, pass_name: str) -> dict:

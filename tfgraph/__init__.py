@@ -10,20 +10,20 @@ from __future__ import annotations
 import onnx_ir as _ir
 
 from tfgraph._version import __version__
-from tfgraph.artifact import Artifact, load
-from tfgraph.compiler import compile
-from tfgraph.options import CompileOptions
+from tfgraph.deploy.artifact import Artifact, load
+from tfgraph.compiler.driver import compile
+from tfgraph.compiler.options import CompileOptions
 from tfgraph.errors import BadInputError, ProviderUnavailableError, TfgraphError, VerificationError
-from tfgraph.executor import PipelineExecutor
-from tfgraph.generate import Generator, load_generator
-from tfgraph.instruments import Instrument, PassRecord
+from tfgraph.deploy.executor import PipelineExecutor
+from tfgraph.deploy.generate import Generator, load_generator
+from tfgraph.compiler.instruments import Instrument, PassRecord
 from tfgraph.passes.registry import PassSpec, available_passes, register_pass
-from tfgraph.passmanager import PassManager
-from tfgraph.stages import Pipeline, partition
+from tfgraph.compiler.passmanager import PassManager
+from tfgraph.compiler.stages import Pipeline, partition
 from tfgraph.targets import Target, get_target, list_targets, register_target
-from tfgraph.text import TextEncoder, load_tokenizer
+from tfgraph.deploy.text import TextEncoder, load_tokenizer
 
-from tfgraph.pass_context import install_default as _install_default_pass_context
+from tfgraph.compiler.pass_context import install_default as _install_default_pass_context
 
 _install_default_pass_context()
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from tfgraph.cli import main
+from tfgraph.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,337 @@
+"""Attention forms found from their math (passes/attention_softmax.py), one small torch module each.
+
+Every form is exported with TorchScript and dynamo (dynamo tests are slow: ~10 s an export),
+compiled for cpu-fp32, and must fuse every block; each carries a bias large enough that
+dropping it would break the ≤ 1e-4 match against torch. Negative twins: a Softmax that is
+not attention (keys and values are constants, the softmax is over the query axis) or that the
+neutral op cannot hold (tanh soft-capping) stays unfused, with the reason in the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+import tfgraph  # noqa: E402
+
+B, S, T, H, D = 2, 6, 6, 2, 6  # head size 6: not a multiple of 8
+E = H * D
+TOLERANCE = 1e-4
+
+
+def _rng_module(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return module.eval()
+
+
+def _split(x: torch.Tensor, heads: int = H) -> torch.Tensor:
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
+class Projections(torch.nn.Module):
+    def __init__(self, kv_heads: int = H):
+        super().__init__()
+        self.q = torch.nn.Linear(E, E)
+        self.k = torch.nn.Linear(E, kv_heads * D)
+        self.v = torch.nn.Linear(E, kv_heads * D)
+        self.kv_heads = kv_heads
+
+
+class T5Like(Projections):
+    """No scale, a relative-position bias from a bucket table (T5), no mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(2 * S, H)
+
+    def forward(self, x):
+        q, k, v = _split(self.q(x)), _split(self.k(x)), _split(self.v(x))
+        pos = torch.arange(x.shape[1])
+        rel = (pos[None, :] - pos[:, None]).clamp(-S + 1, S) + S - 1
+        bias = self.table(rel).permute(2, 0, 1).unsqueeze(0) * 4.0
+        scores = torch.matmul(q, k.transpose(-1, -2)) + bias
+        return _merge(torch.matmul(scores.softmax(-1), v))
+
+
+class AlibiLike(Projections):
+    """(batch·heads, S, D) products (Bloom's baddbmm): ALiBi slopes, a Where causal mask on a (B, H, S, T) view."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (_split(p(x)).reshape(b * H, s, D) for p in (self.q, self.k, self.v))
+        slopes = torch.tensor([0.5, 0.25]).view(1, H, 1, 1)
+        alibi = (slopes * torch.arange(s).view(1, 1, 1, s) * 3.0).expand(b, H, 1, s).reshape(b * H, 1, s)
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=1 / math.sqrt(D))
+        scores = scores.view(b, H, s, s)
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        scores = torch.where(causal, scores, torch.finfo(torch.float32).min)
+        probs = scores.softmax(-1).view(b * H, s, s)
+        return torch.bmm(probs, v).view(b, H, s, D).transpose(1, 2).reshape(b, s, E)
+
+
+class SwinLike(Projections):
+    """Windows of 3 positions as batch, a relative table bias and a per-window mask added on a 5-D view."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(H, 3, 3))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        w = x.reshape(b * (s // 3), 3, E)
+        q, k, v = _split(self.q(w)), _split(self.k(w)), _split(self.v(w))
+        scores = (q * D ** -0.5) @ k.transpose(-2, -1) + self.table.unsqueeze(0) * 3.0
+        mask = torch.zeros(s // 3, 3, 3)
+        mask[-1, :, -1] = -100.0
+        scores = scores.view(b, s // 3, H, 3, 3) + mask.unsqueeze(1).unsqueeze(0)
+        probs = scores.view(-1, H, 3, 3).softmax(-1)
+        return _merge(probs @ v).reshape(b, s, E)
+
+
+class DebertaLike(Projections):
+    """Disentangled terms (content→position from Q and a position table, gathered), XSoftmax masking."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = torch.nn.Parameter(torch.randn(2 * S, E))
+
+    def forward(self, x, mask):
+        q, k, v = _split(self.q(x)), _split(self.k(x)), _split(self.v(x))
+        s = x.shape[1]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(3 * D)
+        pos_k = _split(self.k(self.rel[None]))  # (1, H, 2S, D)
+        c2p = q @ pos_k.transpose(-1, -2)  # (B, H, s, 2S)
+        index = (torch.arange(s)[None, :] - torch.arange(s)[:, None] + S).clamp(0, 2 * S - 1)
+        c2p = torch.gather(c2p, -1, index.expand(q.shape[0], H, s, s))
+        scores = scores + c2p / math.sqrt(3 * D)
+        full = (mask[:, None, None, :] * mask[:, None, :, None]).bool()
+        scores = scores.masked_fill(~full, torch.finfo(torch.float32).min)
+        probs = scores.softmax(-1).masked_fill(~full, 0.0)
+        return _merge(probs @ v)
+
+
+class GroupedKV(Projections):
+    """MQA: one K/V head broadcast over the query heads in the product, padding mask, partial rotary on Q/K."""
+
+    def __init__(self):
+        super().__init__(kv_heads=1)
+
+    def forward(self, x, mask):
+        q, k, v = _split(self.q(x)), _split(self.k(x), 1), _split(self.v(x), 1)
+        half = D // 2
+        angle = torch.arange(x.shape[1]).float()[:, None] * 0.3
+        cos, sin = angle.cos(), angle.sin()
+
+        def rotary(t):
+            r, rest = t[..., :half], t[..., half:]
+            x1, x2 = r[..., : half // 2], r[..., half // 2 : half]
+            return torch.cat([torch.cat([-x2, x1], -1) * sin + r * cos, rest], -1)
+
+        q, k = rotary(q), rotary(k)
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        scores = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5 + bias
+        return _merge(torch.matmul(scores.softmax(-1), v))
+
+
+class CrossAttention(Projections):
+    """Queries from x, keys and values from another sequence of another length, key padding mask."""
+
+    def forward(self, x, memory, mask):
+        q, k, v = _split(self.q(x)), _split(self.k(memory)), _split(self.v(memory))
+        bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        return _merge(torch.softmax(q @ k.transpose(-1, -2) * 0.4 + bias, dim=-1) @ v)
+
+
+class Sdpa(Projections):
+    """torch's scaled_dot_product_attention with an additive float mask (decomposed by either exporter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(1, H, S, S) * 3.0)
+
+    def forward(self, x):
+        q, k, v = _split(self.q(x)), _split(self.k(x)), _split(self.v(x))
+        return _merge(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.table))
+
+
+# --- negative twins -------------------------------------------------------------------------
+
+
+class Router(torch.nn.Module):
+    """Softmax(x·W)·E: a gate over constant experts, not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(E, 4))
+        self.e = torch.nn.Parameter(torch.randn(4, E))
+
+    def forward(self, x):
+        return torch.softmax(x @ self.w, -1) @ self.e
+
+
+class QueryAxis(Projections):
+    """Softmax over the query axis: not attention over keys."""
+
+    def forward(self, x):
+        q, k, v = _split(self.q(x)), _split(self.k(x)), _split(self.v(x))
+        return _merge(torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v)
+
+
+class SoftCapped(Projections):
+    """Gemma-2's tanh soft-capping: the neutral op has no pre-softmax function, so it stays unfused."""
+
+    def forward(self, x):
+        q, k, v = _split(self.q(x)), _split(self.k(x)), _split(self.v(x))
+        scores = torch.tanh(q @ k.transpose(-1, -2) / 5.0) * 5.0
+        return _merge(scores.softmax(-1) @ v)
+
+
+# --- harness ---------------------------------------------------------------------------------
+
+
+def _inputs(names: tuple[str, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for name in names:
+        if name == "x":
+            out.append(torch.randn(B, S, E, generator=g))
+        elif name == "memory":
+            out.append(torch.randn(B, T + 3, E, generator=g))
+        elif name == "mask":
+            length = T + 3 if "memory" in names else S
+            mask = torch.ones(B, length, dtype=torch.int64)
+            mask[1, -2:] = 0
+            out.append(mask)
+    return out
+
+
+def _export(module, names, path, exporter: str, outputs=("y",)):
+    inputs = tuple(_inputs(names))
+    if exporter == "torchscript":
+        torch.onnx.export(module, inputs, str(path), dynamo=False, input_names=list(names), output_names=list(outputs),
+                          opset_version=18)
+    else:
+        program = torch.onnx.export(module, inputs, dynamo=True, input_names=list(names), output_names=list(outputs),
+                                    optimize=True)
+        program.save(str(path))
+    return inputs
+
+
+def _compile(tmp_path, module, names, exporter, outputs=("y",)):
+    path = tmp_path / f"{type(module).__name__}-{exporter}.onnx"
+    inputs = _export(module, names, path, exporter, outputs)
+    feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+    artifact = tfgraph.compile(str(path), "cpu-fp32", inputs=feeds)
+    return artifact, inputs, feeds
+
+
+def _run(artifact, feeds) -> list[np.ndarray]:
+    import onnx_ir as ir
+
+    session = ort.InferenceSession(ir.to_proto(artifact.model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _fuse_report(artifact) -> dict:
+    return next(r for r in artifact.manifest["passes"] if r["name"] == "fuse-attention")["rules"]
+
+
+FORMS = {
+    "t5-relative-bias-no-scale": (T5Like, ("x",)),
+    "alibi-3d-where-mask": (AlibiLike, ("x",)),
+    "swin-windows-table-5d-mask": (SwinLike, ("x",)),
+    "deberta-disentangled-xsoftmax": (DebertaLike, ("x", "mask")),
+    "mqa-partial-rotary-odd-head": (GroupedKV, ("x", "mask")),
+    "cross-attention": (CrossAttention, ("x", "memory", "mask")),
+    "sdpa-float-mask": (Sdpa, ("x",)),
+}
+
+
+def _params():
+    for form in FORMS:
+        for exporter in ("torchscript", "dynamo"):
+            marks = [pytest.mark.slow] if exporter == "dynamo" else []
+            yield pytest.param(form, exporter, id=f"{form}-{exporter}", marks=marks)
+
+
+@pytest.mark.parametrize("form,exporter", list(_params()))
+def test_form_fuses_and_keeps_its_bias(tmp_path, form, exporter):
+    cls, names = FORMS[form]
+    module = _rng_module(cls())
+    artifact, inputs, feeds = _compile(tmp_path, module, names, exporter)
+    attention = artifact.manifest["attention"]
+    assert attention["found"] >= 1 and attention["unfused"] == 0, _fuse_report(artifact)
+    assert attention["fused"] == attention["found"]
+    with torch.no_grad():
+        want = module(*inputs).numpy()
+    got = _run(artifact, feeds)[0]
+    keep = np.ones(want.shape[:2], bool)
+    if "mask" in names and "memory" not in names:
+        keep = feeds["mask"].astype(bool)  # padded query rows carry no defined value
+    assert np.abs(got - want)[keep].max() <= TOLERANCE
+
+
+def test_attention_inside_an_if_body_fuses(tmp_path):
+    """A block inside an If branch (a model that picks its attention at run time) is fused there."""
+    import onnx
+
+    module = _rng_module(T5Like())
+    path = tmp_path / "inner.onnx"
+    inputs = _export(module, ("x",), path, "torchscript")
+    inner = onnx.load(str(path))
+    branch = onnx.helper.make_graph(list(inner.graph.node), "then", [], list(inner.graph.output),
+                                    list(inner.graph.initializer))
+    other = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                                   [onnx.helper.make_tensor_value_info("y_else", onnx.TensorProto.FLOAT, [B, S, E])])
+    flag = onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=other)], "g",
+        [inner.graph.input[0], flag], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [B, S, E])])
+    model = onnx.helper.make_model(graph, opset_imports=list(inner.opset_import))
+    outer = tmp_path / "if.onnx"
+    onnx.save(model, str(outer))
+    feeds = {"x": inputs[0].numpy(), "flag": np.array(True)}
+    artifact = tfgraph.compile(str(outer), "cpu-fp32", inputs=feeds)
+    ops = {(n.domain, n.op_type) for g in artifact.model.graphs() for n in g}
+    assert any(op.endswith("Attention") for _, op in ops), ops
+    assert not any(n.op_type == "Softmax" for g in artifact.model.graphs() for n in g)
+    with torch.no_grad():
+        want = module(*inputs).numpy()
+    assert np.abs(_run(artifact, feeds)[0] - want).max() <= TOLERANCE
+
+
+NEGATIVE = {
+    "router-constant-keys": (Router, ("x",), ("y",), "constant"),
+    "softmax-over-queries": (QueryAxis, ("x",), ("y",), "last axis"),
+    "tanh-soft-capping": (SoftCapped, ("x",), ("y",), "soft-capping"),
+}
+
+
+@pytest.mark.parametrize("name", list(NEGATIVE))
+def test_negative_twin_stays_unfused_with_a_reason(tmp_path, name):
+    cls, names, outputs, reason = NEGATIVE[name]
+    module = _rng_module(cls())
+    artifact, inputs, feeds = _compile(tmp_path, module, names, "torchscript", outputs)
+    assert not any(n.domain == "tfgraph" or n.op_type.endswith("Attention") for g in artifact.model.graphs() for n in g)
+    report = _fuse_report(artifact)
+    assert report["attention-softmax"]["matches"] == 0
+    if artifact.manifest["attention"]["found"]:  # a block the analysis counts must say why it was left
+        reasons = [b["reason"] for b in report["unfused-softmax"]["blocks"]]
+        assert any(reason in r for r in reasons), reasons
+    with torch.no_grad():
+        want = module(*inputs)
+    want = want[0] if isinstance(want, tuple) else want
+    assert np.abs(_run(artifact, feeds)[0] - want.numpy()).max() <= TOLERANCE
