@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     import openvino as ov
 
     import tfgraph
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
     from tfgraph.targets import get_target
     from tfgraph.targets import openvino as ovt
 

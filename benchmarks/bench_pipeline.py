@@ -47,7 +47,7 @@ def balance(models, cache, ks, runs, out_rows):
 
     import tfgraph
     from tfgraph import ir as tir
-    from tfgraph.verify import generate_inputs
+    from tfgraph.compiler.verify import generate_inputs
 
     for name in models:
         art = _compiled(name, cache)
@@ -78,8 +78,8 @@ def throughput(name, cache, k, micro, batch, seq, rounds, with_ray, out_rows):
     import onnxruntime as ort
 
     from tfgraph import PipelineExecutor, ir as tir
-    from tfgraph.stages import partition_artifact
-    from tfgraph.verify import generate_inputs
+    from tfgraph.compiler.stages import partition_artifact
+    from tfgraph.compiler.verify import generate_inputs
 
     art = _compiled(name, cache)
     pipe_dir = cache / f"{name}-k{k}"
@@ -93,7 +93,7 @@ def throughput(name, cache, k, micro, batch, seq, rounds, with_ray, out_rows):
     variants[f"local K={k} M={micro}"] = (lambda: local.run(feeds), None, micro)
     ray_ex = None
     if with_ray:
-        from tfgraph.executor import init_local_ray
+        from tfgraph.deploy.executor import init_local_ray
 
         init_local_ray(num_cpus=os.cpu_count())
         ray_ex = PipelineExecutor(pipe_dir, executor="ray", micro_batches=micro, timeout_s=600)

@@ -373,10 +373,10 @@ def run(args: argparse.Namespace, out: pathlib.Path) -> dict:
     import torch
 
     import tfgraph
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
     from tfgraph.ir import load as ir_load
     from tfgraph.targets import get_target
-    from tfgraph.verify import generate_inputs
+    from tfgraph.compiler.verify import generate_inputs
 
     result = {"device": device_name(), "date": str(datetime.date.today()),
               "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "tfgraph": tfgraph.__version__},

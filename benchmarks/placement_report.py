@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tfgraph
     from tfgraph.errors import TfgraphError
-    from tfgraph.export import export
+    from tfgraph.compiler.export import export
 
     targets = args.targets or [t.name for t in tfgraph.list_targets()]
     work = pathlib.Path(tempfile.mkdtemp(prefix="placement-"))

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: Values of the ``attention`` argument of :func:`get_model`, :func:`hf_model`
-#: and :func:`tfgraph.export.export` (transformers' ``attn_implementation``).
+#: and :func:`tfgraph.compiler.export.export` (transformers' ``attn_implementation``).
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 #: The attention of Hugging Face models when none is given: transformers' own default.
 DEFAULT_ATTENTION = "sdpa"

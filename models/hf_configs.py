@@ -4,7 +4,7 @@
 model (seeded, so the same kind always gives the same weights) and saves it
 with ``save_pretrained`` (``config.json`` + ``model.safetensors``; no tokenizer)
 into a folder that :func:`tfgraph.models.hf_model` and
-:func:`tfgraph.export.export` accept. The sizes keep each dynamo export to a
+:func:`tfgraph.compiler.export.export` accept. The sizes keep each dynamo export to a
 few seconds on a laptop CPU.
 
 Kinds (:data:`HF_KINDS`):

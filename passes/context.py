@@ -13,7 +13,7 @@ Passes sit below the compiler, the targets and the calibration machinery, and im
 * ``run(model, feeds)``: the model's outputs on onnxruntime CPU (unoptimized), for passes that measure;
 * ``generate_inputs(model, shapes, seed)`` / ``check_feeds(feeds, model)``: feeds for such runs.
 
-The compile driver makes one with everything set (``tfgraph.pass_context.standard_context``) and
+The compile driver makes one with everything set (``tfgraph.compiler.pass_context.standard_context``) and
 ``import tfgraph`` installs that as the default, so a pass run on its own works as well.
 """
 

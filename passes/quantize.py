@@ -17,7 +17,7 @@ modes:
   from the calibration set (one pair per tensor, shared by its consumers).
 
 Every quantized node is recorded (``self.quantized``: name → how to rebuild the float node) so
-``tfgraph.precision.revert_nodes`` can turn the most harmful ones back into float.
+``tfgraph.compiler.precision.revert_nodes`` can turn the most harmful ones back into float.
 """
 
 from __future__ import annotations

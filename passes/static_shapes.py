@@ -29,7 +29,7 @@ def _dims(shape: ir.Shape | None) -> list:
 
 def pin_input_shapes(graph: ir.Graph, shapes: Mapping[str, Any]) -> bool:
     """Fix graph input dims from ``shapes`` (``name -> tuple`` for an input, ``symbol -> int`` for a
-    named dimension, as ``tfgraph.verify.parse_shapes`` gives). A whole input shape also fixes the
+    named dimension, as ``tfgraph.compiler.verify.parse_shapes`` gives). A whole input shape also fixes the
     named dims it binds (``input_ids=1x128`` on ``(batch, sequence)``: batch 1, sequence 128 for
     every input sharing them). True when a dim changed."""
     shapes = dict(shapes)
