@@ -29,6 +29,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchFailureError
 
 from tfgraph import ops
+from tfgraph.passes import attention_softmax
 from tfgraph.passes.registry import register_pass
 from tfgraph.passes.rules import RuleSetPass
 
@@ -255,6 +256,9 @@ class FuseAttentionPass(RuleSetPass):
     """Rewrite multi-head attention blocks to the neutral ``tfgraph.Attention`` operator.
 
     Run ``infer-shapes`` first: the rule reads heads and head size from value shapes.
+    After the pattern rules, :mod:`tfgraph.passes.attention_softmax` takes the attention
+    Softmaxes they left (``attention-softmax``); any still unfused is listed with the
+    reason under ``unfused-softmax``.
     """
 
     def named_rules(self) -> Sequence[tuple[str, pattern.RewriteRule]]:
@@ -268,4 +272,10 @@ class FuseAttentionPass(RuleSetPass):
         for rule_name, op_name in self.RULE_OPS.items():
             if self.report.get(rule_name, {}).get("matches"):
                 ops.ensure_defined(model, op_name)
-        return result
+        # What the pattern rules left: attention found from its math (attention_softmax), and
+        # for every attention Softmax still unfused, the reason.
+        count, left = attention_softmax.fuse_all(model)
+        self.report["attention-softmax"] = {"matches": count}
+        if left:
+            self.report["unfused-softmax"] = {"matches": 0, "blocks": left}
+        return ir.passes.PassResult(model, result.modified or count > 0)
