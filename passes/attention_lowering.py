@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.builder import Builder
 from tfgraph.ops import MaskKind
 from tfgraph import ops
 from tfgraph.errors import BadInputError
@@ -122,6 +123,19 @@ def _lower_bhsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
 _TO_MHA = {"Attention": _lower_bsd, "AttentionBHSD": _lower_bhsd}
 
 
+def _kernel_fits(node: ir.Node) -> bool:
+    """Whether a fused kernel can take the block: head-split blocks need one static head count on
+    Q, K and V (a (batch·heads, S, H) block unsqueezed by attention-softmax has a dynamic one).
+    Others keep the neutral op, whose body computes exactly what the exporter's graph did."""
+    if node.op_type != "AttentionBHSD":
+        return True
+    shapes = [v.shape for v in node.inputs[:3]]
+    if any(s is None or len(s) != 4 for s in shapes):
+        return False
+    heads = {s[1] for s in shapes}
+    return len(heads) == 1 and isinstance(shapes[0][1], int) and isinstance(shapes[0][3], int)
+
+
 def _projection(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
     """``x·W + b`` (or ``x·W``) with constant 2-D ``W``: returns (x, W, b), b None when absent."""
     node = value.producer()
@@ -230,7 +244,7 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
         heads = node.attributes.get_int("num_heads")
         q_in, k_in, v_in = q, k, v
         kv_heads = heads
-    seqlens, total = _prompt_lengths(blocked._Builder(new, f"{node.name or node.outputs[0].name}/gqa"), q_in)
+    seqlens, total = _prompt_lengths(Builder(f"{node.name or node.outputs[0].name}/gqa", new), q_in)
     kind = node.attributes.get_string("mask_kind")
     padded = kind.endswith("_bias") or kind == "block_sparse" or node.attributes.get_string("key_padding") is not None
     bias = _mha_bias(new, node, q_in, 1, k_in, 1) if padded else None
@@ -322,11 +336,14 @@ class LowerAttentionPass(ir.passes.InPlacePass):
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = causal = 0
+        count = causal = kept = 0
         windows: dict[str, int] = {}
         for graph in model.graphs():
             for node in list(graph):
                 if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
+                    continue
+                if not _kernel_fits(node):
+                    kept += 1
                     continue
                 lowered = None
                 if self.to == "function" and not (
@@ -357,4 +374,6 @@ class LowerAttentionPass(ir.passes.InPlacePass):
             self.report[self.causal_to] = {"matches": causal}
         for form, n in windows.items():
             self.report[f"window:{form}"] = {"matches": n}
+        if kept:
+            self.report["function"] = {"matches": kept}  # no kernel fits: the neutral op's exact body
         return ir.passes.PassResult(model, count > 0)
