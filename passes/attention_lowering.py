@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.builder import Builder
 from tfgraph.ops import MaskKind
 from tfgraph import ops
 from tfgraph.errors import BadInputError
@@ -243,7 +244,7 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
         heads = node.attributes.get_int("num_heads")
         q_in, k_in, v_in = q, k, v
         kv_heads = heads
-    seqlens, total = _prompt_lengths(blocked._Builder(new, f"{node.name or node.outputs[0].name}/gqa"), q_in)
+    seqlens, total = _prompt_lengths(Builder(f"{node.name or node.outputs[0].name}/gqa", new), q_in)
     kind = node.attributes.get_string("mask_kind")
     padded = kind.endswith("_bias") or kind == "block_sparse" or node.attributes.get_string("key_padding") is not None
     bias = _mha_bias(new, node, q_in, 1, k_in, 1) if padded else None

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.builder import Builder
 from tfgraph.passes import blocked_attention as blocked
 
 
@@ -19,7 +20,7 @@ def _same_dim(a, b) -> bool:
 GQA_HEAD_SIZE_MULTIPLE = 8
 
 
-def _prompt_lengths(b: "blocked._Builder", q: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _prompt_lengths(b: Builder, q: ir.Value) -> tuple[ir.Value, ir.Value]:
     """GroupQueryAttention's ``seqlens_k`` (S - 1 per batch row) and ``total_sequence_length`` (S)
     for a prompt without past, from (B, S, D) queries."""
     shape = b("Shape", q)
@@ -79,7 +80,7 @@ def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value,
     else MultiHeadAttention; the mask, when one is needed, built densely from the band and
     the padding input (not the exporter's tensor, which would be computed at every length)."""
     prefix = f"{node.name or node.outputs[0].name}/short"
-    b = blocked._Builder(nodes, prefix)
+    b = Builder(prefix, nodes)
     scale = node.attributes.get_float("scale")
     if right == 0 and size % GQA_HEAD_SIZE_MULTIPLE == 0 and not global_tokens:
         seqlens, total = _prompt_lengths(b, q)
@@ -87,17 +88,11 @@ def _window_small(nodes: list[ir.Node], node: ir.Node, q: ir.Value, k: ir.Value,
         if padding is not None:
             inputs += [None, None, None,
                        blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding, prefix=prefix)]
-        op = ir.node("GroupQueryAttention", inputs, domain="com.microsoft", num_outputs=3, attributes={
-            "num_heads": heads, "kv_num_heads": heads, "scale": scale, "local_window_size": left + 1})
-    else:
-        mask = blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding,
-                                  global_tokens=global_tokens, prefix=prefix)
-        op = ir.node("MultiHeadAttention", [q, k, v, None, None, mask], domain="com.microsoft",
-                     attributes={"num_heads": heads, "scale": scale})
-    for i, value in enumerate(op.outputs):
-        value.name = f"{prefix}/{op.op_type}:{i}"
-    nodes.append(op)
-    return op.outputs[0]
+        return b("GroupQueryAttention", *inputs, domain="com.microsoft", num_outputs=3, num_heads=heads,
+                 kv_num_heads=heads, scale=scale, local_window_size=left + 1)[0]
+    mask = blocked.dense_mask(nodes, q, left=left, right=right, key_padding=padding,
+                              global_tokens=global_tokens, prefix=prefix)
+    return b("MultiHeadAttention", q, k, v, None, None, mask, domain="com.microsoft", num_heads=heads, scale=scale)
 
 
 def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, block: int | None, kernel: str
@@ -121,7 +116,7 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     padding = _key_padding(graph, node)
     new: list[ir.Node] = []
     stem = node.name or node.outputs[0].name
-    b = blocked._Builder(new, stem)
+    b = Builder(stem, new)
     bhsd = node.op_type == "AttentionBHSD"
     length = q.shape[2] if bhsd else q.shape[1]
     if bhsd:  # to (B, S, N·H)
@@ -154,10 +149,7 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
             result.type = ir.TensorType(ir.DataType.FLOAT)
             branches[name] = ir.Graph([], [result], nodes=nodes, name=f"{stem}/{name}")
         long_enough = b("GreaterOrEqual", b("Shape", q, start=1, end=2), b.i64(threshold))
-        choose = ir.node("If", [b("Squeeze", long_enough, b.i64(0))], attributes=branches)
-        choose.outputs[0].name = f"{stem}/If"
-        new.append(choose)
-        out, form = choose.outputs[0], "if"
+        out, form = b("If", b("Squeeze", long_enough, b.i64(0)), **branches), "if"
     if bhsd:
         out = b("Transpose", b("Reshape", out, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
     return new, out, form
@@ -180,7 +172,7 @@ def _lower_block_sparse(graph: ir.Graph, node: ir.Node, kernel: str) -> tuple[li
                    "global_blocks": node.attributes.get_int("global_blocks", 0)}
     new: list[ir.Node] = []
     stem = node.name or node.outputs[0].name
-    b = blocked._Builder(new, stem)
+    b = Builder(stem, new)
     bhsd = node.op_type == "AttentionBHSD"
     if bhsd:  # to (B, S, N·H)
         merge = b.i64(0, 0, -1)

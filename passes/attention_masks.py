@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401 - ir.passes.common is used below; importing onnx_ir alone does not load it
 
 from tfgraph.ops import MaskKind
 from tfgraph import ops

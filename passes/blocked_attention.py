@@ -28,50 +28,20 @@ import numpy as np
 import onnx_ir as ir
 
 from tfgraph.analysis import BLOCKED_ATTENTION_MARK
+from tfgraph.builder import Builder
 from tfgraph.ops import BLOCKED_FORM, mark_attention_form
 
 # Each of the two additive parts uses half of the lowest float, so their sum stays finite.
 _HALF_MIN = float(np.finfo(np.float32).min) / 2
 
 
-class _Builder:
-    """Appends nodes to ``nodes`` and returns their outputs, named ``<prefix>/<op>_<n>``
-    (subgraphs of an ``If`` share one namespace with the main graph)."""
-
-    _count = 0
-
-    def __init__(self, nodes: list[ir.Node], prefix: str = "tfgraph"):
-        self.nodes = nodes
-        self.prefix = prefix
-        self._constants: dict[tuple, ir.Value] = {}
-
-    def __call__(self, op: str, *inputs, num_outputs: int = 1, **attributes):
-        node = ir.node(op, list(inputs), attributes=attributes or None, num_outputs=num_outputs)
-        for i, output in enumerate(node.outputs):
-            _Builder._count += 1
-            output.name = f"{self.prefix}/{op}_{_Builder._count}" + (f":{i}" if i else "")
-        self.nodes.append(node)
-        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
-
-    def const(self, array) -> ir.Value:
-        """A Constant, made once per value within this builder's nodes."""
-        array = np.asarray(array)
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._constants:
-            self._constants[key] = self("Constant", value=ir.tensor(array))
-        return self._constants[key]
-
-    def i64(self, *values: int) -> ir.Value:
-        return self.const(np.array(values, dtype=np.int64))
-
-
-def _arange(b: _Builder, count: int, start: int) -> ir.Value:
+def _arange(b: Builder, count: int, start: int) -> ir.Value:
     """``start, start + 1, …, start + count - 1`` (int64), computed at run time."""
     return b("Range", b.const(np.array(start, np.int64)), b.const(np.array(start + count, np.int64)),
              b.const(np.array(1, np.int64)))
 
 
-def _positions(b: _Builder, sequence: ir.Value, blocks: ir.Value, block: int, before: int, count: int):
+def _positions(b: Builder, sequence: ir.Value, blocks: ir.Value, block: int, before: int, count: int):
     """Key positions of every block's window, (blocks, count·block): ``t·block + s - before·block``,
     clipped into [0, S) for gathering, and whether each lies inside the sequence."""
     last = b("Sub", sequence, b.i64(1))
@@ -85,7 +55,7 @@ def _positions(b: _Builder, sequence: ir.Value, blocks: ir.Value, block: int, be
     return clipped, valid
 
 
-def _band_bias(b: _Builder, *, left: int, right: int, block: int, before: int, width: int) -> ir.Value:
+def _band_bias(b: Builder, *, left: int, right: int, block: int, before: int, width: int) -> ir.Value:
     """The additive (block, width) band of a tile, the same for every tile and head: query ``u``
     of the tile and window slot ``s`` are ``j - i = s - before·block - u`` apart. Built at run
     time from two Ranges (a constant table would add block·width floats per layer); Reshape
@@ -138,7 +108,7 @@ def blocked_attention(
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown blocked-attention kernel {kernel!r}")
-    b = _Builder(nodes, prefix)
+    b = Builder(prefix, nodes)
     # own_block_only: block-diagonal attention (Swin-like), each tile sees its own block only.
     before = 0 if own_block_only else math.ceil(left / block)
     after = 0 if own_block_only else math.ceil(right / block)
@@ -206,7 +176,7 @@ def blocked_attention(
     return context
 
 
-def _tiles_mha(b: _Builder, q, k, v, sequence, q_rows, keys, valid, band, *, scale: float, block: int, width: int,
+def _tiles_mha(b: Builder, q, k, v, sequence, q_rows, keys, valid, band, *, scale: float, block: int, width: int,
                heads: int, head_size: int, key_padding: ir.Value | None) -> ir.Value:
     """The MultiHeadAttention-tiles form of a band without global tokens, with the least data
     movement found on onnxruntime's CPU kernel:
@@ -243,15 +213,13 @@ def _tiles_mha(b: _Builder, q, k, v, sequence, q_rows, keys, valid, band, *, sca
     else:
         seen = b("Expand", b("Cast", valid, to=ir.DataType.INT32), b("Concat", batch, b.i64(1, 1), axis=0))
     key_mask = b("Reshape", seen, b.i64(-1, width))  # (B·tiles, width)
-    node = ir.node("MultiHeadAttention", [q_tiles, k_tiles, v_tiles, None, key_mask, band], domain="com.microsoft",
-                   attributes={"num_heads": heads, "scale": scale, "mask_filter_value": _HALF_MIN})
-    node.outputs[0].name = f"{b.prefix}/MultiHeadAttention"
-    b.nodes.append(node)
-    context = b("Reshape", node.outputs[0], b("Concat", batch, b.i64(-1, hidden), axis=0))
+    attended = b("MultiHeadAttention", q_tiles, k_tiles, v_tiles, None, key_mask, band, domain="com.microsoft",
+                 num_heads=heads, scale=scale, mask_filter_value=_HALF_MIN)
+    context = b("Reshape", attended, b("Concat", batch, b.i64(-1, hidden), axis=0))
     return b("Slice", context, b.i64(0), sequence, b.i64(1))
 
 
-def _attend(b: _Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_windows: ir.Value, mask: ir.Value,
+def _attend(b: Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_windows: ir.Value, mask: ir.Value,
             blocks: ir.Value, *, block: int, width: int, heads: int, head_size: int, scale: float, kernel: str
             ) -> ir.Value:
     """Attention of every tile: (B, blocks, block, D) queries against (B, blocks, width, D)
@@ -278,12 +246,10 @@ def _attend(b: _Builder, q: ir.Value, q_tiles: ir.Value, k_windows: ir.Value, v_
         batch = b("Shape", q, start=0, end=1)
         full = b("Concat", batch, blocks, b.i64(block, width), axis=0)
         bias = b("Reshape", b("Expand", mask, full), b.i64(-1, 1, block, width))
-        node = ir.node("MultiHeadAttention", [q_flat, k_flat, v_flat, None, None, bias], domain="com.microsoft",
-                       attributes={"num_heads": heads, "scale": scale})
-        node.outputs[0].name = f"{b.prefix}/MultiHeadAttention"
-        b.nodes.append(node)
+        attended = b("MultiHeadAttention", q_flat, k_flat, v_flat, None, None, bias, domain="com.microsoft",
+                     num_heads=heads, scale=scale)
         batch_first = b("Concat", batch, b.i64(-1, hidden), axis=0)
-        context = b("Reshape", node.outputs[0], batch_first)
+        context = b("Reshape", attended, batch_first)
     return context
 
 
@@ -333,7 +299,7 @@ def block_sparse_attention(
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown blocked-attention kernel {kernel!r}")
-    b = _Builder(nodes, prefix)
+    b = Builder(prefix, nodes)
     hidden = heads * head_size
     slot = np.arange(block, dtype=np.int64)
     dense_rows = None
@@ -427,7 +393,7 @@ def block_sparse_attention(
     return context
 
 
-def _dense_rows(b: _Builder, q, k, v, rows: np.ndarray, seen: np.ndarray, *, scale: float, heads: int,
+def _dense_rows(b: Builder, q, k, v, rows: np.ndarray, seen: np.ndarray, *, scale: float, heads: int,
                 head_size: int, key_padding) -> ir.Value:
     """Dense attention of the queries at ``rows`` over the keys ``seen`` ((R, S) bool) and
     unpadded, (B, R, N·H)."""
@@ -448,7 +414,7 @@ def _dense_rows(b: _Builder, q, k, v, rows: np.ndarray, seen: np.ndarray, *, sca
     return b("Reshape", b("Transpose", context, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
 
 
-def _global_rows(b: _Builder, q, k, v, *, scale: float, heads: int, head_size: int, count: int, key_padding):
+def _global_rows(b: Builder, q, k, v, *, scale: float, heads: int, head_size: int, count: int, key_padding):
     """Dense attention of the first ``count`` queries over every (unpadded) key, (B, count, N·H)."""
     split = b.i64(0, 0, heads, head_size)
     q_g = b("Slice", q, b.i64(0), b.i64(count), b.i64(1))
@@ -474,7 +440,7 @@ def dense_mask(
 ) -> ir.Value:
     """The additive (B|1, 1, S, S) mask of the band (``left=None``: unbounded), global tokens
     (as in :func:`blocked_attention`) and key padding, S read off ``q``'s ``sequence_axis``."""
-    b = _Builder(nodes, prefix)
+    b = Builder(prefix, nodes)
     sequence = b("Shape", q, start=sequence_axis, end=sequence_axis + 1)
     length = b("Squeeze", sequence, b.i64(0))
     positions = b("Range", b.const(np.array(0, np.int64)), length, b.const(np.array(1, np.int64)))

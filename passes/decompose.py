@@ -36,62 +36,41 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from tfgraph.builder import Builder
 from tfgraph.passes.registry import register_pass
 
 MS = "com.microsoft"
 
 
-class _Emit:
-    """Builds replacement nodes before ``anchor`` in its graph, named after it."""
-
-    def __init__(self, graph: ir.Graph, anchor: ir.Node):
-        self.graph, self.anchor, self.nodes = graph, anchor, []
-        self.stem = anchor.name or anchor.op_type
-
-    def __call__(self, op: str, *inputs, **attributes) -> ir.Value:
-        node = ir.node(op, list(inputs), attributes=attributes, name=f"{self.stem}/{op}_{len(self.nodes)}")
-        node.outputs[0].name = f"{self.stem}/{op}_{len(self.nodes)}:0"
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def const(self, value: float, like: ir.Value) -> ir.Value:
-        dtype = like.dtype.numpy() if like.dtype is not None else np.float32
-        node = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(value, dtype=dtype))},
-                       name=f"{self.stem}/c_{len(self.nodes)}")
-        node.outputs[0].name = f"{self.stem}/c_{len(self.nodes)}:0"
-        self.nodes.append(node)
-        return node.outputs[0]
+def _gelu_erf(e: Builder, x: ir.Value) -> ir.Value:
+    inner = e("Erf", e("Div", x, e.scalar(math.sqrt(2.0), x)))
+    return e("Mul", e("Mul", x, e.scalar(0.5, x)), e("Add", inner, e.scalar(1.0, x)))
 
 
-def _gelu_erf(e: _Emit, x: ir.Value) -> ir.Value:
-    inner = e("Erf", e("Div", x, e.const(math.sqrt(2.0), x)))
-    return e("Mul", e("Mul", x, e.const(0.5, x)), e("Add", inner, e.const(1.0, x)))
-
-
-def _gelu_tanh(e: _Emit, x: ir.Value) -> ir.Value:
+def _gelu_tanh(e: Builder, x: ir.Value) -> ir.Value:
     cube = e("Mul", e("Mul", x, x), x)
-    inner = e("Mul", e("Add", x, e("Mul", cube, e.const(0.044715, x))), e.const(math.sqrt(2.0 / math.pi), x))
-    return e("Mul", e("Mul", x, e.const(0.5, x)), e("Add", e("Tanh", inner), e.const(1.0, x)))
+    inner = e("Mul", e("Add", x, e("Mul", cube, e.scalar(0.044715, x))), e.scalar(math.sqrt(2.0 / math.pi), x))
+    return e("Mul", e("Mul", x, e.scalar(0.5, x)), e("Add", e("Tanh", inner), e.scalar(1.0, x)))
 
 
-def _with_bias(e: _Emit, node: ir.Node) -> ir.Value:
+def _with_bias(e: Builder, node: ir.Node) -> ir.Value:
     x = node.inputs[0]
     return e("Add", x, node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else x
 
 
-def _gelu(e: _Emit, node: ir.Node):
+def _gelu(e: Builder, node: ir.Node):
     x = _with_bias(e, node) if node.domain == MS and node.op_type in ("BiasGelu", "FastGelu") else node.inputs[0]
     tanh = node.op_type == "FastGelu" or node.attributes.get_string("approximate", "none") == "tanh"
     return [_gelu_tanh(e, x) if tanh else _gelu_erf(e, x)]
 
 
-def _quick_gelu(e: _Emit, node: ir.Node):
+def _quick_gelu(e: Builder, node: ir.Node):
     x = node.inputs[0]
     alpha = node.attributes.get_float("alpha", 1.702)
-    return [e("Mul", x, e("Sigmoid", e("Mul", x, e.const(alpha, x))))]
+    return [e("Mul", x, e("Sigmoid", e("Mul", x, e.scalar(alpha, x))))]
 
 
-def _skip_layer_norm(e: _Emit, node: ir.Node):
+def _skip_layer_norm(e: Builder, node: ir.Node):
     # SkipLayerNormalization(input, skip, gamma, beta?, bias?) -> (output, mean, inv_std_var, input_skip_bias_sum)
     beta = node.inputs[3] if len(node.inputs) > 3 else None
     bias = node.inputs[4] if len(node.inputs) > 4 else None
@@ -103,25 +82,22 @@ def _skip_layer_norm(e: _Emit, node: ir.Node):
     return [normed, None, None, total]
 
 
-def _skip_rms_norm(e: _Emit, node: ir.Node):
+def _skip_rms_norm(e: Builder, node: ir.Node):
     # SkipSimplifiedLayerNormalization(input, skip, gamma, bias?)
     total = e("Add", node.inputs[0], node.inputs[1])
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         total = e("Add", total, node.inputs[3])
     eps = node.attributes.get_float("epsilon", 1e-6)
     mean = e("ReduceMean", e("Mul", total, total), _axes(e, total), keepdims=1)
-    normed = e("Mul", e("Div", total, e("Sqrt", e("Add", mean, e.const(eps, total)))), node.inputs[2])
+    normed = e("Mul", e("Div", total, e("Sqrt", e("Add", mean, e.scalar(eps, total)))), node.inputs[2])
     return [normed, None, None, total]
 
 
-def _axes(e: _Emit, like: ir.Value) -> ir.Value:
-    node = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([-1], np.int64))}, name=f"{e.stem}/axes")
-    node.outputs[0].name = f"{e.stem}/axes:0"
-    e.nodes.append(node)
-    return node.outputs[0]
+def _axes(e: Builder, like: ir.Value) -> ir.Value:
+    return e.i64(-1)
 
 
-def _fused_matmul(e: _Emit, node: ir.Node):
+def _fused_matmul(e: Builder, node: ir.Node):
     a, b = node.inputs[0], node.inputs[1]
     if node.attributes.get_int("transBatchA", 0) or node.attributes.get_int("transBatchB", 0):
         return None
@@ -135,7 +111,7 @@ def _fused_matmul(e: _Emit, node: ir.Node):
             a, b = (transposed, b) if flag == "transA" else (a, transposed)
     out = e("MatMul", a, b)
     alpha = node.attributes.get_float("alpha", 1.0)
-    return [out if alpha == 1.0 else e("Mul", out, e.const(alpha, node.inputs[0]))]
+    return [out if alpha == 1.0 else e("Mul", out, e.scalar(alpha, node.inputs[0]))]
 
 
 def _constant_array(value: ir.Value) -> np.ndarray | None:
@@ -149,7 +125,7 @@ def _constant_array(value: ir.Value) -> np.ndarray | None:
     return None
 
 
-def _cast_like(e: _Emit, node: ir.Node):
+def _cast_like(e: Builder, node: ir.Node):
     dtype = node.inputs[1].dtype if node.inputs[1] is not None else None
     if dtype is None:
         return None  # the type to cast to is unknown: left (infer-shapes before this pass types it)
@@ -236,7 +212,7 @@ class DecomposeUnsupported(ir.passes.InPlacePass):
                 if table.supports(key[0], key[1], version, types) is None:
                     continue
                 build = DECOMPOSITIONS.get(key)
-                emit = _Emit(graph, node)
+                emit = Builder(node.name or node.op_type)
                 outputs = build(emit, node) if build is not None else None
                 name = f"{key[0]}.{key[1]}" if key[0] else key[1]
                 if outputs is None or any(o is None and i < len(node.outputs) and (node.outputs[i].uses()

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # tfgraph/cli/ the front, tfgraph/compiler/ compile time, tfgraph/deploy/ deploy time, and the modules
 # directly in tfgraph/ the bottom layer that every other layer may import.
 BOTTOM = {"tfgraph.ir", "tfgraph.errors", "tfgraph.ops", "tfgraph._version", "tfgraph.analysis", "tfgraph.providers",
-          "tfgraph.signature"}
+          "tfgraph.signature", "tfgraph.builder"}
 COMPILE_PACKAGES = ("tfgraph.cli", "tfgraph.compiler", "tfgraph.targets", "tfgraph.passes")
 # What no pass may import (issue 16): targets, the compiler package (calibration, pruning front, verifier,
 # driver, pass manager, stages...), the CLI and deploy-time code.

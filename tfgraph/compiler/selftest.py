@@ -17,6 +17,7 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401 - ir.passes.common is used below; importing onnx_ir alone does not load it
 
 from tfgraph import ops
 from tfgraph.deploy import runtime
