@@ -59,25 +59,26 @@ IMAGE = 32
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# Tried first, in this order (a spread of attention forms); --all appends every other model type.
-PRIORITY = (
+# Tried first: the groups below interleaved (a spread of attention forms early); --all appends every other type.
+_GROUPS = (
     # text encoders
-    "bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta", "camembert", "mpnet",
-    "ernie", "roformer", "megatron-bert", "data2vec-text", "mobilebert", "esm", "modernbert", "convbert", "big_bird",
-    "rembert", "xlm", "flaubert", "layoutlm", "ibert", "funnel", "xmod", "lilt",
+    ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta", "camembert", "mpnet",
+     "ernie", "roformer", "megatron-bert", "data2vec-text", "mobilebert", "esm", "modernbert", "convbert", "big_bird",
+     "rembert", "xlm", "flaubert", "layoutlm", "ibert", "funnel", "xmod", "lilt"),
     # decoders
-    "gpt2", "gpt_neo", "gpt_neox", "gptj", "codegen", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma",
-    "gemma2", "gemma3_text", "olmo", "olmo2", "stablelm", "falcon", "bloom", "mpt", "opt", "biogpt", "gpt_bigcode",
-    "starcoder2", "cohere", "granite", "persimmon", "xglm", "glm", "helium", "nemotron", "ctrl", "smollm3",
+    ("gpt2", "llama", "bloom", "gemma2", "gpt_bigcode", "falcon", "mpt", "phi", "qwen2", "gpt_neo", "gpt_neox", "gptj",
+     "codegen", "mistral", "qwen3", "phi3", "gemma", "gemma3_text", "olmo", "olmo2", "stablelm", "opt", "biogpt",
+     "starcoder2", "cohere", "granite", "persimmon", "xglm", "glm", "helium", "nemotron", "ctrl", "smollm3"),
     # encoder-decoders (encoder and decoder in one export)
-    "t5", "mt5", "bart", "mbart", "marian", "pegasus", "blenderbot", "m2m_100", "longt5", "led", "plbart",
+    ("t5", "bart", "whisper", "marian", "mt5", "mbart", "pegasus", "blenderbot", "m2m_100", "longt5", "led", "plbart"),
     # vision
-    "vit", "deit", "beit", "data2vec-vision", "swin", "swinv2", "dinov2", "yolos", "vit_msn", "ijepa",
-    "clip_vision_model", "siglip_vision_model", "levit", "pvt", "segformer", "mobilevit", "vit_mae", "dinat",
+    ("vit", "swin", "beit", "deit", "dinov2", "data2vec-vision", "swinv2", "yolos", "vit_msn", "ijepa",
+     "clip_vision_model", "siglip_vision_model", "levit", "pvt", "segformer", "mobilevit", "vit_mae", "dinat"),
     # audio
-    "wav2vec2", "hubert", "data2vec-audio", "whisper", "audio-spectrogram-transformer", "wavlm", "sew", "unispeech",
-    "speech_to_text", "moonshine",
+    ("wav2vec2", "wavlm", "hubert", "audio-spectrogram-transformer", "data2vec-audio", "sew", "unispeech",
+     "speech_to_text", "moonshine"),
 )
+PRIORITY = tuple(dict.fromkeys(t for row in zip(*(g + ("",) * (33 - len(g)) for g in _GROUPS)) for t in row if t))
 
 # onnxruntime.transformers.optimizer model types for the peers (bert for encoders without one).
 ORT_MODEL_TYPE = {
@@ -122,17 +123,17 @@ OVERRIDES = {
     "xlm": dict(emb_dim=64, n_layers=2, n_heads=4),
     "flaubert": dict(emb_dim=64, n_layers=2, n_heads=4),
     "ctrl": dict(n_embd=64, dff=128),
-    "wav2vec2": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_conv_pos_embeddings=16,
+    "wav2vec2": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_feat_extract_layers=2, num_conv_pos_embeddings=16,
                      num_conv_pos_embedding_groups=4),
-    "hubert": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_conv_pos_embeddings=16,
+    "hubert": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_feat_extract_layers=2, num_conv_pos_embeddings=16,
                    num_conv_pos_embedding_groups=4),
-    "data2vec-audio": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_conv_pos_embeddings=16,
+    "data2vec-audio": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_feat_extract_layers=2, num_conv_pos_embeddings=16,
                            num_conv_pos_embedding_groups=4, conv_pos_kernel_size=5, num_conv_pos_embeddings_layers=1),
-    "wavlm": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_conv_pos_embeddings=16,
+    "wavlm": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_feat_extract_layers=2, num_conv_pos_embeddings=16,
                   num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=64),
-    "unispeech": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_conv_pos_embeddings=16,
+    "unispeech": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_feat_extract_layers=2, num_conv_pos_embeddings=16,
                       num_conv_pos_embedding_groups=4),
-    "sew": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_conv_pos_embeddings=16,
+    "sew": dict(conv_dim=[32, 32], conv_kernel=[10, 3], conv_stride=[5, 2], num_feat_extract_layers=2, num_conv_pos_embeddings=16,
                 num_conv_pos_embedding_groups=4, squeeze_factor=2),
     "audio-spectrogram-transformer": dict(max_length=64, num_mel_bins=32, patch_size=16, frequency_stride=10,
                                           time_stride=10),

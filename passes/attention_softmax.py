@@ -32,6 +32,7 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401 - ir.passes.common is used below; importing onnx_ir alone does not load it
 
 from tfgraph import ops
 
@@ -54,6 +55,7 @@ class Block:
     path: list  # (node, index of the scores operand), from the core MatMul to the Softmax
     scale: float
     zero_fill: ir.Value | None  # condition of a post-softmax Where that zeroes masked positions
+    regroup: bool  # Reshapes regrouped the leading axes: Q and K go to the layout of the probabilities' product
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -83,11 +85,13 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
             and all(_same_dim(x, y) for x, y in zip(a.shape, b.shape)))
 
 
-def _keeps_last_axis(node: ir.Node) -> bool:
+def _keeps_last_axes(node: ir.Node) -> bool:
+    """A Reshape/Unsqueeze/Squeeze that only regroups the leading (batch, head) axes: the query and
+    key axes, the last two, stay as they are."""
     inp, out = node.inputs[0], node.outputs[0]
-    if inp.shape is None or out.shape is None or not len(inp.shape) or not len(out.shape):
+    if inp.shape is None or out.shape is None or len(inp.shape) < 2 or len(out.shape) < 2:
         return False
-    return _same_dim(inp.shape[-1], out.shape[-1])
+    return _same_dim(inp.shape[-1], out.shape[-1]) and _same_dim(inp.shape[-2], out.shape[-2])
 
 
 def _softmax_axis_ok(node: ir.Node) -> bool:
@@ -122,8 +126,8 @@ def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None]:
             value = node.outputs[0]
             continue
         if node.op_type in _RESHAPES and index == 0:
-            if not _keeps_last_axis(node):
-                raise Refused(f"{node.op_type} after the Softmax does not keep the key axis")
+            if not _keeps_last_axes(node):
+                raise Refused(f"{node.op_type} after the Softmax does not keep the query and key axes")
             value = node.outputs[0]
             continue
         if node.op_type == "Where" and index == 2 and _scalar(node.inputs[1]) == 0.0 and zero_fill is None:
@@ -170,8 +174,8 @@ def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
         core, path = _walk_up(node.inputs[0], depth + 1)
         return core, path + [(node, 0)]
     if op in _RESHAPES:
-        if not _keeps_last_axis(node):
-            raise Refused(f"{op} before the Softmax does not keep the key axis (or its shape is unknown)")
+        if not _keeps_last_axes(node):
+            raise Refused(f"{op} before the Softmax does not keep the query and key axes (or its shape is unknown)")
         core, path = _walk_up(node.inputs[0], depth + 1)
         return core, path + [(node, 0)]
     if op == "Tanh":
@@ -234,12 +238,12 @@ def find(softmax: ir.Node) -> Block:
         raise Refused("the key operand's last axis is the feature axis of the keys (Q·K, not Q·Kᵀ)")
     if _constant(kt) or _constant(v):
         raise Refused("keys or values are constants (a gate over fixed vectors, not attention)")
-    ranks = {_rank(x) for x in (q, kt, v, core.outputs[0], pv.inputs[0])}
-    if len(ranks) != 1 or ranks.pop() not in (3, 4):
-        raise Refused("Q, Kᵀ, V are not all of one known rank, 3 or 4")
-    if not _same_shape(pv.inputs[0], core.outputs[0]):
-        if any(n.op_type in _RESHAPES for n, _ in path):
-            raise Refused("cannot prove the probabilities are back in the layout of Q·Kᵀ before the product with V")
+    ranks = {_rank(x) for x in (q, kt, core.outputs[0])}
+    if len(ranks) != 1 or ranks.pop() not in (3, 4) or _rank(v) != _rank(pv.inputs[0]) or _rank(v) not in (3, 4):
+        raise Refused("Q, Kᵀ (and V, P) are not of one known rank, 3 or 4")
+    regroup = not _same_shape(pv.inputs[0], core.outputs[0])
+    if regroup and not any(n.op_type in _RESHAPES for n, _ in path) and _rank(pv.inputs[0]) == _rank(q):
+        raise Refused("the probabilities' shape differs from Q·Kᵀ's")
     scale = q_factor * k_factor
     for node, i in path:
         if node.op_type in ("Mul", "Div"):
@@ -250,7 +254,7 @@ def find(softmax: ir.Node) -> Block:
             raise Refused("the Where after the Softmax zeroes other positions than the mask before it")
     if zero_fill is not None and not any(n.op_type == "Where" for n, _ in path):
         raise Refused("a Where after the Softmax zeroes positions no mask before it hides")
-    return Block(softmax, core, pv, q, kt, path, scale, zero_fill)
+    return Block(softmax, core, pv, q, kt, path, scale, zero_fill, regroup)
 
 
 # --- the rewrite ---------------------------------------------------------------------------
@@ -301,9 +305,9 @@ def _bias(emit: _Emit, block: Block, scores_dtype: np.dtype) -> ir.Value | None:
         elif op in _RESHAPES:
             reshaped = True
         current = node.outputs[0]
-    if bias is not None and reshaped:
+    if bias is not None and reshaped:  # into the layout of the product with V
         full = emit("Expand", [bias, emit("Shape", [current])])
-        bias = emit("Reshape", [full, emit("Shape", [block.core.outputs[0]])])
+        bias = emit("Reshape", [full, emit("Shape", [block.pv.inputs[0]])])
     return bias
 
 
@@ -325,6 +329,17 @@ def rewrite(graph, block: Block) -> None:
     if k.shape is None and block.kt.shape is not None:
         k.shape = ir.Shape([block.kt.shape[s] for s in swap])
         k.type = block.kt.type
+    probs = block.pv.inputs[0]
+    if block.regroup:  # (B·H, S, D) products whose probabilities meet V as (B, H, S, T), or the reverse
+        lead = emit("Shape", [probs], end=-2)
+        regrouped = []
+        for x in (q, k):
+            y = emit("Reshape", [x, emit("Concat", [lead, emit("Shape", [x], start=-2)], axis=0)])
+            if probs.shape is not None and x.shape is not None:
+                y.shape, y.type = ir.Shape([*probs.shape[:-2], *x.shape[-2:]]), x.type
+            regrouped.append(y)
+        q, k = regrouped
+        rank = _rank(probs)
     if rank == 3:
         axis = emit.const(np.array([0], dtype=np.int64))
         lifted = []
