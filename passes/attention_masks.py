@@ -83,7 +83,7 @@ def _symbols(model: ir.Model) -> set[str]:
 
 def _slice_model(model: ir.Model, values: list[ir.Value]) -> ir.Model:
     """A copy of ``model`` whose outputs are ``values`` (by name), with everything else removed."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    copy = model.clone()  # weights shared, not copied
     by_name = {v.name: v for v in _all_values(copy.graph)}
     copy.graph.outputs.clear()
     copy.graph.outputs.extend(by_name[v.name] for v in values)

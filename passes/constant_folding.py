@@ -26,6 +26,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     known dimensions) fold as well, which simplifies exporter-built shape chains.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def __init__(
         self,
         *,

@@ -17,6 +17,8 @@ class CSEPass(ir.passes.InPlacePass):
     elements are compared by value.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def __init__(self, *, size_limit: int = 10):
         super().__init__()
         self.size_limit = size_limit

@@ -13,6 +13,8 @@ class RemoveDeadCodePass(ir.passes.InPlacePass):
     """Remove nodes and initializers that do not contribute to a graph output, then
     the local functions and opset imports nothing uses any more."""
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for step in (RemoveUnusedNodesPass(), RemoveUnusedFunctionsPass(), RemoveUnusedOpsetsPass()):

@@ -18,6 +18,8 @@ class DedupInitializersPass(ir.passes.InPlacePass):
     are also graph inputs (overridable at run time) or graph outputs are kept.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():

@@ -123,11 +123,36 @@ def unknown_types(model: ir.Model) -> list[str]:
     return names
 
 
+def _symbolic_module():
+    """onnxruntime's ``tools/symbolic_shape_infer.py``, loaded from its file where the package is not
+    imported yet: ``import onnxruntime.tools`` imports torch when it is installed (3-4 s, 0.2 GB)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules or "onnxruntime.tools" in sys.modules:
+        return importlib.import_module(name)
+    import onnxruntime
+
+    path = pathlib.Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    own = "tfgraph_ort_symbolic_shape_infer"
+    if own not in sys.modules:
+        spec = importlib.util.spec_from_file_location(own, path)
+        if spec is None or spec.loader is None:
+            return importlib.import_module(name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[own] = module
+        spec.loader.exec_module(module)
+    return sys.modules[own]
+
+
 def symbolic_engine():
     """onnxruntime's SymbolicShapeInference, with GroupQueryAttention's present outputs typed
     when it has no past inputs (the stock engine leaves them untyped and stops there)."""
     from onnx import helper
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    SymbolicShapeInference = _symbolic_module().SymbolicShapeInference  # noqa: N806 - a class
 
     class Engine(SymbolicShapeInference):
         def _infer_GroupQueryAttention(self, node):  # noqa: N802 - onnxruntime's dispatch name

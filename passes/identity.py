@@ -12,6 +12,8 @@ from tfgraph.passes.registry import register_pass
 class EliminateIdentityPass(ir.passes.InPlacePass):
     """Remove ``Identity`` nodes, rewiring their consumers (graph outputs keep their names)."""
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = IdentityEliminationPass()(model)
         return ir.passes.PassResult(model, result.modified)

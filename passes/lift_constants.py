@@ -16,6 +16,8 @@ class LiftConstantsPass(ir.passes.InPlacePass):
     and the parameter counts in the manifest see them; small constants stay nodes.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def __init__(self, *, size_limit: int = 16):
         super().__init__()
         self.size_limit = size_limit

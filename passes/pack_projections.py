@@ -48,6 +48,8 @@ class PackProjectionsPass(ir.passes.InPlacePass):
     are packed together.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def __init__(self, *, min_group: int = 2, max_group: int = 8):
         super().__init__()
         self.min_group = min_group

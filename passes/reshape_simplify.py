@@ -74,5 +74,7 @@ class SimplifyReshapesPass(RuleSetPass):
     TorchScript- and dynamo-style attention to one normal form.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def named_rules(self) -> Sequence[tuple[str, pattern.RewriteRule]]:
         return [("noop-reshape", NoopReshape.rule()), ("swap-last-two-via-3d", SwapLastTwoVia3D.rule())]

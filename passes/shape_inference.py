@@ -8,7 +8,7 @@ import re
 import onnx
 import onnx_ir as ir
 
-from tfgraph.ir import PROTOBUF_LIMIT, model_bytes
+from tfgraph.ir import PROTOBUF_LIMIT, model_bytes, without_weights
 from tfgraph.passes.element_types import fill_element_types, symbolic_engine
 from tfgraph.passes.registry import register_pass
 
@@ -112,7 +112,7 @@ def _symbolic(model: ir.Model) -> bool:
     raises on the first op it cannot handle (e.g. ReduceL2) and then writes a debug file
     into the working directory: here the shapes inferred up to that op are kept.
     """
-    proto = ir.serde.serialize_model(model)
+    proto = without_weights(model)  # large weights as typed inputs: their values never matter here
     engine = symbolic_engine()
     try:
         engine._preprocess(proto)
@@ -149,8 +149,7 @@ def _drop_contradicted(model: ir.Model, onnx_shapes: dict[str, ir.Shape | None],
     restored = 0
     for _ in range(limit):
         try:
-            onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model), check_type=True, strict_mode=True,
-                                              data_prop=True)
+            onnx.shape_inference.infer_shapes(without_weights(model), check_type=True, strict_mode=True, data_prop=True)
             return restored
         except Exception as e:  # noqa: BLE001 - onnx raises several types
             match = _FAILING_NODE.search(str(e))
@@ -210,6 +209,8 @@ class InferShapesPass(ir.passes.InPlacePass):
     so that what follows them is typed too (``passes/element_types.py``). Rules read these
     shapes. Reports ``modified`` when an annotation changed or the graph was rebuilt.
     """
+
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _shape_key(model)

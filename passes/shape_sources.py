@@ -28,6 +28,8 @@ class ShapeFromInputsPass(ir.passes.InPlacePass):
     merge under CSE, static ones fold, and the blocks become self-contained.
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         sources = _input_dims(graph)

@@ -388,6 +388,8 @@ class ShrinkPrunedPass(ir.passes.InPlacePass):
     Heads of unfused attention are left alone (run it after ``fuse-attention``).
     """
 
+    preserves_numerics = True  # exact rewrites: checked numerically at the end of the phase
+
     def __init__(self, *, heads: bool = True, neurons: bool = True):
         super().__init__()
         self.heads = heads

@@ -127,22 +127,26 @@ def duplicate_groups(graph: ir.Graph) -> list[list[ir.Value]]:
 
     Each group lists the values in graph order; groups with one member are left out.
     """
-    buckets: dict[tuple, list[tuple[ir.Value, bytes]]] = collections.defaultdict(list)
+    # Only the hashes are kept (holding every tensor's bytes at once doubled the model in memory);
+    # the bytes are read again for the rare hash collisions.
+    buckets: dict[tuple, list[ir.Value]] = collections.defaultdict(list)
     for value in graph.initializers.values():
         tensor = value.const_value
         if tensor is None:
             continue
-        data = tensor.tobytes()
-        key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data).hexdigest())
-        buckets[key].append((value, data))
+        key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(tensor.tobytes()).hexdigest())
+        buckets[key].append(value)
     groups = []
     for members in buckets.values():
-        while len(members) >= 2:
-            first = members[0][1]
-            same = [v for v, data in members if data == first]
+        if len(members) < 2:
+            continue
+        pairs = [(v, v.const_value.tobytes()) for v in members]
+        while len(pairs) >= 2:
+            first = pairs[0][1]
+            same = [v for v, data in pairs if data == first]
             if len(same) >= 2:
                 groups.append(same)
-            members = [(v, data) for v, data in members if data != first]
+            pairs = [(v, data) for v, data in pairs if data != first]
     return groups
 
 

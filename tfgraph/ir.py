@@ -15,7 +15,10 @@ import math
 import os
 import pathlib
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
+
+import numpy as np
 
 import onnx
 import onnx_ir as ir
@@ -229,8 +232,10 @@ def load(path: os.PathLike | str) -> LoadedModel:
     _check_versions(proto, model_path)
     external_files = check_external_data(proto, model_path.parent, model_path)
     try:
-        # Checking by path lets the checker handle models over 2 GB with external data.
-        onnx.checker.check_model(str(model_path))
+        if external_files:  # by path: the checker handles models over 2 GB with external data
+            onnx.checker.check_model(str(model_path))
+        else:  # the proto already read, its large weights left out: no second copy of the model in memory
+            _check_without_weights(proto)
     except onnx.checker.ValidationError as e:
         first = first_line(e)
         raise BadInputError(f"{model_path}: fails the ONNX checker: {first}") from None
@@ -244,6 +249,7 @@ def load(path: os.PathLike | str) -> LoadedModel:
             # Small enough for one protobuf: hold the weights in memory, so every later
             # serialization (verification sessions) is self-contained.
             model = ir.external_data.load_to_model(model)
+        hold_weights(model)
     except Exception as e:
         raise BadInputError(f"{model_path}: cannot be converted to onnx_ir: {type(e).__name__}: {e}") from None
     return LoadedModel(model, model_path, external_files)
@@ -363,3 +369,90 @@ def exposed_outputs(model: ir.Model, values: Iterable[ir.Value]) -> Iterator[Non
     finally:
         outputs.clear()
         outputs.extend(kept)
+
+
+# Weights above this size stay out of the protos made for ONNX's checker / shape inference and for
+# verification sessions (onnx_ir's own ``call_onnx_api`` uses the same limit).
+BIG_TENSOR_BYTES = 1024
+
+
+def _check_without_weights(proto: onnx.ModelProto) -> None:
+    """ONNX's checker on ``proto`` with its large initializers as typed graph inputs (nothing of the
+    weights copied); their sizes are checked against their shapes here instead."""
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if proto.HasField(field):
+            setattr(light, field, getattr(proto, field))
+    light.opset_import.extend(proto.opset_import)
+    light.metadata_props.extend(proto.metadata_props)
+    light.functions.extend(proto.functions)
+    graph, source = light.graph, proto.graph
+    graph.name, graph.doc_string = source.name, source.doc_string
+    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(graph, field).extend(getattr(source, field))
+    inputs = {i.name for i in source.input}
+    for tensor in source.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() <= BIG_TENSOR_BYTES \
+                or tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or not tensor.HasField("raw_data"):
+            graph.initializer.add().CopyFrom(tensor)
+            continue
+        expected = math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        packed = tensor.data_type in _PACKED_TYPES
+        if not packed and tensor.ByteSize() < expected:  # ByteSize >= the raw data's length
+            raise onnx.checker.ValidationError(f"initializer '{tensor.name}': raw_data is smaller than its shape needs "
+                                               f"({expected} bytes)")
+        if tensor.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    onnx.checker.check_model(light)
+
+
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
+
+
+def hold_weights(model: ir.Model) -> None:
+    """Replace initializers that read a protobuf (``TensorProtoTensor``: a fresh numpy copy on every
+    ``numpy()``) with numpy-backed tensors: one copy of each weight for the whole compile (the proto
+    is freed), which verification sessions then share instead of copying. A tensor whose data does
+    not fit its shape raises."""
+    for graph in graphs(model):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype in SHAREABLE_TYPES:
+                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name, doc_string=tensor.doc_string)
+
+
+SHAREABLE_TYPES = frozenset(getattr(ir.DataType, n) for n in ("FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16",
+                                                         "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL"))
+
+
+def is_big(value: ir.Value) -> bool:
+    tensor = value.const_value
+    return tensor is not None and tensor.nbytes > BIG_TENSOR_BYTES
+
+
+def without_weights(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose large main-graph initializers are typed graph inputs instead (no
+    weight bytes copied), for ONNX's checker and shape inference; the model itself is left as it was."""
+    graph = model.graph
+    big = [v for v in graph.initializers.values() if is_big(v)]
+    kept_inputs = list(graph.inputs)
+    saved = {v.name: v.const_value for v in big}
+    present = set(kept_inputs)
+    for value in big:
+        if value.shape is None:
+            value.shape = value.const_value.shape
+        if value.dtype is None:
+            value.dtype = value.const_value.dtype
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        if value not in present:
+            graph.inputs.append(value)
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(kept_inputs)
+        for value in big:
+            value.const_value = saved[value.name]
+            graph.register_initializer(value)
+    return proto

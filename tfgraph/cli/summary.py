@@ -101,6 +101,16 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
         console.print(f"{label} ({place['source']}): {counts}{fallback}")
         if place.get("unverified"):
             console.print(f"[yellow]{place['unverified']}[/yellow]")
+    cost = manifest.get("compile")
+    if cost:  # what the compile took, per target phase (time, onnxruntime sessions built, peak memory)
+        weights = max(manifest["summary"]["bytes_before"], 1)
+        steps = ", ".join(f"{e['name']} {e['time_s']:.1f} s" for e in cost["steps"] if e["name"] != "rewrite")
+        console.print(f"compile {cost['time_s']:.1f} s, peak RSS {_fmt_bytes(cost['peak_rss_bytes'])} "
+                      f"({cost['peak_rss_bytes'] / weights:.1f}x the input weights); {steps}")
+        if cost["phases"]:
+            console.print("  phases: " + "; ".join(
+                f"{e['name']} {e['time_s']:.1f} s (checks {e.get('checks_s', 0):.1f} s, {e.get('sessions', 0)} session(s), "
+                f"peak {_fmt_bytes(e['peak_rss_bytes'])})" for e in cost["phases"]))
     for note in manifest.get("notes") or ():
         console.print(f"note: {note}")
     if out:

@@ -59,7 +59,10 @@ def compile(  # noqa: A001 - the product's verb
     profile = get_target(target)
     with contextlib.ExitStack() as stack:
         compilation = phases.plan(profile, opts, output, stack)
-        phases.load(compilation, model)
+        clock = compilation.clock  # time and peak memory of each step, in the manifest's "compile" section
+        with clock.measure("load"):
+            phases.load(compilation, model)
         for phase in phases.PHASES:
-            phase(compilation)
+            with clock.measure(phase.__name__):
+                phase(compilation)
         return phases.package(compilation)

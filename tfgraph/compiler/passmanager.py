@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
@@ -51,9 +52,11 @@ class PassManager:
         instruments: Sequence[Instrument] = (),
         progress: Callable[[int, int, str], None] | None = None,
         context: PassContext | None = None,
+        clock=None,
     ):
         self.specs = list(passes)
         self.context = context  # what the passes need from outside the graph (None: the default context)
+        self.clock = clock  # a compile_report.CompileClock: time and peak memory per phase (None: not measured)
         self.instruments = [TimingInstrument(), *instruments]
         self.progress = progress
         self.records: list[PassRecord] = []
@@ -75,28 +78,61 @@ class PassManager:
         for instrument in self.instruments:
             instrument.before_pipeline(model)
         any_modified = False
-        for index, (pass_, name, options, phase) in enumerate(passes):
-            if self.progress:
-                self.progress(index, len(passes), name)
-            record = PassRecord(index=index, name=name, options=options, phase=phase)
-            self.records.append(record)
-            for instrument in self.instruments:
-                instrument.before_pass(pass_, record, model)
-            result = _call(pass_, model, name, index, len(passes))
-            if not pass_.in_place:
-                model = result.model
-            record.modified = bool(result.modified)
-            any_modified |= record.modified
-            report = getattr(pass_, "report", None)
-            if report and all(isinstance(v, dict) for v in report.values()):
-                record.extra["rules"] = report  # rule passes: per-rule match counts and near misses
-            elif report:
-                record.extra["report"] = report  # other passes' own accounts (e.g. what was quantized)
-            # Timing first (it closes the clock), then the checks, in the order given.
-            for instrument in self.instruments:
-                instrument.after_pass(pass_, record, model)
+        timing, checks = self.instruments[0], self.instruments[1:]
+        current = None  # the clock's entry of the phase running
+        try:
+            for index, (pass_, name, options, phase) in enumerate(passes):
+                if self.clock is not None and (current is None or current["name"] != (phase or "extra")):
+                    if current is not None:
+                        self.clock.end_phase(current)
+                    current = self.clock.begin_phase(phase or "extra")
+                record = PassRecord(index=index, name=name, options=options, phase=phase)
+                # What a check that fails at a phase boundary needs to re-run the pass on its own.
+                record.phase_end = index + 1 == len(passes) or passes[index + 1][3] != phase
+                record.remake = self._remake(self.specs[index], pass_)
+                model, modified = self._one(index, len(passes), pass_, record, model, timing, checks)
+                any_modified |= modified
+                if current is not None:
+                    current["passes"] += 1
+                    current["modified"] += int(modified)
+                    current["passes_s"] += record.time_s
+                    current["checks_s"] += record.check_s
+        finally:
+            if current is not None:
+                self.clock.end_phase(current)
         if self.progress:
             self.progress(len(passes), len(passes), "done")
         for instrument in self.instruments:
             instrument.after_pipeline(model)
         return ir.passes.PassResult(model, any_modified)
+
+    def _remake(self, item, pass_):
+        return item.create if isinstance(item, PassSpec) else (lambda: pass_)
+
+    def _one(self, index, total, pass_, record, model, timing, checks):
+        """One pass with its instruments: checks first, then the clock, before; the clock, then checks, after."""
+        name = record.name
+        if self.progress:
+            self.progress(index, total, name)
+        self.records.append(record)
+        start = time.perf_counter()
+        for instrument in checks:
+            instrument.before_pass(pass_, record, model)
+        record.check_s = time.perf_counter() - start
+        timing.before_pass(pass_, record, model)
+        result = _call(pass_, model, name, index, total)
+        if not pass_.in_place:
+            model = result.model
+        record.modified = bool(result.modified)
+        report = getattr(pass_, "report", None)
+        if report and all(isinstance(v, dict) for v in report.values()):
+            record.extra["rules"] = report  # rule passes: per-rule match counts and near misses
+        elif report:
+            record.extra["report"] = report  # other passes' own accounts (e.g. what was quantized)
+        # Timing first (it closes the clock), then the checks, in the order given.
+        timing.after_pass(pass_, record, model)
+        start = time.perf_counter()
+        for instrument in checks:
+            instrument.after_pass(pass_, record, model)
+        record.check_s += time.perf_counter() - start
+        return model, record.modified

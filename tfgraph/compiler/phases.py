@@ -37,6 +37,7 @@ from tfgraph.compiler.hf_files import deployment_files
 from tfgraph.compiler.input_checks import (check_deterministic, check_input_shapes, check_target_runtime, pin_input_shapes,
                                   shapes_text)
 from tfgraph.compiler.instruments import CheckerInstrument, NumericDiffInstrument, count_nodes
+from tfgraph.compiler.compile_report import CompileClock
 from tfgraph.compiler.options import CompileOptions
 from tfgraph.compiler.pass_context import standard_context
 from tfgraph.compiler.placement import placement
@@ -78,6 +79,7 @@ class Compilation:
     verification: dict = dataclasses.field(default_factory=lambda: {"passed": None, "skipped": True})
     warnings: list = dataclasses.field(default_factory=list)
     report: dict = dataclasses.field(default_factory=dict)
+    clock: CompileClock = dataclasses.field(default_factory=CompileClock)
 
     def progress(self, stage: str, done: int = 0, total: int = 1) -> None:
         if self.options.progress:
@@ -163,7 +165,7 @@ def rewrite(c: Compilation) -> None:
     pipeline = c.precision_state["pipeline"] if c.precision_state is not None else c.pipeline
     calibration = c.precision_state["calibration"] if c.precision_state is not None else None
     context = standard_context(calibration=calibration, progress=o.progress)
-    c.manager = PassManager(pipeline, instruments=c.instruments, context=context,
+    c.manager = PassManager(pipeline, instruments=c.instruments, context=context, clock=c.clock,
                             progress=lambda done, total, name: c.progress(f"pass {name}", done, total))
     c.model = c.manager.run(c.model).model
     if o.verify:
@@ -320,6 +322,8 @@ def package(c: Compilation) -> Artifact:
                     "bytes_after": tir.model_bytes(model)},
         "weights": analysis.weights_report(model, before["bytes"]),
         "versions": versions(),
+        # What the compile cost, per step and per target phase (the package step itself not included).
+        "compile": c.clock.report(numeric_checks=c.numeric.checks if c.numeric is not None else 0),
     }
     artifact = Artifact(model, manifest, files=files)
     if c.out_path is not None:

@@ -138,11 +138,22 @@ def _session_options(options: Mapping[str, Any] | None, config: Mapping[str, str
     return so
 
 
+#: Sessions of an in-memory model on the CPU EP alone share its weights (``session_weights``) instead
+#: of serializing and copying them; False: embedded in the serialized model, as before issue 20.
+SHARE_WEIGHTS = True
+#: Sessions built by :func:`session` in this process (counted for tests and the compile report).
+SESSIONS_BUILT = 0
+
+
 def session(model: ir.Model | str | bytes, providers: Sequence, *, options: Mapping[str, Any] | None = None,
             config: Mapping[str, str] | None = None):
     """An onnxruntime session on ``providers`` (Provider objects; unusable ones must be filtered by
-    the caller with :func:`usable`). Plugin EPs go through their devices; CPU stays the fallback."""
+    the caller with :func:`usable`). Plugin EPs go through their devices; CPU stays the fallback.
+    An ``ir.Model`` run on the CPU EP alone shares its large weights with the session
+    (:class:`~tfgraph.deploy.session_weights.SharedWeights`): nothing of them is serialized or copied."""
+    global SESSIONS_BUILT
     from tfgraph.ir import SerializedModel
+    from tfgraph.deploy.session_weights import SharedWeights
 
     ort = _ort()
     providers = list(providers) or [_cpu()]
@@ -159,6 +170,15 @@ def session(model: ir.Model | str | bytes, providers: Sequence, *, options: Mapp
         plain = None
     else:
         plain = [(p.name, dict(p.options)) for p in providers]
+    SESSIONS_BUILT += 1
+    if isinstance(model, ir.Model) and SHARE_WEIGHTS and plain and all(name == CPU for name, _ in plain):
+        with SharedWeights(model) as serialized:
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in serialized.arrays.values()]
+            for name, value in zip(serialized.arrays, values):
+                so.add_initializer(name, value)
+            sess = ort.InferenceSession(serialized.source, so, providers=plain)
+        sess._tfgraph_shared_weights = values  # the session reads them: they live as long as it does
+        return sess
     if isinstance(model, ir.Model):
         with SerializedModel(model) as serialized:
             return ort.InferenceSession(serialized.source, so, **({"providers": plain} if plain else {}))
