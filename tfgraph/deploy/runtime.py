@@ -175,8 +175,16 @@ def session(model: ir.Model | str | bytes, providers: Sequence, *, options: Mapp
         with SharedWeights(model) as serialized:
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in serialized.arrays.values()]
             for name, value in zip(serialized.arrays, values):
-                so.add_initializer(name, value)
-            sess = ort.InferenceSession(serialized.source, so, providers=plain)
+                so.add_initializer(name, value)  # shared: the session reads the model's own arrays
+            try:
+                sess = ort.InferenceSession(serialized.source, so, providers=plain)
+            except Exception:  # noqa: BLE001 - retried below; a real error raises there again
+                # Graph optimizations that fold a weight (e.g. Cast of float16 weights) read it from the
+                # model, before shared initializers are bound: give the weights to the graph itself
+                # (copied once by onnxruntime, still neither serialized nor parsed).
+                so = _session_options(options, config)
+                so.add_external_initializers(list(serialized.arrays), values)
+                sess = ort.InferenceSession(serialized.source, so, providers=plain)
         sess._tfgraph_shared_weights = values  # the session reads them: they live as long as it does
         return sess
     if isinstance(model, ir.Model):
