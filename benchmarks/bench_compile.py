@@ -212,7 +212,12 @@ def write_report(results: list[dict], meta: dict, out: pathlib.Path) -> None:
             ph = "; ".join(f"{e['name']} {e['time_s']:.1f} s, {e.get('sessions', 0)}, {mib(e['peak_rss_bytes'])}"
                            for e in r["compile"]["phases"])
             lines.append(f"| {r['model']} | {r['target']} | {r['mode']} | " + " | ".join(cells) + f" | {ph} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    md = out.with_suffix(".md")
+    notes = md.read_text().partition(NOTES)[2] if md.exists() and NOTES in md.read_text() else ""
+    md.write_text("\n".join(lines) + "\n" + (f"\n{NOTES}{notes}" if notes else ""))
+
+
+NOTES = "<!-- notes: kept when the tables above are rewritten -->"
 
 
 def versions() -> str:
