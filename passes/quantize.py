@@ -176,10 +176,14 @@ class Quantize(ir.passes.InPlacePass):
         calibrator: str = "minmax",
         reduce_range: bool = False,
         exclude_nodes: Sequence[str] | str = (),
+        attention_kernel: str = "multiheadattention",
         calibration: Any = None,
         progress=None,
     ):
         super().__init__()
+        if attention_kernel not in ("multiheadattention", "qattention"):
+            raise ValueError(f"attention_kernel must be 'multiheadattention' or 'qattention', not {attention_kernel!r}")
+        self.attention_kernel = attention_kernel
         if mode not in ("dynamic", "static"):
             raise ValueError(f"mode must be 'dynamic' or 'static', not {mode!r}")
         for t in (activation_type, weight_type):
@@ -229,6 +233,7 @@ class Quantize(ir.passes.InPlacePass):
             if upgraded:
                 self.report["opset_upgraded_to"] = SIXTEEN_BIT_OPSET
         graph = model.graph
+        self._model, self._qattention, self._masks = model, None, {}
         candidates = self._candidates(graph)
         for node in [n for n in candidates if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
             self._gather(graph, node)
@@ -354,6 +359,8 @@ class Quantize(ir.passes.InPlacePass):
             self._skip("packed weight is not a 2-D float32 constant", node)
             return False
         sizes = list(node.attributes["qkv_hidden_sizes"].value) if "qkv_hidden_sizes" in node.attributes else [w.shape[1] // 3] * 3
+        if self.attention_kernel == "qattention" and self._to_qattention(graph, node, inputs, w):
+            return True
         weight = self._weight(graph, node, 1, 1)
         record = _record([node], node.outputs[0])
         mm = ir.Node(MS, "DynamicQuantizeMatMul", [inputs[0], *weight, inputs[2]], name=f"{node.name}_qkv", num_outputs=1)
@@ -380,6 +387,31 @@ class Quantize(ir.passes.InPlacePass):
         name = old.name
         graph.remove(node, safe=True)
         mha.outputs[0].name = name
+        self.quantized[node.name] = record
+        return True
+
+    def _to_qattention(self, graph: ir.Graph, node: ir.Node, inputs: list, w: np.ndarray) -> bool:
+        """QAttention with per-column weights where the mask is a key-padding input (passes/quantize_attention.py)."""
+        from tfgraph.passes.quantize_attention import QAttentionBuilder, padding_mask_input
+
+        if self._qattention is None:
+            self._qattention = QAttentionBuilder(graph)
+        why = self._qattention.supported(node, w.shape[1])
+        mask = None
+        if why is None and inputs[5] is not None:
+            if inputs[5].name not in self._masks:
+                self._masks[inputs[5].name] = padding_mask_input(self._model, inputs[5])
+            mask = self._masks[inputs[5].name]
+            why = None if mask is not None else "attention bias is not a key-padding mask of a graph input"
+        if why is not None:
+            self.report.setdefault("attention", {}).setdefault("multiheadattention", {})[node.name] = why
+            return False
+        bias = inputs[2] if inputs[2] is not None else _initializer(graph, f"{node.name}_bias", np.zeros(w.shape[1], np.float32))
+        record = _record([node], node.outputs[0])
+        qa = self._qattention.build(node, self._weight(graph, node, 1, 1), bias, mask)
+        # reverted, it runs as the float Attention with the same raw mask (the bias subgraph is gone)
+        record["nodes"][0]["inputs"][3:] = [qa.inputs[5].name if mask is not None else None]
+        self.report.setdefault("attention", {}).setdefault("qattention", []).append(node.name)
         self.quantized[node.name] = record
         return True
 

@@ -54,16 +54,16 @@ FUSION = (
 # the full causal work on CPU (benchmarks/bench_window.py).
 WINDOW_CROSSOVER = 1024
 
+# Attention lowering rules, first match wins (passes/attention_lowering.py): windows, then the
+# packed Attention, then MultiHeadAttention for any block left.
+CPU_WINDOW_RULE = {"rule": "window", "mode": "auto", "min_sequence": WINDOW_CROSSOVER, "block": None,
+                   "kernel": "com.microsoft.MultiHeadAttention"}
+
 CPU_LOWERING = (
     PassSpec("pack-projections"),
     PassSpec(
         "lower-attention",
-        {
-            "to": "com.microsoft.Attention",
-            "window_to": "auto",
-            "window_kernel": "com.microsoft.MultiHeadAttention",
-            "blocked_min_sequence": WINDOW_CROSSOVER,
-        },
+        {"rules": [CPU_WINDOW_RULE, "packed", "multi-head"]},
     ),
     PassSpec("dedup-initializers"),
     PassSpec("remove-dead"),
@@ -132,7 +132,7 @@ CPU_INT8 = Target(
     precision="int8",
     phases=phases(
         normalize=CLEANUP, fuse=FUSION, lower=CPU_LOWERING,
-        precision=(PassSpec("quantize", CPU_INT8_SCHEME.to_options()),),
+        precision=(PassSpec("quantize", {**CPU_INT8_SCHEME.to_options(), "attention_kernel": "qattention"}),),
         # the per-column zero points (all 0) of same-width weights
         finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead")),
     ),
@@ -171,9 +171,7 @@ def _int4(weights: PassSpec) -> tuple[Phase, ...]:
         fuse=FUSION,
         lower=(
             PassSpec("pack-projections"),  # Q/K/V and gate/up as one MatMul each: fewer, larger 4-bit GEMMs
-            PassSpec("lower-attention", {"to": "com.microsoft.MultiHeadAttention", "window_to": "auto",
-                                         "window_kernel": "com.microsoft.MultiHeadAttention",
-                                         "blocked_min_sequence": WINDOW_CROSSOVER}),
+            PassSpec("lower-attention", {"rules": [CPU_WINDOW_RULE, "multi-head"]}),
             PassSpec("remove-dead"),
         ),
         precision=(weights, PassSpec("quantize", INT4_EMBEDDINGS.to_options())),
