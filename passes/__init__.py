@@ -36,6 +36,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune-magnitude": "prune_magnitude",
     "prune-structured": "prune_structured",
     "quantize": "quantize",
+    "quantize-outlier-channels": "outlier_channels",
     "quantize-weights-nbits": "weight_only_quant",
     "remove-dead": "dead_code",
     "shape-from-inputs": "shape_sources",

@@ -132,7 +132,8 @@ CPU_INT8 = Target(
     precision="int8",
     phases=phases(
         normalize=CLEANUP, fuse=FUSION, lower=CPU_LOWERING,
-        precision=(PassSpec("quantize", {**CPU_INT8_SCHEME.to_options(), "attention_kernel": "qattention"}),),
+        precision=(PassSpec("quantize", {**CPU_INT8_SCHEME.to_options(), "attention_kernel": "qattention"}),
+                   PassSpec("quantize-outlier-channels", {"ratio": 6.0, "max_channels": 4})),
         # the per-column zero points (all 0) of same-width weights
         finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead")),
     ),
