@@ -7,6 +7,8 @@ Models: all-MiniLM-L6-v2 (bundled real weights; dynamo export) and BERT-base (HF
 - ``fp32``: ``tfgraph.compile(target="cpu-fp32")``
 - ``tfgraph cpu-int8``: ``tfgraph.compile(target="cpu-int8")`` calibrated/budgeted on the
   calibration sentences below (MiniLM) or generated token ids (BERT-base)
+- ``tfgraph cpu-int8 (before ...)``: the recipe before issue 20 (packed Q/K/V as DynamicQuantizeMatMul +
+  Split + MultiHeadAttention, no outlier-channel pass, max-drop reverts), a profile defined here
 - ``ort dynamic (defaults)``: ``quantize_dynamic`` with defaults on the fp32 compile
 - ``ort dynamic MatMul per-channel``: ``quantize_dynamic(op_types_to_quantize=["MatMul"], per_channel=True)``
 - ``ort static QDQ per-channel``: ``quantize_static(QuantFormat.QDQ, per_channel=True)`` (u8 activations,
@@ -18,11 +20,16 @@ All onnxruntime quantizer calls pass ``extra_options={"DefaultTensorType": onnx.
 (it crashes on these graphs without it). Accuracy: MiniLM sentence-embedding cosine (per sentence,
 mean and min) on held-out real sentences; BERT-base cosine of last_hidden_state on random token ids.
 Latency: onnxruntime CPU, 2 intra-op threads, ORT_ENABLE_ALL, warm-up, then round-robin rounds
-(rotating start), medians. Size: bytes of the model files.
+(rotating start, ``benchmarks/harness.py``), medians and per-round paired ratios (to fp32 and to
+``quantize_dynamic`` defaults). Ceilings measured in the same run, before and after each shape's
+rounds (``harness.probes``): fp32 GEMM, int8 GEMM (MatMulInteger u8×s8 1024×768×3072), copy bandwidth;
+each variant's share of the int8 GEMM rate = linear-layer GEMM work / latency / int8 probe rate.
+``--profile RUNS`` adds onnxruntime's per-op-type profile of fp32, cpu-int8 (now and before) and the
+defaults. Size: bytes of the model files.
 
 Usage::
 
-    python benchmarks/bench_precision.py --rounds 5
+    python benchmarks/bench_precision.py --rounds 20 --profile 10
 """
 
 from __future__ import annotations
@@ -30,15 +37,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
 
 import numpy as np
 from tfgraph.models import sentences
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision_cpu.md"
@@ -54,15 +62,23 @@ def log(message: str) -> None:
 
 
 def session(path: pathlib.Path):
-    import onnxruntime as ort
+    return harness.session(path, THREADS)
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+def linear_ops(path: pathlib.Path, tokens: int) -> float:
+    """Integer-GEMM work of one forward: 2 x tokens x K x N summed over the linear layers (MatMul/Gemm
+    with a constant 2-D weight, the packed Attention's Q/K/V weight) of the fp32 model; the attention
+    core (QK^T, PV) is not counted."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    total = 0
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Attention") and len(node.input) > 1 and len(shapes.get(node.input[1], ())) == 2:
+            k, n = shapes[node.input[1]]
+            total += 2 * tokens * k * n
+    return float(total)
 
 
 def size(path: pathlib.Path) -> int:
@@ -73,19 +89,8 @@ def size(path: pathlib.Path) -> int:
     return total
 
 
-def interleave(sessions: dict, feeds: dict, rounds: int) -> dict[str, float]:
-    keys = list(sessions)
-    for key in keys:
-        for _ in range(WARMUP):
-            sessions[key].run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(rounds):
-        shift = r % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            start = time.perf_counter()
-            sessions[key].run(None, feeds)
-            times[key].append(time.perf_counter() - start)
-    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+def interleave(sessions: dict, feeds: dict, rounds: int) -> dict[str, list[float]]:
+    return harness.interleave({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds, WARMUP)
 
 
 class Reader:
@@ -131,7 +136,27 @@ def ort_variants(fp32_path: pathlib.Path, work: pathlib.Path, calib_batches) -> 
     return out
 
 
-def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, embedding_output, fp16=False, max_drop=None):
+def previous_int8_target():
+    """cpu-int8 as it was before issue 20 (packed Q/K/V as DynamicQuantizeMatMul + Split +
+    MultiHeadAttention, no outlier-channel pass): a profile defined here for the comparison."""
+    import dataclasses
+
+    from tfgraph.passes.registry import PassSpec
+    from tfgraph.targets.cpu import CPU_INT8, CPU_INT8_SCHEME
+    from tfgraph.targets.profile import Phase
+
+    phases = tuple(Phase(ph.name, (PassSpec("quantize", CPU_INT8_SCHEME.to_options()),)) if ph.name == "precision" else ph
+                   for ph in CPU_INT8.phases)
+    return dataclasses.replace(CPU_INT8, name="bench-cpu-int8-before", phases=phases)
+
+
+INT8 = "tfgraph cpu-int8"
+BEFORE = "tfgraph cpu-int8 (before: DQMM+MHA, budget reverts)"
+ORT_DEFAULTS = "ort dynamic (defaults)"
+
+
+def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, embedding_output, fp16=False, max_drop=None,
+                profile_runs=0):
     import tfgraph
     from tfgraph.compiler.verify import run
     from tfgraph.ir import load
@@ -141,14 +166,15 @@ def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, em
     tfgraph.compile(str(source), "cpu-fp32", output=work / "fp32", force=True, verify=False)
     fp32_path = work / "fp32" / "model.onnx"
     variants["fp32 (tfgraph cpu-fp32)"] = {"path": fp32_path}
-    log(f"{tag}: compile cpu-int8")
-    start = time.perf_counter()
-    artifact = tfgraph.compile(str(source), "cpu-int8", output=work / "int8", force=True, calibration=calibration,
-                               max_drop=max_drop)
-    prec = artifact.manifest["precision"]
-    variants["tfgraph cpu-int8"] = {"path": work / "int8" / "model.onnx", "build_s": time.perf_counter() - start,
-                                    "reverted": prec["max_drop"]["reverted"] if prec["max_drop"] else [],
-                                    "budget_score": prec["score"]}
+    for name, target, folder in ((INT8, "cpu-int8", "int8"), (BEFORE, previous_int8_target(), "int8_before")):
+        log(f"{tag}: compile {name}")
+        start = time.perf_counter()
+        artifact = tfgraph.compile(str(source), target, output=work / folder, force=True, calibration=calibration,
+                                   max_drop=max_drop)
+        prec = artifact.manifest["precision"]
+        variants[name] = {"path": work / folder / "model.onnx", "build_s": time.perf_counter() - start,
+                          "reverted": prec["max_drop"]["reverted"] if prec["max_drop"] else [],
+                          "budget_score": prec["score"], "passes": prec["passes"]}
     if fp16:
         log(f"{tag}: compile cpu-fp32 + convert-float16")
         try:
@@ -186,7 +212,7 @@ def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, em
         info["finite"] = bool(all(np.isfinite(g).all() for g in got))
         log(f"{tag} {name}: cosine {rows.mean():.5f} (min {rows.min():.5f}), {info['bytes'] / 2**20:.1f} MiB")
 
-    timings = {}
+    timings, profiles = {}, {}
     rng = np.random.default_rng(0)
     timed = {k: v for k, v in variants.items() if "path" in v and "fp16" not in k}
     for batch, seq in shapes:
@@ -195,15 +221,31 @@ def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, em
         sessions = {k: session(v["path"]) for k, v in timed.items()}
         names = {i.name for i in next(iter(sessions.values())).get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in names}
-        log(f"{tag}: timing b{batch} s{seq}")
-        med = interleave(sessions, feeds, rounds)
-        base_ms = med["fp32 (tfgraph cpu-fp32)"]
-        timings[f"b{batch} s{seq}"] = {k: {"median_ms": v, "ratio": v / base_ms} for k, v in med.items()}
-        log(f"{tag} b{batch} s{seq}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()))
+        key = f"b{batch} s{seq}"
+        log(f"{tag}: timing {key} (+ ceiling probes in the same run)")
+        probe = harness.probes(THREADS, rounds=max(5, rounds // 2))
+        times = interleave(sessions, feeds, rounds)
+        probe_after = harness.probes(THREADS, rounds=max(5, rounds // 2))
+        int8_rate = (probe["int8_gops"] + probe_after["int8_gops"]) / 2 * 1e9
+        fp32_rate = (probe["fp32_gflops"] + probe_after["fp32_gflops"]) / 2 * 1e9
+        ops = linear_ops(fp32_path, batch * seq)
+        vs_fp32 = harness.paired_ratios(times, "fp32 (tfgraph cpu-fp32)")
+        vs_ort = harness.paired_ratios(times, ORT_DEFAULTS) if ORT_DEFAULTS in times else {}
+        timings[key] = {
+            k: {"median_ms": harness.median(v, ms=True), "p90_ms": harness.p90(v, ms=True), "ratio": vs_fp32[k],
+                "vs_ort_defaults": vs_ort.get(k), "int8_share": ops / harness.median(v) / int8_rate,
+                "fp32_share": ops / harness.median(v) / fp32_rate}
+            for k, v in times.items()}
+        timings[key]["_probes"] = {"before": probe, "after": probe_after, "linear_gop": ops / 1e9}
+        log(f"{tag} {key}: " + ", ".join(f"{k} {timings[key][k]['median_ms']:.1f} ms" for k in times)
+            + f"; int8 probe {int8_rate / 1e9:.0f} GOP/s")
         del sessions
+        if profile_runs:
+            profiles[key] = {k: harness.op_profile(v["path"], feeds, runs=profile_runs, threads=THREADS)
+                             for k, v in timed.items() if k in (INT8, BEFORE, ORT_DEFAULTS, "fp32 (tfgraph cpu-fp32)")}
     for info in variants.values():
         info.pop("path", None)
-    return {"variants": variants, "timings": timings}
+    return {"variants": variants, "timings": timings, "profiles": profiles}
 
 
 def fp16_target():
@@ -252,33 +294,51 @@ def fp16_only(source, work, calib, evals, out: pathlib.Path) -> int:
 
 
 def machine() -> dict:
-    cpu, flags = "?", ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "isa": isa, "usable_cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "load_average_1m_at_start": load}
+    m = harness.machine()
+    m["load_average_1m_at_start"] = m.pop("load_average_1m")
+    return m
+
+
+def _profile_table(profiles: dict) -> list[str]:
+    """Per op type, ms per run (share of kernel time), for each profiled variant."""
+    lines = []
+    for shape, per_variant in profiles.items():
+        ops = []
+        for prof in per_variant.values():
+            for op, d in prof["ops"].items():
+                if d["share"] >= 0.005 and op not in ops:
+                    ops.append(op)
+        names = list(per_variant)
+        lines += [f"Where the time goes, {shape} (onnxruntime profiler, kernel time per run, ms (share)):", "",
+                  "| op type | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for op in ops:
+            cells = []
+            for n in names:
+                d = per_variant[n]["ops"].get(op)
+                cells.append(f"{d['ms_per_run']:.1f} ({d['share'] * 100:.0f}%) x{d['nodes']}" if d else "—")
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        lines.append("| total | " + " | ".join(f"{per_variant[n]['total_ms_per_run']:.1f}" for n in names) + " |")
+        lines.append("")
+    return lines
 
 
 def render(report: dict) -> str:
     m = report["machine"]
+    isa = ", ".join(m["isa"]) or "none listed"
     lines = [
         "# Precision on CPU: tfgraph cpu-int8 vs onnxruntime quantizers",
         "",
         f"- date: {report['date']}",
-        f"- machine: {m['cpu']} ({', '.join(m['isa'])}; no VNNI/AMX unless listed), {m['usable_cores']} usable cores; "
+        f"- machine: {m['cpu']} (ISA: {isa}), {m['usable_cores']} usable cores, {m.get('versions', {})}; "
         f"**shared and under contention** (1-minute load average {m['load_average_1m_at_start']:.1f} at start on "
-        f"{m['usable_cores']} cores): latencies are noisy, compare within a table only",
+        f"{m['usable_cores']} cores): absolute latencies are noisy, the ratios are per-round paired medians",
         f"- onnxruntime CPU, {THREADS} intra-op threads, ORT_ENABLE_ALL, {WARMUP} warm-up runs, "
-        f"{report['rounds']} interleaved rounds, medians",
-        f"- command: `python benchmarks/bench_precision.py --rounds {report['rounds']}`",
+        f"{report['rounds']} interleaved rounds (rotating start), medians; `x fp32` and `x ort` are medians of the "
+        "per-round ratios to tfgraph cpu-fp32 and to `quantize_dynamic` defaults",
+        f"- command: `{report.get('command', 'python benchmarks/bench_precision.py')}`",
+        "- int8 share: linear-layer GEMM work (2·tokens·K·N over the fp32 model's MatMul/packed-Attention weights; "
+        "attention core not counted) / median latency / the int8 GEMM probe measured in the same run "
+        "(onnxruntime MatMulInteger u8×s8, M×K×N = 1024×768×3072, 2 threads, before and after the timing rounds)",
         "- MiniLM accuracy: sentence-embedding cosine to the fp32 export on "
         f"{len(EVAL)} held-out real sentences (calibration/budget on {len(CALIBRATION)} others); "
         "BERT-base (random init): cosine of last_hidden_state rows on random token ids",
@@ -287,16 +347,29 @@ def render(report: dict) -> str:
     ]
     for tag, res in report["models"].items():
         shapes = list(res["timings"])
-        lines += [f"## {tag}", "",
-                  "| variant | size MiB | cosine mean | cosine min | " + " | ".join(f"{s} ms (x fp32)" for s in shapes) + " | notes |",
-                  "|---|---|---|---|" + "---|" * len(shapes) + "---|"]
+        lines += [f"## {tag}", ""]
+        for s in shapes:
+            pr = res["timings"][s]["_probes"]
+            lines.append(f"- {s} ceilings (same run, before / after): int8 MatMulInteger {pr['before']['int8_gops']:.0f} / "
+                         f"{pr['after']['int8_gops']:.0f} GOP/s, fp32 MatMul {pr['before']['fp32_gflops']:.0f} / "
+                         f"{pr['after']['fp32_gflops']:.0f} GFLOP/s, DynamicQuantizeMatMul {pr['before']['dqmm_gops']:.0f} GOP/s, "
+                         f"copy {pr['before']['copy_gbs']:.1f} GB/s; linear work {pr['linear_gop']:.1f} GOP per run")
+        lines += ["",
+                  "| variant | size MiB | cosine mean | cosine min | "
+                  + " | ".join(f"{s} ms (x fp32, x ort) | {s} int8 share" for s in shapes) + " | notes |",
+                  "|---|---|---|---|" + "---|---|" * len(shapes) + "---|"]
         for name, info in res["variants"].items():
             if "error" in info:
-                lines.append(f"| {name} | — | — | — | " + " | ".join("—" for _ in shapes) + f" | failed: {info['error']} |")
+                lines.append(f"| {name} | — | — | — | " + " | ".join("— | —" for _ in shapes) + f" | failed: {info['error']} |")
                 continue
-            cells = " | ".join(
-                f"{res['timings'][s][name]['median_ms']:.1f} ({res['timings'][s][name]['ratio']:.2f}x)"
-                if name in res["timings"][s] else "—" for s in shapes)
+            cells = []
+            for s in shapes:
+                t = res["timings"][s].get(name)
+                if t is None:
+                    cells.append("— | —")
+                    continue
+                vs = f", {t['vs_ort_defaults']:.3f}x" if t.get("vs_ort_defaults") is not None else ""
+                cells.append(f"{t['median_ms']:.1f} ({t['ratio']:.2f}x{vs}) | {t['int8_share'] * 100:.0f}%")
             notes = []
             if info.get("reverted") is not None and "cpu-int8" in name:
                 notes.append(f"max-drop reverted {len(info['reverted'])} node(s)")
@@ -305,8 +378,9 @@ def render(report: dict) -> str:
             if not info.get("finite", True):
                 notes.append("NaN/Inf!")
             lines.append(f"| {name} | {info['bytes'] / 2**20:.1f} | {info['cosine_mean']:.5f} | {info['cosine_min']:.5f} | "
-                         f"{cells} | {'; '.join(notes)} |")
+                         f"{' | '.join(cells)} | {'; '.join(notes)} |")
         lines.append("")
+        lines += _profile_table(res.get("profiles", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -317,6 +391,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp16-only", action="store_true",
                         help="only MiniLM fp16 accuracy (cpu-fp32 + convert-float16), to precision_fp16_cpu.json")
     parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUT)
+    parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                        help="also profile fp32, cpu-int8 (now and before) and ort defaults per op type over RUNS runs")
     args = parser.parse_args(argv)
 
     import torch
@@ -328,7 +404,8 @@ def main(argv=None) -> int:
     from tfgraph.models import minilm_path
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "rounds": args.rounds, "models": {}}
+              "machine": machine(), "rounds": args.rounds, "models": {},
+              "command": "python benchmarks/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     names = ("input_ids", "attention_mask", "token_type_ids")
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
         work = pathlib.Path(tmp)
@@ -341,7 +418,8 @@ def main(argv=None) -> int:
         if args.fp16_only:
             return fp16_only(source, work / "minilm", calib, evals, args.output.with_name("precision_fp16_cpu.json"))
         report["models"]["all-MiniLM-L6-v2 (real weights)"] = bench_model(
-            "minilm", source, work / "minilm", calib, evals, [(1, 128), (8, 128)], args.rounds, "sentence_embedding", fp16=True)
+            "minilm", source, work / "minilm", calib, evals, [(1, 128), (8, 128)], args.rounds, "sentence_embedding", fp16=True,
+            profile_runs=args.profile)
         if not args.no_bert:
             torch.manual_seed(0)
             folder = work / "hf-bert-base"
@@ -361,7 +439,7 @@ def main(argv=None) -> int:
             (work / "bert").mkdir()
             report["models"]["BERT-base (random init)"] = bench_model(
                 "bert", source, work / "bert", calib, evals, [(1, 128), (8, 128)], args.rounds, "last_hidden_state",
-                max_drop=1.0)  # random weights: raw int8 accuracy, no revert budget
+                max_drop=1.0, profile_runs=args.profile)  # random weights: raw int8 accuracy, no revert budget
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(report))
     args.output.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))

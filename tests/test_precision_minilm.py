@@ -41,14 +41,15 @@ def test_int8_minilm_sentence_embedding_cosine(minilm_int8):
     fp32_model = load(source).model
     int8_model = load(compiled).model
     ops = collections.Counter(n.op_type for n in int8_model.graph)
-    # FFN, output and (moved out of the packed Attention) Q/K/V projections; a few may be reverted to float
-    assert ops["DynamicQuantizeMatMul"] >= 15
-    assert ops["MultiHeadAttention"] + ops["Attention"] == 6 and ops["MultiHeadAttention"] >= 3
+    # FFN and output projections; the packed Attention as QAttention (int8 Q/K/V, per-column weights, the
+    # padding mask as mask_index); a few may be reverted to float
+    assert ops["DynamicQuantizeMatMul"] >= 12
+    assert ops["QAttention"] + ops["MultiHeadAttention"] + ops["Attention"] == 6 and ops["QAttention"] >= 3
     feeds = tokenize(HELD_OUT, minilm_path(), [v.name for v in fp32_model.graph.inputs])
     want = run(fp32_model, feeds)["sentence_embedding"]
     got = run(int8_model, feeds, options={"graph_optimization_level": "ORT_ENABLE_ALL"})["sentence_embedding"]
     cos = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
-    assert cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
+    assert cos.mean() >= 0.995 and cos.min() >= 0.99, (cos.mean(), cos.min())
 
 
 def test_int8_minilm_manifest_budget_and_size(minilm_int8):
