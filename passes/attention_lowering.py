@@ -270,43 +270,165 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     return new, back.outputs[0]
 
 
+def _gqa_reason(node: ir.Node) -> str | None:
+    """Why GroupQueryAttention cannot take the block (None: it can)."""
+    if _gqa_applies(node):
+        return None
+    kind = node.attributes.get_string("mask_kind", "bias")
+    if node.attributes.get_int("window_right", 0) != 0:
+        return "the window reaches right of the query (GroupQueryAttention is causal)"
+    if kind not in {k.value for k in CAUSAL_KINDS} and kind != "block_sparse":
+        return f"mask kind '{kind}' is not causal"
+    if not is_self_attention(node):
+        return "queries and keys differ in length (cross-attention or cached keys)"
+    return f"head size not static or not a multiple of {GQA_HEAD_SIZE_MULTIPLE}"
+
+
+class LoweringRule:
+    """One way to lower a neutral attention node: ``check`` returns why it does not apply (None:
+    it does), ``rewrite`` returns the new nodes, their output and the report key. A target composes
+    rules in order (``lower-attention``'s ``rules``); the first that applies lowers the block, and a
+    block no rule takes keeps the neutral op (its standard-ONNX body)."""
+
+    name = ""
+
+    def check(self, node: ir.Node) -> str | None:
+        raise NotImplementedError
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Value, str]:
+        raise NotImplementedError
+
+
+class WindowRule(LoweringRule):
+    """Banded, block-diagonal and block-sparse blocks: the blocked form (``mode="blocked"``), or
+    ``"auto"``: blocked from ``min_sequence`` tokens and a fused kernel below (an ``If`` when the
+    length is dynamic), or ``"fused"``: causal windows always to GroupQueryAttention's
+    ``local_window_size``. ``kernel``: how the tiles run; ``block``: the query block."""
+
+    name = "window"
+
+    def __init__(self, *, mode: str = "auto", min_sequence: int = 1024, block: int | None = None,
+                 kernel: str = "standard"):
+        if mode not in WINDOW_LOWERINGS:
+            raise BadInputError(f"unknown window lowering '{mode}'; choose one of {', '.join(WINDOW_LOWERINGS)}")
+        if kernel not in blocked.KERNELS:
+            raise BadInputError(f"unknown window kernel '{kernel}'; choose one of {', '.join(blocked.KERNELS)}")
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise BadInputError(f"block must be a positive integer, got {block!r}")
+        self.mode, self.min_sequence, self.block, self.kernel = mode, min_sequence, block, kernel
+
+    def check(self, node):
+        if _window_applies(node):
+            return None
+        kind = node.attributes.get_string("mask_kind", "bias")
+        return (f"mask kind '{kind}' is not banded" if kind not in ("window", "blocks", "block_sparse")
+                else "heads, head size or length not static, or not self-attention")
+
+    def rewrite(self, graph, node):
+        nodes, output, form = _lower_window(graph, node, self.mode, self.min_sequence, self.block, self.kernel)
+        return nodes, output, f"window:{form}"
+
+
+class GroupQueryRule(LoweringRule):
+    """Causal and left-windowed self-attention to com.microsoft.GroupQueryAttention (its kernel skips
+    the masked triangle; grouped KV heads kept)."""
+
+    name = "com.microsoft.GroupQueryAttention"
+
+    def check(self, node):
+        return _gqa_reason(node)
+
+    def rewrite(self, graph, node):
+        return (*_lower_gqa(node), self.name)
+
+
+class PackedRule(LoweringRule):
+    """com.microsoft.Attention with the Q/K/V projections inside (one GEMM on packed weights)."""
+
+    name = "com.microsoft.Attention"
+
+    def check(self, node):
+        if node.op_type != "Attention":
+            return "head-split block (Attention takes (batch, sequence, hidden) inputs)"
+        if _packed_projection(*node.inputs[:3]) is None:
+            return "Q, K and V are not projections of one tensor with constant weights"
+        return None
+
+    def rewrite(self, graph, node):
+        return (*_lower_packed(graph, node), self.name)
+
+
+class MultiHeadRule(LoweringRule):
+    """com.microsoft.MultiHeadAttention, the mask as its ``attention_bias``: takes any block."""
+
+    name = "com.microsoft.MultiHeadAttention"
+
+    def check(self, node):
+        return None
+
+    def rewrite(self, graph, node):
+        return (*_TO_MHA[node.op_type](node), self.name)
+
+
+RULES: dict[str, type[LoweringRule]] = {"window": WindowRule, "group-query": GroupQueryRule, "packed": PackedRule,
+                                        "multi-head": MultiHeadRule}
+
+
+def make_rules(specs) -> list[LoweringRule]:
+    """Rules from their specs: a name (``"packed"``) or ``{"rule": name, **options}``."""
+    rules = []
+    for spec in specs:
+        name, options = (spec, {}) if isinstance(spec, str) else (spec.get("rule"), {k: v for k, v in spec.items() if k != "rule"})
+        if name not in RULES:
+            raise BadInputError(f"unknown attention lowering rule {name!r}; choose from {', '.join(RULES)}")
+        try:
+            rules.append(RULES[name](**options))
+        except TypeError as e:
+            raise BadInputError(f"attention lowering rule '{name}': {e}") from None
+    return rules
+
+
+def shorthand_rules(to: str = "com.microsoft.MultiHeadAttention", causal_to: str | None = None,
+                    window_to: str | None = None, blocked_min_sequence: int = 1024, block: int | None = None,
+                    window_kernel: str = "standard") -> list:
+    """The rule list the ``to``/``causal_to``/``window_to`` shorthand stands for, in that order: the
+    window rule, GroupQueryAttention, then the ``to`` operator (packed Attention falling back to
+    MultiHeadAttention; ``"function"``: none, the neutral op stays)."""
+    if to not in LOWERINGS:
+        raise BadInputError(f"unknown attention lowering '{to}'; choose one of {', '.join(LOWERINGS)}")
+    if causal_to is not None and causal_to not in CAUSAL_LOWERINGS:
+        raise BadInputError(f"unknown causal attention lowering '{causal_to}'; choose one of {', '.join(CAUSAL_LOWERINGS)}")
+    rules: list = []
+    if window_to is not None:
+        rules.append({"rule": "window", "mode": window_to, "min_sequence": blocked_min_sequence, "block": block,
+                      "kernel": window_kernel})
+    if causal_to is not None:
+        rules.append("group-query")
+    rules += {"com.microsoft.Attention": ["packed", "multi-head"], "com.microsoft.MultiHeadAttention": ["multi-head"],
+              "function": []}[to]
+    return rules
+
+
 @register_pass("lower-attention")
 class LowerAttentionPass(ir.passes.InPlacePass):
-    """Replace the neutral ``tfgraph.Attention`` / ``tfgraph.AttentionBHSD`` with the target's operator.
+    """Replace the neutral ``tfgraph.Attention`` / ``tfgraph.AttentionBHSD`` with the target's operators,
+    by ordered rules (``rules``; see :data:`RULES`): the first rule whose check passes lowers the
+    block; the others' reasons are reported as near misses; a block no rule takes keeps the neutral
+    op (it runs as its standard-ONNX body, e.g. for ``inline-neutral-ops``). A block whose
+    head-split shapes no fused kernel takes (dynamic head count) is always kept.
 
-    ``to="com.microsoft.MultiHeadAttention"``: onnxruntime's fused kernel (CPU and
-    CUDA), the exporter's additive mask passed as ``attention_bias``; head-split
-    inputs keep K/V in (B, N, L, H), which the kernel accepts directly.
-    ``to="com.microsoft.Attention"``: where Q, K and V are projections of one tensor
-    with constant weights, the projections move into the op (packed weights, one
-    GEMM); other blocks fall back to MultiHeadAttention.
-    ``to="function"``: keep the neutral ops; they run as their standard-ONNX bodies.
-
-    ``causal_to="com.microsoft.GroupQueryAttention"``: blocks that
-    ``classify-attention-masks`` found causal or left-windowed (queries and keys of one
-    length) go to GroupQueryAttention instead, whose kernel skips the masked triangle.
-
-    ``window_to``: exactly banded blocks (kind ``window``, e.g. a sliding window) go to
-    the blocked standard-ONNX form (``"blocked"``), or (``"auto"``) to it when the
-    sequence is at least ``blocked_min_sequence`` long and to the fused kernel below
-    (GroupQueryAttention's ``local_window_size`` for causal windows, else
-    MultiHeadAttention) — from the static length, or at run time with an ``If``; or
-    (``"fused"``) causal windows always to GroupQueryAttention's ``local_window_size`` (for EPs
-    whose kernel skips the out-of-window work, as CUDA's does), other windows as ``"auto"``.
-    With ``window_to`` set (any value), block-diagonal (``blocks``) and block-sparse
-    (``block_sparse``) blocks always take the blocked form (for a block-sparse layout, a list
-    of key blocks per query block: O(S·most key blocks·block_size)); without it they stay
-    dense with their bias.
-    With ``to="function"`` only the blocks a ``causal_to``/``window_to`` takes are lowered; the
-    rest keep the neutral op (for ``inline-neutral-ops``).
-    ``block``: the blocked form's query block (default: half the window, multiple of 8);
-    ``window_kernel``: how its tiles are computed (``"standard"`` ONNX ops, or onnxruntime's
-    ``"com.microsoft.MultiHeadAttention"`` over the batch of tiles).
+    Rules: ``"window"`` (options ``mode`` blocked|auto|fused, ``min_sequence``, ``block``,
+    ``kernel`` standard|com.microsoft.MultiHeadAttention), ``"group-query"``, ``"packed"``,
+    ``"multi-head"``. Shorthand instead of ``rules`` (:func:`shorthand_rules`): ``to``
+    (com.microsoft.Attention | com.microsoft.MultiHeadAttention | function), ``causal_to``
+    (com.microsoft.GroupQueryAttention), ``window_to`` with ``blocked_min_sequence``, ``block``,
+    ``window_kernel``.
     """
 
     def __init__(
         self,
         *,
+        rules: list | None = None,
         to: str = "com.microsoft.MultiHeadAttention",
         causal_to: str | None = None,
         window_to: str | None = None,
@@ -315,65 +437,39 @@ class LowerAttentionPass(ir.passes.InPlacePass):
         window_kernel: str = "standard",
     ):
         super().__init__()
-        if to not in LOWERINGS:
-            raise BadInputError(f"unknown attention lowering '{to}'; choose one of {', '.join(LOWERINGS)}")
-        if causal_to is not None and causal_to not in CAUSAL_LOWERINGS:
-            raise BadInputError(
-                f"unknown causal attention lowering '{causal_to}'; choose one of {', '.join(CAUSAL_LOWERINGS)}"
-            )
-        if window_to is not None and window_to not in WINDOW_LOWERINGS:
-            raise BadInputError(f"unknown window lowering '{window_to}'; choose one of {', '.join(WINDOW_LOWERINGS)}")
-        if block is not None and (not isinstance(block, int) or block < 1):
-            raise BadInputError(f"block must be a positive integer, got {block!r}")
-        self.to = to
-        self.causal_to = causal_to
-        self.window_to = window_to
-        self.blocked_min_sequence = blocked_min_sequence
-        self.block = block
-        if window_kernel not in blocked.KERNELS:
-            raise BadInputError(f"unknown window kernel '{window_kernel}'; choose one of {', '.join(blocked.KERNELS)}")
-        self.window_kernel = window_kernel
+        shorthand = shorthand_rules(to, causal_to, window_to, blocked_min_sequence, block, window_kernel)
+        if rules is not None and (to, causal_to, window_to) != ("com.microsoft.MultiHeadAttention", None, None):
+            raise BadInputError("lower-attention takes either rules or the to/causal_to/window_to shorthand, not both")
+        self.rules = make_rules(shorthand if rules is None else rules)
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = causal = kept = 0
-        windows: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        misses: dict[str, str] = {}
         for graph in model.graphs():
             for node in list(graph):
                 if node.domain != ops.DOMAIN or node.op_type not in _TO_MHA:
                     continue
                 if not _kernel_fits(node):
-                    kept += 1
+                    counts["function"] = counts.get("function", 0) + 1  # the neutral op's exact body
                     continue
-                lowered = None
-                if self.to == "function" and not (
-                    (self.window_to is not None and _window_applies(node))
-                    or (self.causal_to is not None and _gqa_applies(node))
-                ):
-                    continue
-                if self.window_to is not None and _window_applies(node):
-                    new_nodes, output, form = _lower_window(
-                        graph, node, self.window_to, self.blocked_min_sequence, self.block, self.window_kernel
-                    )
-                    lowered = (new_nodes, output)
-                    windows[form] = windows.get(form, 0) + 1
-                elif self.causal_to is not None and _gqa_applies(node):
-                    lowered = _lower_gqa(node)
-                    causal += 1
-                elif self.to == "com.microsoft.Attention" and node.op_type == "Attention":
-                    lowered = _lower_packed(graph, node)
-                new_nodes, output = lowered if lowered is not None else _TO_MHA[node.op_type](node)
+                for rule in self.rules:
+                    reason = rule.check(node)
+                    if reason is None:
+                        break
+                    misses.setdefault(rule.name, f"{node.name or node.outputs[0].name}: {reason}")
+                else:
+                    continue  # no rule takes it: the neutral op stays
+                new_nodes, output, key = rule.rewrite(graph, node)
                 old = node.outputs[0]
                 output.name, output.shape, output.type = old.name, old.shape, old.type
                 ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [output])
-                count += 1
+                counts[key] = counts.get(key, 0) + 1
         if any(n.domain == "com.microsoft" for n in ir.traversal.RecursiveGraphIterator(model.graph)):
             model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {self.to: {"matches": count - causal - sum(windows.values())}}
-        if self.causal_to is not None:
-            self.report[self.causal_to] = {"matches": causal}
-        for form, n in windows.items():
-            self.report[f"window:{form}"] = {"matches": n}
-        if kept:
-            self.report["function"] = {"matches": kept}  # no kernel fits: the neutral op's exact body
-        return ir.passes.PassResult(model, count > 0)
+        self.report = {key: {"matches": n} for key, n in counts.items()}
+        for name, reason in misses.items():  # why a rule took no block at all (as the fusion rules report)
+            if name not in counts and not any(key.startswith(name + ":") for key in counts):
+                self.report[name] = {"matches": 0, "near_miss": reason}
+        lowered = sum(n for key, n in counts.items() if key != "function")
+        return ir.passes.PassResult(model, lowered > 0)

@@ -51,14 +51,14 @@ CUDA_ATTENTION = (
     "blocked form with MultiHeadAttention tiles"
 )
 
+# Attention lowering rules, first match wins: windows (causal ones to GroupQueryAttention's
+# local_window_size), causal blocks to GroupQueryAttention, then the packed Attention / MultiHeadAttention.
+CUDA_WINDOW_RULE = {"rule": "window", "mode": "fused", "min_sequence": 1024, "block": None,
+                    "kernel": "com.microsoft.MultiHeadAttention"}
+
 CUDA_FP16_LOWERING = (
     PassSpec("pack-projections"),
-    PassSpec("lower-attention", {
-        "to": "com.microsoft.Attention",
-        "causal_to": "com.microsoft.GroupQueryAttention",
-        "window_to": "fused",
-        "window_kernel": "com.microsoft.MultiHeadAttention",
-    }),
+    PassSpec("lower-attention", {"rules": [CUDA_WINDOW_RULE, "group-query", "packed", "multi-head"]}),
     PassSpec("fuse-ort-operators"),
     PassSpec("infer-shapes"),  # element types of every value (contrib ops' from their schemas): convert-float16 needs them
     # What the CUDA table lacks, resolved now: CastLike → Cast/constant, neutral ops left (the final
@@ -91,12 +91,7 @@ CUDA_INT8 = Target(
     providers=(CUDA, CPU),
     precision="int8-weights",
     phases=phases(normalize=CLEANUP, fuse=FUSION, lower=(
-        PassSpec("lower-attention", {
-            "to": "com.microsoft.MultiHeadAttention",
-            "causal_to": "com.microsoft.GroupQueryAttention",
-            "window_to": "fused",
-            "window_kernel": "com.microsoft.MultiHeadAttention",
-        }),
+        PassSpec("lower-attention", {"rules": [CUDA_WINDOW_RULE, "group-query", "multi-head"]}),
         PassSpec("fuse-ort-operators"),
         PassSpec("infer-shapes"),
         PassSpec("decompose-unsupported", {"table": "cuda", "inline_functions": True}),
@@ -115,8 +110,10 @@ CUDA_INT8 = Target(
 STANDARD_LOWERING = (
     # Contrib ops an input model may carry (e.g. from onnxruntime's optimizer) → standard ONNX.
     PassSpec("decompose-unsupported", {"table": "tensorrt"}),
-    PassSpec("lower-attention", {"to": "function", "window_to": "blocked", "window_kernel": "standard",
-                                 "blocked_min_sequence": 1024}),
+    # Only windows are lowered (to the blocked form in standard ops); other blocks keep the neutral op,
+    # inlined next into MatMul/Softmax/MatMul.
+    PassSpec("lower-attention", {"rules": [{"rule": "window", "mode": "blocked", "min_sequence": 1024, "block": None,
+                                            "kernel": "standard"}]}),
     PassSpec("inline-neutral-ops"),
     PassSpec("cse"),
     PassSpec("remove-dead"),

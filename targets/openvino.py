@@ -70,7 +70,8 @@ OV_LOWERING = (
     PassSpec("pack-projections"),
     PassSpec(
         "lower-attention",
-        {"to": "com.microsoft.Attention", "window_to": "blocked", "window_kernel": "standard"},
+        {"rules": [{"rule": "window", "mode": "blocked", "min_sequence": 1024, "block": None, "kernel": "standard"},
+                   "packed", "multi-head"]},
     ),
     # RMSNorm (and any neutral op left) as its standard-ONNX body: OpenVINO fuses RMS itself.
     PassSpec("inline-neutral-ops"),

@@ -292,3 +292,50 @@ def test_packed_lowering_falls_back_to_mha():
     ops = _ops(artifact.model)
     assert ops.get(("com.microsoft", "MultiHeadAttention")) == 1 and ("com.microsoft", "Attention") not in ops
     assert_matches_source(artifact, _model(ROTARY_LIKE), feeds=_feeds(seed=7))
+
+
+def test_lowering_rules_first_match_wins_and_report_why():
+    """lower-attention is ordered rules: the first whose check passes lowers the block; a rule that
+    took nothing says why; without a rule that takes the block the neutral op stays."""
+    from tfgraph.passes.attention_lowering import shorthand_rules
+
+    from tfgraph.passes import PassSpec
+    from tfgraph.targets import get_target
+    from tfgraph.targets.profile import phases
+
+    base = get_target("cpu-fp32")
+
+    def target(rules):
+        pipeline = tuple(p for p in base.passes if p.name not in ("lower-attention", "pack-projections"))
+        pipeline = pipeline[:-1] + (PassSpec("lower-attention", {"rules": rules}),) + pipeline[-1:]
+        return tfgraph.Target(name="test-rules", description="", providers=base.providers, precision="fp32",
+                              phases=phases(rewrite=pipeline), tolerance=base.tolerance)
+
+    def lowering(artifact):
+        return next(r for r in artifact.manifest["passes"] if r["name"] == "lower-attention")["rules"]
+
+    # ROTARY_LIKE: Q/K transformed after the split, so "packed" misses and "multi-head" takes it.
+    artifact = tfgraph.compile(_model(ROTARY_LIKE), target(["group-query", "packed", "multi-head"]), inputs=_feeds())
+    report = lowering(artifact)
+    assert report["com.microsoft.MultiHeadAttention"] == {"matches": 1}
+    assert "head-split block" in report["com.microsoft.Attention"]["near_miss"]
+    assert "not causal" in report["com.microsoft.GroupQueryAttention"]["near_miss"]
+    assert _ops(artifact.model).get(("com.microsoft", "MultiHeadAttention")) == 1
+    assert_matches_source(artifact, _model(ROTARY_LIKE), feeds=_feeds(seed=7))
+    # Order matters: multi-head first takes the block packed would have taken.
+    first = tfgraph.compile(_model(SDPA), target(["multi-head", "packed"]), inputs=_feeds())
+    assert _ops(first.model).get(("com.microsoft", "MultiHeadAttention")) == 1
+    assert ("com.microsoft", "Attention") not in _ops(first.model)
+    # No rule takes it: the neutral op stays (its ONNX function), outputs unchanged.
+    kept = tfgraph.compile(_model(SDPA), target(["packed"]), inputs=_feeds())
+    assert _ops(kept.model).get(("com.microsoft", "Attention")) == 1  # SDPA's projections pack
+    none = tfgraph.compile(_model(ROTARY_LIKE), target(["packed"]), inputs=_feeds())
+    assert _ops(none.model).get(("tfgraph", "AttentionBHSD")) == 1
+    assert_matches_source(none, _model(ROTARY_LIKE), feeds=_feeds(seed=7))
+    # The shorthand is a rule list.
+    assert shorthand_rules(to="com.microsoft.Attention") == ["packed", "multi-head"]
+    assert shorthand_rules(to="function", causal_to="com.microsoft.GroupQueryAttention") == ["group-query"]
+    with pytest.raises(tfgraph.BadInputError, match="unknown attention lowering rule"):
+        PassSpec("lower-attention", {"rules": ["nope"]}).create()
+    with pytest.raises(tfgraph.BadInputError, match="not both"):
+        PassSpec("lower-attention", {"rules": ["packed"], "to": "function"}).create()

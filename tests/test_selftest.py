@@ -35,7 +35,8 @@ class ForgetWindows(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 register_target(CPU_FP32.map_passes(
-    lambda p: (PassSpec("forget-windows"), PassSpec("lower-attention", dict(p.options, window_to="blocked")))
+    lambda p: (PassSpec("forget-windows"),
+               PassSpec("lower-attention", {"rules": [{"rule": "window", "mode": "blocked"}, "packed", "multi-head"]}))
     if p.name == "lower-attention" else p, name="window-blind"), replace=True)
 """
 
@@ -47,6 +48,9 @@ def test_a_window_blind_lowering_fails(cli, tmp_path):
     assert result.code == 1, result.err
     report = json.loads(result.out)
     assert not report["passed"]
-    assert all(not r["passed"] and r["max_abs"] > 1e-2 for r in report["results"])
+    windows = [r for r in report["results"] if "window" in r["case"]]
+    assert len(windows) == 4 and all(not r["passed"] and r["max_abs"] > 1e-2 for r in windows)
+    # The tiny BERT/GPT compiles have no windows: the blind lowering is right for them.
+    assert all(r["passed"] for r in report["results"] if r not in windows)
     ok = cli("targets", "--self-test", "--target", "cpu-fp32")
     assert ok.code == 0 and "FAILED" not in ok.out

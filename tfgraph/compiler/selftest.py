@@ -86,7 +86,8 @@ def window_self_test(target: str | Target, *, atol: float | None = None) -> list
     profile = get_target(target)
     tolerance = atol if atol is not None else max(profile.tolerance.atol, 1e-4)
     lowering = _lowering(profile)
-    crossover = next((int(s.options.get("blocked_min_sequence", 0)) for s in lowering if s.name == "lower-attention"), 0)
+    crossover = next((rule.min_sequence for s in lowering if s.name == "lower-attention"
+                      for rule in s.create().rules if rule.name == "window"), 0)
     lengths = sorted({37, max(crossover, 64) + 13})
     providers = runtime.usable(profile.providers)[0]
     results = []
