@@ -224,3 +224,39 @@ def test_cpu_int8_profile_runs_both_rewrites():
     specs = [s for ph in CPU_INT8.phases if ph.name == "precision" for s in ph.passes]
     assert [s.name for s in specs] == ["quantize", "quantize-outlier-channels"]
     assert dict(specs[0].options)["attention_kernel"] == "qattention"
+
+
+# --- max-drop ranking in one pass ------------------------------------------------------------------------
+
+
+def test_max_drop_ranks_every_revert_in_one_session():
+    """The FFN with its outlier weight (tests/test_precision.py's budget model): the switch model scores
+    each single-node revert like one session per node does, and the budget loop reverts mm2 first."""
+    from tests.test_precision import _budget_setup, _feeds
+
+    model, records, evaluate = _budget_setup()
+    sessions = []
+
+    def evaluate_configs(m, configs):
+        sessions.append(1)
+        return [evaluate_with(m, extra) for extra in configs]
+
+    def evaluate_with(m, extra):
+        from tfgraph.compiler.precision import accuracy
+        from tests.test_precision import _mlp
+
+        return accuracy(run(_mlp(outlier=True), _feeds()), run(m, {**_feeds(), **extra}))
+
+    switched, switches = precision._copy(model), {}
+    precision.revert_nodes(switched, records, list(records), switches=switches)
+    assert sorted(switches) == ["mm1", "mm2"] and len(switched.graph.inputs) == 3
+    # every switch on: the quantized model; one off: that node reverted alone
+    on = {s: np.array(1.0, np.float32) for s in switches.values()}
+    np.testing.assert_allclose(run(switched, {**_feeds(), **on})["y"], run(model, _feeds())["y"], atol=1e-6)
+    alone = precision._copy(model)
+    precision.revert_nodes(alone, records, ["mm2"])
+    np.testing.assert_allclose(run(switched, {**_feeds(), **on, switches["mm2"]: np.array(0.0, np.float32)})["y"],
+                               run(alone, _feeds())["y"], atol=1e-6)
+    report = precision.budget(model, records, evaluate, 1e-4, evaluate_configs=evaluate_configs)
+    assert report["met"] and report["reverted"][0] == "mm2" and "one session" in report["ranking"]
+    assert len(sessions) == 1

@@ -64,13 +64,17 @@ def score(report: Mapping[str, dict]) -> float:
 
 
 def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[str], *,
-                 weights_float16: bool = False) -> list[str]:
+                 weights_float16: bool = False, switches: dict[str, str] | None = None) -> list[str]:
     """Rebuild the float nodes of the quantized nodes ``names`` (``records``: the quantize pass's
     ``quantized``), in place; returns the names reverted. Leftover integer weights and Q/DQ nodes
     that no longer feed anything are removed. With ``weights_float16``, 2-D weights of reverted
     nodes other than Gather are stored as float16 behind a ``Cast`` to float (onnxruntime folds the
     Cast at load: float compute, half the bytes; a weight-only ``DequantizeLinear`` was rewritten
-    back into integer compute by onnxruntime's QDQ fusions, so it is not used)."""
+    back into integer compute by onnxruntime's QDQ fusions, so it is not used).
+
+    With ``switches`` (a dict to fill), nothing is replaced: each node gets its float rebuild beside
+    it and its users read ``q * s + f * (1 - s)`` for a new scalar graph input ``s`` (1: quantized,
+    0: float), recorded as ``switches[name] = input name`` — one session can then try every revert."""
 
     graph = model.graph
     done = []
@@ -132,6 +136,9 @@ def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[s
         graph.insert_before(quantized, new_nodes)
         final = main_nodes[-1].outputs[0]
         final.shape = target_out.shape
+        if switches is not None:
+            _switch(graph, name, target_out, final, switches)
+            continue
         ir.convenience.replace_all_uses_with(target_out, final, replace_graph_outputs=True)
         producer = target_out.producer()
         out_name = target_out.name
@@ -140,8 +147,33 @@ def revert_nodes(model: ir.Model, records: Mapping[str, dict], names: Sequence[s
         final.name = out_name
         main_nodes[0].name = name
         done.append(name)
+    if switches is not None:
+        graph.sort()
+        return list(switches)
     _remove_dead(graph)
     return done
+
+
+def _switch(graph: ir.Graph, name: str, quantized: ir.Value, floating: ir.Value, switches: dict[str, str]) -> None:
+    s = ir.Value(name=f"tfgraph_switch_{len(switches)}", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph.inputs.append(s)
+    one = ir.Value(name=f"{s.name}_one", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                   const_value=ir.tensor(np.array(1.0, np.float32), name=f"{s.name}_one"))
+    graph.register_initializer(one)
+    inv = ir.node("Sub", [one, s], name=f"{s.name}_inv")
+    a = ir.node("Mul", [quantized, s], name=f"{s.name}_q")
+    b = ir.node("Mul", [floating, inv.outputs[0]], name=f"{s.name}_f")
+    mix = ir.node("Add", [a.outputs[0], b.outputs[0]], name=f"{s.name}_mix")
+    for n in (inv, a, b, mix):
+        n.outputs[0].name, n.outputs[0].dtype = n.name, ir.DataType.FLOAT
+    graph.insert_after(quantized.producer(), [inv, a, b, mix])
+    ir.convenience.replace_all_uses_with(quantized, mix.outputs[0], replace_graph_outputs=True)
+    a.replace_input_with(0, quantized)
+    if mix.outputs[0].is_graph_output():  # the graph output keeps its name (the accuracy report's key)
+        out_name = quantized.name
+        quantized.name = f"{out_name}__quantized"
+        mix.outputs[0].name = out_name
+    switches[name] = s.name
 
 
 def _remove_dead(graph: ir.Graph) -> None:
@@ -169,25 +201,42 @@ def budget(
     *,
     weights_float16: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    evaluate_configs: Callable[[ir.Model, list[dict]], list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Revert quantized nodes to float until ``1 - score(evaluate(model)) <= max_drop``.
 
-    Harm of a node = how much reverting it alone raises the score (one evaluation per node on a
-    copy); nodes are then reverted in order of harm, re-evaluating after each, until the budget
-    holds or none are left. Returns the report (which nodes, the score after each step)."""
+    Ranking: by how much reverting each node alone raises the score. Without ``evaluate_configs``,
+    one evaluation (one session) per node on a copy; with it, one model holds every node beside its
+    float rebuild behind a switch input (``revert_nodes(switches=...)``) and
+    ``evaluate_configs(model, [extra feeds, ...])`` scores every single-node revert in one session.
+    Nodes are then reverted in that order, re-evaluating after each, until the budget holds or none
+    are left. Returns the report (the ranking used, which nodes, the score after each step)."""
     start = float(score(evaluate(model)))
     history = [{"reverted": None, "score": start}]
     if 1.0 - start <= max_drop:
         return {"max_drop": max_drop, "initial_score": start, "final_score": start, "reverted": [], "steps": history,
                 "met": True}
     names = [n for n in records if any(node.name == n for node in model.graph)]
-    gains = {}
-    for i, name in enumerate(names):
+    gains: dict[str, float] = {}
+    if evaluate_configs is not None:
         if progress:
-            progress("max-drop: rank quantized nodes", i, len(names))
-        copy = _copy(model)
-        revert_nodes(copy, records, [name], weights_float16=weights_float16)
-        gains[name] = float(score(evaluate(copy)) - start)
+            progress("max-drop: rank quantized nodes (one session)", 0, 1)
+        switched, switches = _copy(model), {}
+        revert_nodes(switched, records, names, weights_float16=weights_float16, switches=switches)
+        on = {s: np.array(1.0, np.float32) for s in switches.values()}
+        configs = [on] + [{**on, switches[n]: np.array(0.0, np.float32)} for n in names]
+        reports = evaluate_configs(switched, configs)
+        base = float(score(reports[0]))
+        gains = {n: float(score(r)) - base for n, r in zip(names, reports[1:])}
+        ranking = "score gain of reverting each node alone, all in one session (float rebuilds behind switch inputs)"
+    else:
+        for i, name in enumerate(names):
+            if progress:
+                progress("max-drop: rank quantized nodes", i, len(names))
+            copy = _copy(model)
+            revert_nodes(copy, records, [name], weights_float16=weights_float16)
+            gains[name] = float(score(evaluate(copy)) - start)
+        ranking = "score gain of reverting each node alone (one evaluation per node)"
     order = sorted(names, key=lambda n: -gains[n])
     reverted, current = [], start
     for name in order:
@@ -199,4 +248,4 @@ def budget(
         history.append({"reverted": name, "gain_alone": gains[name], "score": current})
     return {"max_drop": max_drop, "initial_score": start, "final_score": current, "reverted": reverted,
             "reverted_weights": "float16 storage, float compute" if weights_float16 else "float",
-            "steps": history, "met": bool(1.0 - current <= max_drop)}
+            "ranking": ranking, "steps": history, "met": bool(1.0 - current <= max_drop)}

@@ -68,6 +68,13 @@ def finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
         outs = [runtime.run(model, batch, providers, options=profile.session_options) for batch in calib.batches]
         return precision.accuracy(state["fp32"], outs)
 
+    def evaluate_configs(model, configs):
+        """Accuracy for each set of extra feeds (the revert switches), one session for all."""
+        sess = runtime.session(model, providers, options=profile.session_options)
+        names = [o.name for o in sess.get_outputs()]
+        return [precision.accuracy(state["fp32"], [dict(zip(names, sess.run(None, {**batch, **extra})))
+                                                   for batch in calib.batches]) for extra in configs]
+
     records: dict = {}
     passes = []
     for instance in state["passes"]:
@@ -79,7 +86,7 @@ def finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
     if budget_value is not None and records:
         half = bool(profile.quantization is not None and profile.quantization.revert_weights_float16)
         budget_report = precision.budget(model_ir, records, evaluate, budget_value, weights_float16=half,
-                                         progress=progress)
+                                         progress=progress, evaluate_configs=evaluate_configs)
     acc = evaluate(model_ir)
     warnings = list(state["notes"])
     if budget_report is not None and not budget_report["met"]:
