@@ -152,3 +152,18 @@ def test_load_checks_weight_sizes_without_a_second_copy(tmp_path):
     onnx.save(proto, path)
     with pytest.raises(BadInputError, match="W1"):
         tfgraph.compile(path, "cpu-fp32")
+
+
+def test_calibration_sentences_tokenize_as_transformers_does_without_importing_it():
+    transformers = pytest.importorskip("transformers")
+    from tfgraph.compiler.calibration import _fast_tokenize
+    from tfgraph.models import minilm_path
+    from tfgraph.models.sentences import CALIBRATION, HELD_OUT
+
+    sentences = list(CALIBRATION) + list(HELD_OUT) + ["word " * 600, "Ünïcödé ACCENTS, émigré café", ""]
+    fast = _fast_tokenize(sentences, minilm_path())
+    slow = transformers.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)(
+        sentences, padding=True, truncation=True, return_tensors="np")
+    assert fast is not None and fast["input_ids"].shape[1] == 512  # truncated to model_max_length
+    for key in slow:
+        np.testing.assert_array_equal(fast[key], slow[key])

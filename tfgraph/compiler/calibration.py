@@ -247,12 +247,47 @@ def _split(feeds: Mapping[str, np.ndarray], batch_size: int) -> list[dict[str, n
 
 def tokenize(sentences: Sequence[str], tokenizer_dir: str | os.PathLike, input_names: Iterable[str]) -> dict[str, np.ndarray]:
     """Tokenize ``sentences`` with the tokenizer saved in ``tokenizer_dir`` (local files only)."""
-    import transformers
+    tokens = _fast_tokenize(sentences, tokenizer_dir)
+    if tokens is None:
+        import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    tokens = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="np")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        tokens = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="np")
     names = set(input_names)
     return {k: np.asarray(v).astype(np.int64) for k, v in tokens.items() if k in names}
+
+
+def _fast_tokenize(sentences: Sequence[str], tokenizer_dir: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """The folder's ``tokenizer.json`` run by the ``tokenizers`` library directly, padded to the longest
+    sentence and truncated to ``model_max_length`` as ``AutoTokenizer(..., padding=True, truncation=True)``
+    does with it: the same Rust tokenizer, without importing transformers (and torch with it: 5-10 s and
+    0.25 GB of a compile, issue 20). None where the folder needs transformers (no tokenizer.json, no
+    pad token, left padding, added tokens in the config): the caller then uses transformers."""
+    import json
+
+    folder = pathlib.Path(tokenizer_dir)
+    try:
+        import tokenizers
+
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - no tokenizers package, no or unreadable files: transformers decides
+        return None
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if (not isinstance(pad, str) or tokenizer.token_to_id(pad) is None or config.get("padding_side", "right") != "right"
+            or config.get("added_tokens_decoder") or config.get("additional_special_tokens")):
+        return None
+    limit = config.get("model_max_length")
+    tokenizer.no_truncation()
+    if isinstance(limit, int) and 0 < limit < 10**6:
+        tokenizer.enable_truncation(limit)
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad), pad_token=pad,
+                             pad_type_id=int(config.get("pad_token_type_id", 0)))
+    encoded = tokenizer.encode_batch(list(sentences))
+    return {"input_ids": np.array([e.ids for e in encoded], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encoded], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
 
 
 def _empty_cache(feeds: dict[str, np.ndarray], model: ir.Model) -> dict[str, np.ndarray]:

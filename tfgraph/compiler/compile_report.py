@@ -58,6 +58,24 @@ class PeakMemory:
         return rss * 1024 if rss is not None else 0
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): weights replaced by a
+    pass are freed in pieces the allocator keeps otherwise, and the next step's peak would sit on them."""
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
 class CompileClock:
     """Wall time and peak memory of each step of a compile, and of each target phase of its pipeline."""
 
@@ -65,6 +83,7 @@ class CompileClock:
         self.memory = PeakMemory()
         self.start_rss = self.memory.current()
         self.steps: list[dict] = []
+        self._carry = 0
         self.phases: list[dict] = []
         self._t0 = time.perf_counter()
 
@@ -72,20 +91,25 @@ class CompileClock:
     def measure(self, name: str, into: list | None = None) -> Iterator[dict]:
         """Time the block and record its peak memory as an entry ``{"name", "time_s", "peak_rss_bytes"}``."""
         entry: dict = {"name": name}
+        release_free_memory()
         self.memory.reset()
+        self._carry = 0
         start, inner = time.perf_counter(), len(self.phases)
         try:
             yield entry
         finally:
             entry["time_s"] = round(time.perf_counter() - start, 4)
             # Phases measured inside this step reset the high-water mark: their peaks count too.
-            entry["peak_rss_bytes"] = max([self.memory.peak(), *(p["peak_rss_bytes"] for p in self.phases[inner:])])
+            entry["peak_rss_bytes"] = max([self.memory.peak(), self._carry,
+                                           *(p["peak_rss_bytes"] for p in self.phases[inner:])])
             (self.steps if into is None else into).append(entry)
 
     def begin_phase(self, name: str) -> dict:
         """Start measuring a target phase (ended by :meth:`end_phase`); returns its entry to fill."""
         from tfgraph.deploy import runtime
 
+        self._carry = max(self._carry, self.memory.peak())  # the enclosing step's peak so far
+        release_free_memory()
         self.memory.reset()
         entry = {"name": name, "passes": 0, "modified": 0, "time_s": 0.0, "passes_s": 0.0, "checks_s": 0.0,
                  "sessions": 0, "peak_rss_bytes": 0, "_start": time.perf_counter(), "_sessions": runtime.SESSIONS_BUILT}
