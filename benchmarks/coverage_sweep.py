@@ -36,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import io
@@ -46,6 +47,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -438,6 +440,8 @@ def one(model_type: str, attention: str, exporter: str, keep: pathlib.Path | Non
     except Exception as e:  # noqa: BLE001
         return {**result, "error": f"load: {one_line(e)}", "stage": "load"}
     result["tfgraph"] = run_tfgraph(raw)
+    if "input model does not run" in result["tfgraph"].get("error", ""):  # the exporter wrote a broken model
+        return {**result, "error": f"export invalid: {result['tfgraph']['error']}", "stage": "export"}
     result.update(run_peers(model_type, raw, workdir))
     if keep is not None:
         keep.parent.mkdir(parents=True, exist_ok=True)
@@ -488,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporters", default=",".join(EXPORTERS))
     parser.add_argument("--attentions", default=",".join(ATTENTIONS))
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per export (export + compile + peers)")
+    parser.add_argument("--jobs", type=int, default=2, help="architectures swept at once (each export is a subprocess)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--retry-failed", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
@@ -508,33 +513,39 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(render(cache))
         return 0
     types = args.types.split(",") if args.types else candidate_types(args.all)
-    for model_type in types:
+    lock = threading.Lock()
+
+    def sweep_type(model_type: str) -> None:
         for attention in args.attentions.split(","):
             for exporter in args.exporters.split(","):
                 key = key_of(model_type, attention, exporter)
                 old = cache["exports"].get(key)
-                if old is not None and not args.redo and not (args.retry_failed and "error" in old):
-                    continue
                 if old is not None and old.get("stage") == "config" and not args.redo:
+                    break
+                failed = old is not None and ("error" in old or "error" in (old.get("tfgraph") or {}))
+                if old is not None and not args.redo and not (args.retry_failed and failed):
                     continue
                 keep = args.keep / f"{model_type}-{attention}-{exporter}.onnx" if args.keep else None
                 start = time.perf_counter()
                 result = run_sub(model_type, attention, exporter, args.timeout, keep)
                 result["wall_s"] = time.perf_counter() - start
-                cache["exports"][key] = result
-                save_cache(cache_path, cache)
                 t = result.get("tfgraph") or {}
-                log(f"{key}: " + (result["error"] if "error" in result else
-                                  f"blocks {result['blocks']['unfused'] + result['blocks']['fused']}, tfgraph "
-                                  f"{t.get('fused')}/{t.get('found')} err {t.get('max_abs')} {t.get('error', '')}")
-                    + f" ({result['wall_s']:.0f}s)")
-                if result.get("stage") == "config":  # the other exports of this type cannot build either
+                with lock:
+                    cache["exports"][key] = result
+                    save_cache(cache_path, cache)
+                    log(f"{key}: " + (result["error"] if "error" in result else
+                                      f"blocks {result['blocks']['unfused'] + result['blocks']['fused']}, tfgraph "
+                                      f"{t.get('fused')}/{t.get('found')} err {t.get('max_abs')} {t.get('error', '')}")
+                        + f" ({result['wall_s']:.0f}s)")
+                if result.get("stage") == "config":  # the other exports of this attention cannot build either
+                    if "asked for" not in result["error"] and "does not support" not in result["error"]:
+                        return
                     break
-            else:
-                continue
-            if cache["exports"][key].get("stage") == "config" and "asked for" not in cache["exports"][key]["error"]:
-                break
-        args.out.write_text(render(cache))
+        with lock:
+            args.out.write_text(render(cache))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(sweep_type, types))
     args.out.write_text(render(cache))
     return 0
 

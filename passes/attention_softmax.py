@@ -35,14 +35,20 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401 - ir.passes.common is used below; importing onnx_ir alone does not load it
 
 from tfgraph import ops
+from tfgraph.passes import attention_einsum
 
 MASK_FILL_LIMIT = -1e4
 _MAX_PATH = 24
 _RESHAPES = ("Reshape", "Unsqueeze", "Squeeze")
+_RANKS = (3, 4, 5, 6)  # 3: (batch·heads, S, H), unsqueezed; 5, 6: (batch, blocks…, heads, S, H), flattened
 
 
 class Refused(Exception):
-    """The block cannot be fused; the message says why."""
+    """The block cannot be fused; the message says why (``einsum``: an Einsum product in the way)."""
+
+    def __init__(self, message: str, einsum: ir.Node | None = None):
+        super().__init__(message)
+        self.einsum = einsum
 
 
 @dataclasses.dataclass
@@ -134,6 +140,8 @@ def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None]:
             zero_fill = node.inputs[0]  # masked positions set to 0 after the Softmax (DeBERTa's XSoftmax)
             value = node.outputs[0]
             continue
+        if node.op_type == "Einsum" and index == 0:
+            raise Refused("the probabilities go to an Einsum that is not a batched matrix product", node)
         raise Refused(f"the probabilities go to {node.op_type} (input {index}), not to a MatMul with V")
     raise Refused("no MatMul with V within 8 nodes after the Softmax")
 
@@ -149,14 +157,16 @@ def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
     if op == "MatMul":
         return node, []
     if op in ("Add", "Sub"):
-        reasons = []
+        errors = []
         for i in ((0, 1) if op == "Add" else (0,)):
             try:
                 core, path = _walk_up(node.inputs[i], depth + 1)
                 return core, path + [(node, i)]
             except Refused as error:
-                reasons.append(str(error))
-        raise Refused(reasons[0] if op == "Sub" else f"neither operand of Add leads to MatMul(Q, Kᵀ): {reasons[0]}")
+                errors.append(error)
+        einsum = next((e.einsum for e in errors if e.einsum is not None), None)
+        raise Refused(str(errors[0]) if op == "Sub" else f"neither operand of Add leads to MatMul(Q, Kᵀ): {errors[0]}",
+                      einsum)
     if op in ("Mul", "Div"):
         for i in ((0, 1) if op == "Mul" else (0,)):
             if _scalar(node.inputs[1 - i]) not in (None, 0.0):
@@ -178,6 +188,8 @@ def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
             raise Refused(f"{op} before the Softmax does not keep the query and key axes (or its shape is unknown)")
         core, path = _walk_up(node.inputs[0], depth + 1)
         return core, path + [(node, 0)]
+    if op == "Einsum":
+        raise Refused("the scores come from an Einsum that is not a batched matrix product", node)
     if op == "Tanh":
         raise Refused("tanh soft-capping of the scores: the neutral attention op has no pre-softmax function "
                       "(needs a softcap attribute in tfgraph/ops.py)")
@@ -239,8 +251,8 @@ def find(softmax: ir.Node) -> Block:
     if _constant(kt) or _constant(v):
         raise Refused("keys or values are constants (a gate over fixed vectors, not attention)")
     ranks = {_rank(x) for x in (q, kt, core.outputs[0])}
-    if len(ranks) != 1 or ranks.pop() not in (3, 4) or _rank(v) != _rank(pv.inputs[0]) or _rank(v) not in (3, 4):
-        raise Refused("Q, Kᵀ (and V, P) are not of one known rank, 3 or 4")
+    if len(ranks) != 1 or ranks.pop() not in _RANKS or _rank(v) != _rank(pv.inputs[0]) or _rank(v) not in _RANKS:
+        raise Refused("Q, Kᵀ (and V, P) are not of one known rank from 3 to 6")
     regroup = not _same_shape(pv.inputs[0], core.outputs[0])
     if regroup and not any(n.op_type in _RESHAPES for n, _ in path) and _rank(pv.inputs[0]) == _rank(q):
         raise Refused("the probabilities' shape differs from Q·Kᵀ's")
@@ -348,6 +360,17 @@ def rewrite(graph, block: Block) -> None:
             y.shape, y.type = (ir.Shape([1, *x.shape]) if x.shape is not None else None), x.type
             lifted.append(y)
         q, k, v = lifted
+    if rank > 4:  # leading (batch, block…) axes flattened into one
+        flat = emit("Concat", [emit.const(np.array([-1], dtype=np.int64)), emit("Shape", [probs], start=-3)], axis=0)
+        flattened = []
+        for x in (q, k, v):
+            y = emit("Reshape", [x, emit("Concat", [emit.const(np.array([-1], dtype=np.int64)),
+                                                      emit("Shape", [x], start=-3)], axis=0)])
+            y.shape, y.type = None, x.type
+            flattened.append(y)
+        q, k, v = flattened
+        if bias is not None:
+            bias = emit("Reshape", [emit("Expand", [bias, emit("Shape", [probs])]), flat])
     kind = "bias"
     if bias is None:
         bias, kind = emit.const(np.array(0, dtype=dtype)), "none"
@@ -359,6 +382,10 @@ def rewrite(graph, block: Block) -> None:
         result.shape = ir.Shape([1, *out.shape]) if out.shape is not None else None
         result.type = out.type
         result = emit("Squeeze", [result, emit.const(np.array([0], dtype=np.int64))])
+    elif rank > 4:
+        result.type = out.type
+        shape = emit("Concat", [emit("Shape", [probs], end=-1), emit("Shape", [block.pv.inputs[1]], start=-1)], axis=0)
+        result = emit("Reshape", [result, shape])
     result.shape, result.type = out.shape, out.type
     graph.insert_before(block.pv, emit.nodes)
     ir.convenience.replace_all_uses_with(out, result)
@@ -383,10 +410,17 @@ def fuse_all(model: ir.Model) -> tuple[int, list[dict]]:
     count, left = 0, []
     for graph in list(model.graphs()):
         for softmax in _attention_softmaxes(graph):
-            try:
-                block = find(softmax)
-            except Refused as error:
-                left.append({"softmax": softmax.name or "", "reason": str(error)})
+            block = None
+            for _ in range(3):  # an Einsum product in the way is rewritten as a MatMul, then tried again
+                try:
+                    block = find(softmax)
+                    break
+                except Refused as error:
+                    reason = str(error)
+                    if error.einsum is None or not attention_einsum.as_matmul(graph, error.einsum):
+                        break
+            if block is None:
+                left.append({"softmax": softmax.name or "", "reason": reason})
                 continue
             rewrite(graph, block)
             count += 1

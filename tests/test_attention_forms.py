@@ -167,6 +167,21 @@ class Sdpa(Projections):
         return _merge(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.table))
 
 
+class EinsumBlocks(Projections):
+    """LongT5-style local attention: blocks of 3 positions, products as 5-D Einsums, a bias per head."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(H, 3, 3) * 3.0)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s // 3, 3, H, D) for p in (self.q, self.k, self.v))
+        scores = torch.einsum("...qhd,...khd->...hqk", q, k) + self.table
+        probs = scores.softmax(-1)
+        return torch.einsum("...hqk,...khd->...qhd", probs, v).reshape(b, s, E)
+
+
 # --- negative twins -------------------------------------------------------------------------
 
 
@@ -257,6 +272,7 @@ FORMS = {
     "mqa-partial-rotary-odd-head": (GroupedKV, ("x", "mask")),
     "cross-attention": (CrossAttention, ("x", "memory", "mask")),
     "sdpa-float-mask": (Sdpa, ("x",)),
+    "einsum-5d-local-blocks": (EinsumBlocks, ("x",)),
 }
 
 
