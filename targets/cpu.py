@@ -102,14 +102,20 @@ CPU_FP32 = Target(
 #   MultiHeadAttention (which, unlike QAttention, takes the attention bias): 210 ms (1464) at 0.993.
 #   Weight types: u8 weights (u8u8 kernel) ~9% slower, no more accurate; 7-bit weights
 #   (reduce_range, against u8 x s8 int16 saturation without VNNI) 0.9936 vs 0.9942: not used.
-# So cpu-int8 is *dynamic* (activations quantized per tensor by the kernel at run time: no
-# calibration is needed for the kernels, only for the accuracy budget), weights int8 symmetric
-# per output column, the packed Attention's projection quantized as above, embedding tables int8
-# per row (rows gathered, then scaled): 23 MB vs 90.5 MB fp32. Quantization runs after lowering so
-# the Q/K/V packing is found by the fp32 pipeline. The cosine of this recipe (0.993) is under the
-# 0.995 budget: compile's max-drop loop (min_cosine below) reverts the most harmful nodes to float
-# until it holds. Static QDQ measured less accurate and no faster on onnxruntime CPU (also on the
-# AMX Xeon in MEASUREMENTS.md); its placement lives with the targets that use it (targets/cuda.py, openvino.py, npu.py).
+# So cpu-int8 is *dynamic* (activations quantized per tensor by the kernels at run time), weights int8
+# symmetric per output column, embedding tables int8 per row (rows gathered, then scaled). Quantization
+# runs after lowering so the Q/K/V packing is found by the fp32 pipeline.
+# Issue 20 (2-core AMD EPYC Zen 4, AVX-512 + VNNI, onnxruntime 1.32, interleaved, paired per-round ratios;
+# benchmarks/results/precision_cpu.md): the Split + MultiHeadAttention form above cost more than the
+# int8 GEMM it fed (profile, b8 s128: QKV DynamicQuantizeMatMul + Split + MHA 141 ms vs QAttention 93).
+# onnxruntime's QAttention *does* honour per-column weight scales (re-measured: equal to the dequantized
+# computation to 4e-5, no slower than per-tensor); what it lacks is an attention-bias input, so the
+# packed Attention becomes DynamicQuantizeLinear + QAttention where the mask is exactly a key-padding
+# input (probed; it goes in as the 2-D mask_index), else the old form (attention_kernel option).
+# Accuracy: a few activation channels are outliers (MiniLM layer-0 GELU channel 856 reaches 25, median
+# channel 0.75); quantize-outlier-channels takes them out of the per-tensor range (scaled into the
+# weights, or a float rank-|O| path around the GELU FFN): held-out sentence cosine 0.9948 -> 0.9981 with
+# no node reverted to float (the old recipe reverted layer 0's FFN2 to an fp32 MatMul, 4x slower).
 CPU_INT8_SCHEME = Quantization(
     mode="dynamic",
     activation_type="uint8",
@@ -127,7 +133,8 @@ CPU_INT8_SCHEME = Quantization(
 CPU_INT8 = Target(
     name="cpu-int8",
     description="onnxruntime CPU EP, int8: cpu-fp32's graph, MatMul and packed Q/K/V weights int8 per channel "
-    "with dynamic activation quantization (DynamicQuantizeMatMul), int8 embeddings",
+    "with dynamic activation quantization (DynamicQuantizeMatMul, QAttention), outlier channels kept out of "
+    "the int8 range, int8 embeddings",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int8",
     phases=phases(
@@ -146,7 +153,8 @@ CPU_INT8 = Target(
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=CPU_INT8_SCHEME,
     min_cosine=0.995,
-    attention=CPU_ATTENTION + "; the packed Q/K/V projection moved out into one DynamicQuantizeMatMul",
+    attention=CPU_ATTENTION + "; int8: QAttention (per-column weights, key-padding mask as mask_index), other "
+    "masks: the packed Q/K/V projection moved out into one DynamicQuantizeMatMul + MultiHeadAttention",
 )
 
 # --- int4 weight-only ----------------------------------------------------------------------------
