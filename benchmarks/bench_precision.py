@@ -271,8 +271,9 @@ def bench_model(tag, source, work, calibration, eval_batches, shapes, rounds, em
             + f"; int8 probe {int8_rate / 1e9:.0f} GOP/s")
         del sessions
         if profile_runs:
-            profiles[key] = {k: harness.op_profile(v["path"], feeds, runs=profile_runs, threads=THREADS)
-                             for k, v in timed.items() if k in (INT8, BEFORE, ORT_DEFAULTS, "fp32 (tfgraph cpu-fp32)")}
+            profiles[key] = harness.op_profiles(
+                {k: v["path"] for k, v in timed.items() if k in ("fp32 (tfgraph cpu-fp32)", INT8, BEFORE, ORT_DEFAULTS, ORT_MASKED)},
+                feeds, runs=profile_runs, threads=THREADS)
     for info in variants.values():
         info.pop("path", None)
     return {"variants": variants, "timings": timings, "profiles": profiles}

@@ -14,7 +14,8 @@ here is meant to be called in the same process as the variants it compares:
   bandwidth (numpy copy, GB/s). ``PROBE_SHAPE`` is (M, K, N).
 - ``session(path, threads)`` — the onnxruntime CPU session every benchmark uses (sequential, ORT_ENABLE_ALL).
 - ``op_profile(path, feeds, runs, threads)`` — onnxruntime's profiler aggregated per op type
-  (ms per run, share), for "where does the time go" tables.
+  (ms per run, share), for "where does the time go" tables; ``op_profiles({name: path}, ...)`` does
+  several models with their runs interleaved.
 
 Usage::
 
@@ -178,14 +179,22 @@ def probes(threads: int = 2, rounds: int = 20, shape: tuple[int, int, int] = PRO
 def op_profile(model, feeds: Mapping[str, np.ndarray], runs: int = 10, threads: int = 2, warmup: int = 2) -> dict:
     """onnxruntime's profiler over ``runs`` runs (after ``warmup``), aggregated per op type: ms per run
     and share of the summed kernel time. Nodes are as onnxruntime ran them (after its fusions)."""
+    return op_profiles({"model": model}, feeds, runs, threads, warmup)["model"]
+
+
+def op_profiles(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], runs: int = 10, threads: int = 2,
+                warmup: int = 2) -> dict[str, dict]:
+    """:func:`op_profile` of several models, their runs interleaved (round-robin, rotating start) so
+    that load changes hit all alike."""
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
-        s = session(model, threads, profile_prefix=os.path.join(tmp, "p"))
-        for _ in range(warmup):
-            s.run(None, dict(feeds))
-        # the profile holds the warm-up too: count only the last `runs` model_run events' kernels
-        for _ in range(runs):
-            s.run(None, dict(feeds))
-        events = json.loads(pathlib.Path(s.end_profiling()).read_text())
+        sessions = {k: session(m, threads, profile_prefix=os.path.join(tmp, f"p{i}")) for i, (k, m) in enumerate(models.items())}
+        interleave({k: (lambda s=s: s.run(None, dict(feeds))) for k, s in sessions.items()}, rounds=runs, warmup=warmup)
+        events = {k: json.loads(pathlib.Path(s.end_profiling()).read_text()) for k, s in sessions.items()}
+    return {k: _aggregate(e, runs) for k, e in events.items()}
+
+
+def _aggregate(events: list, runs: int) -> dict:
+    # the profile holds the warm-up too: count only the kernels of the last `runs` model_run events
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     first = run_starts[-runs] if len(run_starts) >= runs else 0
     per_op: dict[str, float] = {}
