@@ -27,10 +27,8 @@ from tfgraph.passes.registry import register_pass
 LOWERINGS = ("com.microsoft.Attention", "com.microsoft.MultiHeadAttention", "function")
 
 
-def _const(new: list[ir.Node], array: np.ndarray) -> ir.Value:
-    node = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
-    new.append(node)
-    return node.outputs[0]
+def _builder(node: ir.Node, new: list[ir.Node]) -> Builder:
+    return Builder(f"{node.name or node.outputs[0].name}/lower", new)
 
 
 def _may_be_minus_inf(value: ir.Value, limit: int = 256) -> bool:
@@ -55,23 +53,22 @@ def _may_be_minus_inf(value: ir.Value, limit: int = 256) -> bool:
     return False
 
 
-def _finite(new: list[ir.Node], bias: ir.Value) -> ir.Value:
+def _finite(b: Builder, bias: ir.Value) -> ir.Value:
     """``Max(bias, float32.min)``: a query row whose keys are all masked (a left-padded position) gets
     finite garbage instead of NaN from the fused kernels, which have no NaN guard; a NaN there would
     reach the next layer's keys and values and poison every row (the exporter's graph guards it)."""
     if not _may_be_minus_inf(bias):
         return bias
-    floor = ir.node("Max", [bias, _const(new, np.array(np.finfo(np.float32).min, np.float32))])
-    new.append(floor)
-    floor.outputs[0].shape, floor.outputs[0].type = bias.shape, bias.type
-    return floor.outputs[0]
+    floor = b("Max", bias, b.const(np.array(np.finfo(np.float32).min, np.float32)))
+    floor.shape, floor.type = bias.shape, bias.type
+    return floor
 
 
-def _mha_bias(new: list[ir.Node], node: ir.Node, q: ir.Value, q_axis: int, k: ir.Value, k_axis: int) -> ir.Value | None:
+def _mha_bias(b: Builder, node: ir.Node, q: ir.Value, q_axis: int, k: ir.Value, k_axis: int) -> ir.Value | None:
     """The additive mask as MultiHeadAttention's ``attention_bias``: (B|1, N|1, S, T), broadcast explicitly when needed."""
     if MaskKind.of(node) is MaskKind.NONE:
         return None
-    bias = _finite(new, node.inputs[3])
+    bias = _finite(b, node.inputs[3])
     if (
         bias.shape is not None
         and len(bias.shape) == 4
@@ -81,43 +78,33 @@ def _mha_bias(new: list[ir.Node], node: ir.Node, q: ir.Value, q_axis: int, k: ir
         and _same_dim(bias.shape[3], k.shape[k_axis])
     ):
         return bias
-    sq = ir.node("Shape", [q], attributes={"start": q_axis, "end": q_axis + 1})
-    sk = ir.node("Shape", [k], attributes={"start": k_axis, "end": k_axis + 1})
-    ones = _const(new, np.array([1, 1], dtype=np.int64))
-    shape = ir.node("Concat", [ones, sq.outputs[0], sk.outputs[0]], attributes={"axis": 0})
-    expand = ir.node("Expand", [bias, shape.outputs[0]])
-    new += [sq, sk, shape, expand]
-    return expand.outputs[0]
+    lengths = b("Concat", b.i64(1, 1), b("Shape", q, start=q_axis, end=q_axis + 1),
+                b("Shape", k, start=k_axis, end=k_axis + 1), axis=0)
+    return b("Expand", bias, lengths)
 
 
-def _mha(node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, bias: ir.Value | None) -> ir.Node:
+def _mha(b: Builder, node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, bias: ir.Value | None) -> ir.Value:
     inputs = [q, k, v, None, None, bias] if bias is not None else [q, k, v]
-    attributes = {"num_heads": heads, "scale": node.attributes.get_float("scale")}
-    return ir.node("MultiHeadAttention", inputs, attributes=attributes, domain="com.microsoft", name=node.name)
+    return b("MultiHeadAttention", *inputs, domain="com.microsoft", num_heads=heads,
+             scale=node.attributes.get_float("scale"))
 
 
 def _lower_bsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     q, k, v, _ = node.inputs
-    new: list[ir.Node] = []
-    bias = _mha_bias(new, node, q, 1, k, 1)
-    mha = _mha(node, q, k, v, node.attributes.get_int("num_heads"), bias)
-    new.append(mha)
-    return new, mha.outputs[0]
+    b = _builder(node, [])
+    out = _mha(b, node, q, k, v, node.attributes.get_int("num_heads"), _mha_bias(b, node, q, 1, k, 1))
+    return b.nodes, out
 
 
 def _lower_bhsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     """Query to (B, S, N·H); key/value stay (B, N, L, H), which MultiHeadAttention reads as is."""
     q, k, v, _ = node.inputs
     heads = q.shape[1]
-    new: list[ir.Node] = []
-    bias = _mha_bias(new, node, q, 2, k, 2)
-    q_t = ir.node("Transpose", [q], attributes={"perm": [0, 2, 1, 3]})
-    q_bsd = ir.node("Reshape", [q_t.outputs[0], _const(new, np.array([0, 0, -1], dtype=np.int64))])
-    mha = _mha(node, q_bsd.outputs[0], k, v, heads, bias)
-    split = ir.node("Reshape", [mha.outputs[0], _const(new, np.array([0, 0, heads, -1], dtype=np.int64))])
-    back = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
-    new += [q_t, q_bsd, mha, split, back]
-    return new, back.outputs[0]
+    b = _builder(node, [])
+    bias = _mha_bias(b, node, q, 2, k, 2)
+    q_bsd = b("Reshape", b("Transpose", q, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
+    out = _mha(b, node, q_bsd, k, v, heads, bias)
+    return b.nodes, b("Transpose", b("Reshape", out, b.i64(0, 0, heads, -1)), perm=[0, 2, 1, 3])
 
 
 _TO_MHA = {"Attention": _lower_bsd, "AttentionBHSD": _lower_bhsd}
@@ -187,7 +174,7 @@ def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Val
     if packed is None:
         return None
     x, weight, bias = packed
-    new: list[ir.Node] = []
+    b = _builder(node, [])
     stem = node.outputs[0].name
     w_value = ir.Value(name=f"{stem}.qkv_weight", const_value=ir.tensor(weight))
     graph.register_initializer(w_value)
@@ -197,19 +184,19 @@ def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Val
         graph.register_initializer(b_value)
     # Lengths read off x (self-attention: queries and keys both come from it), so nothing
     # keeps the old projections alive and their weights are dropped with them.
-    attention_bias = _mha_bias(new, node, x, 1, x, 1)
+    attention_bias = _mha_bias(b, node, x, 1, x, 1)
     inputs = [x, w_value, b_value] + ([None, None, attention_bias] if attention_bias is not None else [])
     widths = [int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])]
     attributes = {"num_heads": node.attributes.get_int("num_heads"), "scale": node.attributes.get_float("scale")}
     if len(set(widths)) != 1:
         attributes["qkv_hidden_sizes"] = widths
-    fused = ir.node("Attention", inputs, attributes=attributes, domain="com.microsoft", name=node.name)
-    new.append(fused)
-    return new, fused.outputs[0]
+    return b.nodes, b("Attention", *inputs, domain="com.microsoft", **attributes)
 
 
 CAUSAL_KINDS = (MaskKind.CAUSAL, MaskKind.CAUSAL_BIAS, MaskKind.WINDOW, MaskKind.WINDOW_BIAS)
 CAUSAL_LOWERINGS = ("com.microsoft.GroupQueryAttention",)
+
+
 def _gqa_applies(node: ir.Node) -> bool:
     """A causal (or left-windowed) block without cached keys: queries and keys have the same length."""
     kind = node.attributes.get_string("mask_kind", "bias")
@@ -227,27 +214,20 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     ``local_window_size = left + 1``: it counts the current key), the exporter's mask rides
     along as ``attention_bias`` unless it is exactly the causal/window structure."""
     q, k, v, _ = node.inputs
-    new: list[ir.Node] = []
+    b = _builder(node, [])
     bhsd = node.op_type == "AttentionBHSD"
     if bhsd:
         heads, head_size = q.shape[1], q.shape[3]
-        merge = _const(new, np.array([0, 0, -1], dtype=np.int64))
-        flat = []
-        for x in (q, k, v):
-            t = ir.node("Transpose", [x], attributes={"perm": [0, 2, 1, 3]})
-            r = ir.node("Reshape", [t.outputs[0], merge])
-            new += [t, r]
-            flat.append(r.outputs[0])
-        q_in, k_in, v_in = flat
+        q_in, k_in, v_in = (b("Reshape", b("Transpose", x, perm=[0, 2, 1, 3]), b.i64(0, 0, -1)) for x in (q, k, v))
         kv_heads = k.shape[1]
     else:
         heads = node.attributes.get_int("num_heads")
         q_in, k_in, v_in = q, k, v
         kv_heads = heads
-    seqlens, total = _prompt_lengths(Builder(f"{node.name or node.outputs[0].name}/gqa", new), q_in)
+    seqlens, total = _prompt_lengths(b, q_in)
     kind = node.attributes.get_string("mask_kind")
     padded = kind.endswith("_bias") or kind == "block_sparse" or node.attributes.get_string("key_padding") is not None
-    bias = _mha_bias(new, node, q_in, 1, k_in, 1) if padded else None
+    bias = _mha_bias(b, node, q_in, 1, k_in, 1) if padded else None
     attributes = {
         "num_heads": heads,
         "kv_num_heads": kv_heads,
@@ -258,16 +238,10 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     inputs = [q_in, k_in, v_in, None, None, seqlens, total]
     if bias is not None:
         inputs += [None, None, None, bias]
-    gqa = ir.node(
-        "GroupQueryAttention", inputs, attributes=attributes, domain="com.microsoft", num_outputs=3, name=node.name
-    )
-    new.append(gqa)
+    out = b("GroupQueryAttention", *inputs, domain="com.microsoft", num_outputs=3, **attributes)[0]
     if not bhsd:
-        return new, gqa.outputs[0]
-    split = ir.node("Reshape", [gqa.outputs[0], _const(new, np.array([0, 0, heads, head_size], dtype=np.int64))])
-    back = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]})
-    new += [split, back]
-    return new, back.outputs[0]
+        return b.nodes, out
+    return b.nodes, b("Transpose", b("Reshape", out, b.i64(0, 0, heads, head_size)), perm=[0, 2, 1, 3])
 
 
 def _gqa_reason(node: ir.Node) -> str | None:
