@@ -5,13 +5,15 @@ here is meant to be called in the same process as the variants it compares:
 
 - ``interleave(runners, rounds, warmup)`` — round-robin timing of callables with a rotating start
   (each round begins with a different variant, so drift and neighbours' load hit all alike);
-  returns ``{name: [seconds, ...]}``. ``median``/``p90`` summarize a list (ms with ``ms=True``);
+  returns ``{name: [seconds, ...]}``; ``on_run(name, round, seconds, value)`` sees each timed call's return
+  value (a benchmark whose runner returns its own numbers). ``median``/``p90`` summarize a list (ms with ``ms=True``);
   ``ratios`` (of medians) and ``paired_ratios`` (median of per-round ratios) compare variants.
 - ``machine()`` — CPU model, the ISA flags that decide int8/bf16 kernels (avx2, avx512f, avx512_vnni,
   avx_vnni, avx512_bf16, amx_*), usable cores, load average, library versions.
 - ``probes(threads, rounds)`` — ceilings measured now: fp32 GEMM (onnxruntime MatMul, GFLOP/s), int8
   GEMM (onnxruntime MatMulInteger u8×s8, GOP/s, and DynamicQuantizeMatMul with float input), memory
-  bandwidth (numpy copy, GB/s). ``PROBE_SHAPE`` is (M, K, N).
+  bandwidth (numpy copy, GB/s). ``PROBE_SHAPE`` is (M, K, N). ``probe_runners``/``probe_rates``: the same
+  probes as runners to put into a benchmark's own ``interleave`` (the ceiling in the same rotation).
 - ``session(path, threads)`` — the onnxruntime CPU session every benchmark uses (sequential, ORT_ENABLE_ALL).
 - ``op_profile(path, feeds, runs, threads)`` — onnxruntime's profiler aggregated per op type
   (ms per run, share), for "where does the time go" tables; ``op_profiles({name: path}, ...)`` does
@@ -41,9 +43,14 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_b
 
 
 # -- timing -------------------------------------------------------------------------------------
-def interleave(runners: Mapping[str, Callable[[], object]], rounds: int = 20, warmup: int = 2) -> dict[str, list[float]]:
+def interleave(runners: Mapping[str, Callable[[], object]], rounds: int = 20, warmup: int = 2,
+               on_run: Callable[[str, int, float, object], None] | None = None) -> dict[str, list[float]]:
     """Time each runner once per round, round-robin, the start rotating by one each round, after
-    ``warmup`` untimed calls of each. Returns seconds per call, per runner, in round order."""
+    ``warmup`` untimed calls of each. Returns seconds per call, per runner, in round order.
+
+    ``on_run(name, round, seconds, value)``, if given, is called after each timed call (outside the
+    timing) with the runner's return value: for runners that measure something themselves (a
+    subprocess's report, CPU seconds) or for progress lines."""
     keys = list(runners)
     for key in keys:
         for _ in range(warmup):
@@ -53,8 +60,11 @@ def interleave(runners: Mapping[str, Callable[[], object]], rounds: int = 20, wa
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
             start = time.perf_counter()
-            runners[key]()
-            times[key].append(time.perf_counter() - start)
+            value = runners[key]()
+            elapsed = time.perf_counter() - start
+            times[key].append(elapsed)
+            if on_run is not None:
+                on_run(key, r, elapsed, value)
     return times
 
 
@@ -151,28 +161,50 @@ def _gemm_model(kind: str, m: int, k: int, n: int) -> bytes:
     return onnx.shape_inference.infer_shapes(model).SerializeToString()
 
 
-def probes(threads: int = 2, rounds: int = 20, shape: tuple[int, int, int] = PROBE_SHAPE) -> dict:
-    """Ceilings measured now, interleaved: fp32 GEMM GFLOP/s, int8 GEMM GOP/s (MatMulInteger u8×s8 and
-    DynamicQuantizeMatMul with its float input), numpy copy GB/s (read + write bytes)."""
+PROBE_KINDS = ("fp32", "int8", "dqmm", "copy")
+
+
+def probe_runners(threads: int = 2, shape: tuple[int, int, int] = PROBE_SHAPE,
+                  kinds: Sequence[str] = PROBE_KINDS) -> dict[str, Callable[[], object]]:
+    """The ceiling probes as runners named ``probe:<kind>`` (kinds: fp32, int8, dqmm GEMMs of ``shape``
+    and a 64 MiB copy), to add to a benchmark's own :func:`interleave` so the ceiling is measured in
+    the same rotation as the variants; :func:`probe_rates` turns their times into rates."""
     m, k, n = shape
     rng = np.random.default_rng(1)
-    sessions = {kind: session(_gemm_model(kind, m, k, n), threads) for kind in ("fp32", "int8", "dqmm")}
     a32 = rng.standard_normal((m, k)).astype(np.float32)
     a8 = rng.integers(0, 256, (m, k)).astype(np.uint8)
     feeds = {"fp32": {"a": a32}, "int8": {"a": a8}, "dqmm": {"a": a32}}
-    src = np.ones(64 * 2**20 // 8, np.float64)  # 64 MiB: well past the caches
-    dst = np.empty_like(src)
-    runners = {kind: (lambda s=s, f=feeds[kind]: s.run(None, f)) for kind, s in sessions.items()}
-    runners["copy"] = lambda: np.copyto(dst, src)
-    t = interleave(runners, rounds=rounds, warmup=3)
+    runners: dict[str, Callable[[], object]] = {}
+    for kind in kinds:
+        if kind == "copy":
+            src = np.ones(64 * 2**20 // 8, np.float64)  # 64 MiB: well past the caches
+            dst = np.empty_like(src)
+            runners["probe:copy"] = lambda src=src, dst=dst: np.copyto(dst, src)
+        else:
+            s = session(_gemm_model(kind, m, k, n), threads)
+            runners[f"probe:{kind}"] = lambda s=s, f=feeds[kind]: s.run(None, f)
+    return runners
+
+
+def probe_rates(times: Mapping[str, Sequence[float]], shape: tuple[int, int, int] = PROBE_SHAPE) -> dict:
+    """Rates from the medians of the ``probe:<kind>`` entries of ``times`` (others are ignored):
+    ``fp32_gflops``, ``int8_gops``, ``dqmm_gops``, ``copy_gbs``, ``int8_over_fp32`` (those present)."""
+    m, k, n = shape
     ops = 2.0 * m * k * n
-    out = {"shape_mkn": list(shape), "threads": threads,
-           "fp32_gflops": ops / median(t["fp32"]) / 1e9,
-           "int8_gops": ops / median(t["int8"]) / 1e9,
-           "dqmm_gops": ops / median(t["dqmm"]) / 1e9,
-           "copy_gbs": 2 * src.nbytes / median(t["copy"]) / 1e9}
-    out["int8_over_fp32"] = out["int8_gops"] / out["fp32_gflops"]
+    names = {"fp32": "fp32_gflops", "int8": "int8_gops", "dqmm": "dqmm_gops"}
+    out = {names[kind]: ops / median(times[f"probe:{kind}"]) / 1e9 for kind in names if f"probe:{kind}" in times}
+    if "probe:copy" in times:
+        out["copy_gbs"] = 2 * 64 * 2**20 / median(times["probe:copy"]) / 1e9  # read + write of 64 MiB
+    if "int8_gops" in out and "fp32_gflops" in out:
+        out["int8_over_fp32"] = out["int8_gops"] / out["fp32_gflops"]
     return out
+
+
+def probes(threads: int = 2, rounds: int = 20, shape: tuple[int, int, int] = PROBE_SHAPE) -> dict:
+    """Ceilings measured now, interleaved: fp32 GEMM GFLOP/s, int8 GEMM GOP/s (MatMulInteger u8×s8 and
+    DynamicQuantizeMatMul with its float input), numpy copy GB/s (read + write bytes)."""
+    t = interleave(probe_runners(threads, shape), rounds=rounds, warmup=3)
+    return {"shape_mkn": list(shape), "threads": threads, **probe_rates(t, shape)}
 
 
 # -- where the time goes ----------------------------------------------------------------------------
