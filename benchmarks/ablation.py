@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import pathlib
+import sys
 import tempfile
-import time
-
-import onnxruntime as ort
 
 import tfgraph
 from tfgraph.compiler.verify import generate_inputs, parse_shapes
 
-
-def _session(path_or_bytes, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 
 def main() -> None:
@@ -66,31 +59,28 @@ def main() -> None:
         tfgraph.compile(args.model, variant, output=f"{tmp}/extra", exporter=args.exporter)
         feeds = generate_inputs(base.model, parse_shapes(args.shape))
         variants = {
-            args.target: _session(f"{tmp}/base/model.onnx", args.threads),
-            f"{args.target} {' '.join('-' + d for d in args.drop)} + {' + '.join(args.passes)}": _session(
+            args.target: harness.session(f"{tmp}/base/model.onnx", args.threads),
+            f"{args.target} {' '.join('-' + d for d in args.drop)} + {' + '.join(args.passes)}": harness.session(
                 f"{tmp}/extra/model.onnx", args.threads
             ),
         }
-        times: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
-        for name in names:
-            for _ in range(args.warmup):
-                variants[name].run(None, feeds)
-        for round_ in range(args.rounds):
-            order = names[round_ % len(names):] + names[: round_ % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                variants[name].run(None, feeds)
-                times[name].append((time.perf_counter() - start) * 1000)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    reference = medians[names[0]]
+        seconds = harness.interleave({n: (lambda s=s: s.run(None, feeds)) for n, s in variants.items()},
+                                     args.rounds, args.warmup)
+    times = {name: [t * 1000 for t in ts] for name, ts in seconds.items()}
+    medians = {name: harness.median(t) for name, t in times.items()}
+    ratio = harness.ratios(seconds, names[0])
+    machine = harness.machine()
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     print(f"model {args.model} ({args.exporter}), inputs {shapes}, {args.rounds} interleaved rounds, {args.threads} threads")
+    print(f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores, ISA {'/'.join(machine['isa']) or '?'}, "
+          f"load {machine['load_average_1m']:.1f}")
     for name in names:
-        print(f"  {name:<60} median {medians[name]:8.2f} ms   ratio {medians[name] / reference:.3f}")
+        print(f"  {name:<60} median {medians[name]:8.2f} ms   p90 {harness.p90(times[name]):8.2f} ms   ratio {ratio[name]:.3f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"model": args.model, "inputs": shapes, "medians_ms": medians, "times_ms": times}, f, indent=2)
+            json.dump({"model": args.model, "inputs": shapes, "medians_ms": medians, "times_ms": times,
+                       "machine": machine}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +41,9 @@ import warnings
 
 import numpy as np
 from tfgraph.models import sentences
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compression_cpu.md"
@@ -55,33 +56,6 @@ CALIBRATION_SENTENCES = sentences.EVERYDAY_CALIBRATION
 
 def log(message: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
-
-
-def session(path: pathlib.Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def interleave(runners: dict, rounds: int) -> dict[str, list[float]]:
-    keys = list(runners)
-    for key in keys:
-        for _ in range(WARMUP):
-            runners[key]()
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(rounds):
-        shift = r % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            start = time.perf_counter()
-            runners[key]()
-            times[key].append(time.perf_counter() - start)
-    return times
 
 
 def embedding_bytes(model) -> int:
@@ -143,7 +117,7 @@ def bench_bert(workdir: pathlib.Path, fractions: list[float], rounds: int, shape
 
     timings = {}
     rng = np.random.default_rng(0)
-    sessions = {tag: session(pathlib.Path(info["path"])) for tag, info in variants.items()}
+    sessions = {tag: harness.session(info["path"], THREADS) for tag, info in variants.items()}
     for batch, seq in shapes:
         feeds = {
             "input_ids": rng.integers(0, 30522, (batch, seq), dtype=np.int64),
@@ -165,9 +139,9 @@ def bench_bert(workdir: pathlib.Path, fractions: list[float], rounds: int, shape
                 )
         log(f"timing b{batch} s{seq}, {rounds} rounds")
         runners = {tag: (lambda s=s: s.run(None, feeds)) for tag, s in sessions.items()}
-        times = interleave(runners, rounds)
+        times = harness.interleave(runners, rounds, WARMUP)
         shape_key = f"b{batch}s{seq}"
-        timings[shape_key] = {tag: {"median_ms": float(np.median(t) * 1e3), "p90_ms": float(np.percentile(t, 90) * 1e3)}
+        timings[shape_key] = {tag: {"median_ms": harness.median(t, ms=True), "p90_ms": harness.p90(t, ms=True)}
                               for tag, t in times.items()}
         for tag in timings[shape_key]:
             timings[shape_key][tag]["ratio"] = timings[shape_key][tag]["median_ms"] / timings[shape_key]["unpruned"]["median_ms"]
@@ -215,25 +189,14 @@ def bench_minilm(workdir: pathlib.Path, fractions: list[float]) -> dict:
     return {"sentences": len(EVAL_SENTENCES), "calibration_sentences": len(CALIBRATION_SENTENCES), "rows": rows}
 
 
-def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "usable_cores": len(os.sched_getaffinity(0)), "platform": platform.platform()}
-
-
 def render(report: dict) -> str:
     b = report["bert"]
     lines = [
         "# Compression: pruned-and-shrunk BERT-base on CPU (cpu-fp32)",
         "",
         f"- date: {report['date']}",
-        f"- machine: {report['machine']['cpu']}, {report['machine']['usable_cores']} usable cores; shared and noisy",
+        f"- machine: {report['machine']['cpu']}, {report['machine']['usable_cores']} usable cores, "
+        f"ISA {'/'.join(report['machine'].get('isa', [])) or '?'}; shared and noisy",
         f"- onnxruntime CPU, {THREADS} intra-op threads, ORT_ENABLE_ALL, {b['warmup']} warm-up runs, "
         f"{b['rounds']} interleaved round-robin rounds, medians",
         "- model: HF `BertModel(BertConfig())` random init (seed 0), dynamo export; pruning: "
@@ -282,7 +245,7 @@ def render(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="only b1 s128 and 30%")
+    parser.add_argument("--quick", action="store_true", help="only b1 s128 and 30%%")
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--workdir", default=None, help="where the temporary models go (default: the system temp folder)")
@@ -291,7 +254,7 @@ def main(argv=None) -> int:
     logging.disable(logging.WARNING)
     fractions = [0.3] if args.quick else [0.3, 0.5]
     shapes = [(1, 128)] if args.quick else [(1, 128), (4, 128)]
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": harness.machine()}
     with tempfile.TemporaryDirectory(prefix="bench-compression-", dir=args.workdir) as tmp:
         workdir = pathlib.Path(tmp)
         report["bert"] = bench_bert(workdir, fractions, args.rounds, shapes)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import tempfile
-import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 
 def _feeds(compiled, batch: int, seq: int) -> dict:
@@ -42,15 +45,9 @@ def bench(pairs: dict, shapes, runs: int, warmup: int = 3) -> dict:
     for batch, seq in shapes:
         requests = {label: m.create_infer_request() for label, m in pairs.items()}
         feeds = {label: _feeds(m, batch, seq) for label, m in pairs.items()}
-        for label, req in requests.items():
-            for _ in range(warmup):
-                req.infer(feeds[label])
-        labels = list(pairs)
-        for r in range(runs):
-            for label in labels if r % 2 == 0 else labels[::-1]:
-                t = time.perf_counter()
-                requests[label].infer(feeds[label])
-                times.setdefault((label, batch), []).append(time.perf_counter() - t)
+        runners = {label: (lambda req=req, f=feeds[label]: req.infer(f)) for label, req in requests.items()}
+        for label, samples in harness.interleave(runners, runs, warmup).items():
+            times[(label, batch)] = samples
     return times
 
 
@@ -76,7 +73,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     core = ov.Core()
     shapes = [(b, args.seq) for b in args.batches]
+    machine = harness.machine()
     lines = [
+        f"Machine: {machine['cpu']}, {machine['usable_cores']} usable cores, ISA {'/'.join(machine['isa']) or '?'}, "
+        f"load average {machine['load_average_1m']:.1f}",
+        "",
         f"OpenVINO {ov.__version__} CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}, "
         f"capabilities {core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}), {args.runs} interleaved runs "
         f"after 3 warm-up, s{args.seq}; ratio = tfgraph artifact / raw export, same precision hint",
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
         "| exporter | profile | precision run | batch | raw export ms | tfgraph ms | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
+    spread: list[float] = []
     for exporter in args.exporters:
         raw = work / f"minilm-{exporter}.onnx"
         if not raw.exists():
@@ -101,11 +103,14 @@ def main(argv=None) -> int:
             ran = pairs["tfgraph"].get_property("INFERENCE_PRECISION_HINT").to_string()
             times = bench(pairs, shapes, args.runs)
             for batch, _ in shapes:
-                a = float(np.median(times[("raw", batch)])) * 1e3
-                b = float(np.median(times[("tfgraph", batch)])) * 1e3
+                raw_t, ours_t = times[("raw", batch)], times[("tfgraph", batch)]
+                a, b = harness.median(raw_t, ms=True), harness.median(ours_t, ms=True)
+                spread.append(max(harness.p90(t) / harness.median(t) for t in (raw_t, ours_t)))
                 row = f"| {exporter} | {profile} | {ran} | {batch} | {a:.1f} | {b:.1f} | {b / a:.3f} |"
                 lines.append(row)
                 print(row, flush=True)
+    if spread:
+        lines += ["", f"Noise: p90/median of the rows' timings {min(spread):.2f}–{max(spread):.2f} (median {np.median(spread):.2f})."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

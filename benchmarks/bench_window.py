@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
-import platform
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +44,9 @@ from tfgraph import ops
 from tfgraph.passes import blocked_attention as blocked
 from tfgraph.passes.attention_lowering import LowerAttentionPass
 from tfgraph.targets.cpu import WINDOW_CROSSOVER
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 HEADS, HEAD_SIZE, WINDOW = 12, 64, 256
 HIDDEN = HEADS * HEAD_SIZE
@@ -125,14 +126,6 @@ def build(variant: str) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
 
 
-def session(data: bytes, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
 def feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {n: rng.standard_normal((batch, seq, HIDDEN)).astype(np.float32) for n in "qkv"}
@@ -149,7 +142,7 @@ def run_measuring_peak(variant: str, batch: int, seq: int) -> int:
     """In this process: build ``variant``'s session, reset the resident high-water mark
     (Linux ``/proc/self/clear_refs``), run once; the peak above the resident size before the run."""
     data, inputs = build(variant), feeds(batch, seq)
-    s = session(data, 2)
+    s = harness.session(data, 2)
     pathlib.Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     s.run(None, inputs)
@@ -188,37 +181,28 @@ def main() -> None:
     rows = []
     # Exactness first: every exact variant against the dense unfused definition.
     check = feeds(2, 600)
-    reference = session(built["dense unfused"], args.threads).run(None, check)[0]
+    reference = harness.session(built["dense unfused"], args.threads).run(None, check)[0]
     errors = {}
     for name, data in built.items():
         if name == "GQA causal (no window)":
             continue
-        got = session(data, args.threads).run(None, check)[0]
+        got = harness.session(data, args.threads).run(None, check)[0]
         errors[name] = float(np.abs(got - reference).max())
     print("max abs error vs dense unfused (B=2, S=600):", errors, flush=True)
 
     for batch in args.batch:
         for seq in args.seq:
             names = [n for n in VARIANTS if not (n == "dense unfused" and (seq > DENSE_UNFUSED_MAX or args.variants))]
-            sessions = {n: session(built[n], args.threads) for n in names}
+            sessions = {n: harness.session(built[n], args.threads) for n in names}
             inputs = feeds(batch, seq)
-            for _ in range(args.warmup):
-                for s in sessions.values():
-                    s.run(None, inputs)
-            times = {n: [] for n in names}
-            for r in range(args.rounds):
-                order = names[r % len(names):] + names[: r % len(names)]
-                for n in order:
-                    t0 = time.perf_counter()
-                    sessions[n].run(None, inputs)
-                    times[n].append(time.perf_counter() - t0)
-            base = statistics.median(times["tfgraph cpu-fp32"])
+            times = harness.interleave({n: (lambda s=s: s.run(None, inputs)) for n, s in sessions.items()},
+                                       args.rounds, args.warmup)
+            ratio = harness.ratios(times, "tfgraph cpu-fp32")
             for n in names:
-                med = statistics.median(times[n])
-                rows.append({"batch": batch, "seq": seq, "variant": n, "median_ms": med * 1e3,
-                             "p90_ms": float(np.percentile(times[n], 90)) * 1e3, "ratio_to_tfgraph": med / base})
+                rows.append({"batch": batch, "seq": seq, "variant": n, "median_ms": harness.median(times[n], ms=True),
+                             "p90_ms": harness.p90(times[n], ms=True), "ratio_to_tfgraph": ratio[n]})
             del sessions
-            print(f"B={batch} S={seq}: " + ", ".join(f"{n} {statistics.median(times[n]) * 1e3:.1f} ms" for n in names),
+            print(f"B={batch} S={seq}: " + ", ".join(f"{n} {harness.median(times[n], ms=True):.1f} ms" for n in names),
                   flush=True)
 
     for row in rows:
@@ -236,13 +220,13 @@ def main() -> None:
 
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {resource.getpagesize()} B pages",
+        "machine": harness.machine(),
         "onnxruntime": ort.__version__,
         "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
         "heads": HEADS, "head_size": HEAD_SIZE, "window": WINDOW, "crossover": WINDOW_CROSSOVER,
         "errors_vs_dense_unfused": errors, "minutes": (time.time() - started) / 60,
         "arguments": "".join(f" {a}" if a.startswith("-") or " " not in a else f' "{a}"' for a in sys.argv[1:]),
-        "load_average": [round(x, 2) for x in __import__("os").getloadavg()],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,10 +243,12 @@ def render(meta: dict, rows: list[dict], memory: dict, args) -> str:
         f"{meta['rounds']} interleaved rounds after {meta['warmup']} warm-up; medians",
         f"- one attention layer: {HEADS} heads × {HEAD_SIZE}, causal sliding window of {WINDOW} keys, fp32, no padding;"
         f" cpu-fp32 switches to the blocked form at S ≥ {WINDOW_CROSSOVER}",
-        f"- max abs error vs the dense unfused definition (B=2, S=600): "
+        "- max abs error vs the dense unfused definition (B=2, S=600): "
         + ", ".join(f"{k} {v:.1e}" for k, v in meta["errors_vs_dense_unfused"].items()),
         "- *ratio* = median / tfgraph cpu-fp32's median (> 1: slower than tfgraph); *growth* = median / median at S/2",
-        f"- load average at the end (1, 5, 15 min): {', '.join(map(str, meta.get('load_average', [])))}",
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['usable_cores']} usable cores, ISA "
+        f"{'/'.join(meta['machine']['isa']) or '?'}; load average at the end (1, 5, 15 min): "
+        f"{', '.join(map(str, meta.get('load_average', [])))}",
         f"- reproduce: `python benchmarks/bench_window.py{meta.get('arguments', '')}` ({meta['minutes']:.0f} min here)",
         "",
         "| batch | S | variant | median ms | p90 ms | ratio | growth |",

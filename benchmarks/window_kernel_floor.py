@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -34,6 +33,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_window  # noqa: E402
+import harness  # noqa: E402 - benchmarks/harness.py
 
 HEADS, HEAD_SIZE, WINDOW = bench_window.HEADS, bench_window.HEAD_SIZE, bench_window.WINDOW
 HIDDEN = HEADS * HEAD_SIZE
@@ -115,25 +115,18 @@ def main() -> None:
             if batch == 1:
                 model, feeds = gqa_tile(block)
                 runs[f"GQA with past, tile by tile, block {block}"] = (model, feeds, tiles)
-        sessions = {name: bench_window.session(data, args.threads) for name, (data, _, _) in runs.items()}
+        sessions = {name: harness.session(data, args.threads) for name, (data, _, _) in runs.items()}
         names = list(runs)
 
-        def once(name):
-            _, feeds, repeat = runs[name]
-            t0 = time.perf_counter()
+        def once(session, feeds, repeat):
             for _ in range(repeat):
-                sessions[name].run(None, feeds)
-            return time.perf_counter() - t0
+                session.run(None, feeds)
 
-        for name in names:  # warm-up
-            once(name)
-        times = {name: [] for name in names}
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(once(name))
-        reference = statistics.median(times[names[0]])
+        times = harness.interleave({name: (lambda s=sessions[name], r=runs[name]: once(s, r[1], r[2])) for name in names},
+                                   args.rounds, warmup=1)
+        reference = harness.median(times[names[0]])
         for name in names:
-            median = statistics.median(times[name])
+            median = harness.median(times[name])
             rows.append({"batch": batch, "seq": args.seq, "variant": name, "median_ms": median * 1e3,
                          "dense_over_this": reference / median})
             print(f"B={batch} {name}: {median * 1e3:.1f} ms, GQA causal ÷ this = {reference / median:.2f}", flush=True)
@@ -141,6 +134,7 @@ def main() -> None:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "onnxruntime": ort.__version__, "threads": args.threads, "rounds": args.rounds,
             "minutes": (time.time() - started) / 60, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "machine": harness.machine(),
             "arguments": " ".join(sys.argv[1:])}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +144,8 @@ def main() -> None:
              f"{args.rounds} interleaved rounds after a warm-up; medians; load average at the end "
              f"{', '.join(map(str, meta['load_average']))}",
              f"- one layer, {HEADS} heads × {HEAD_SIZE}, causal window {WINDOW}, S = {args.seq}, fp32",
+             f"- machine: {meta['machine']['cpu']}, {meta['machine']['usable_cores']} usable cores, ISA "
+             f"{'/'.join(meta['machine']['isa']) or '?'}",
              f"- reproduce: `{' '.join(['python benchmarks/window_kernel_floor.py'] + sys.argv[1:])}`",
              "- *GQA ÷ this*: how many times faster than GroupQueryAttention causal on the dense sequence",
              "", "| batch | variant | median ms | GQA ÷ this |", "|---:|---|---:|---:|"]
