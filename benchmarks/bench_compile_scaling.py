@@ -34,9 +34,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def chain_model(n: int, kind: str) -> onnx.ModelProto:
@@ -59,24 +60,6 @@ def chain_model(n: int, kind: str) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
-
-
-def cpu_info() -> dict:
-    info = {"machine": platform.machine(), "logical_cpus": os.cpu_count(), "model": platform.processor() or "?"}
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name":
-            info["model"] = value.strip()
-        elif key == "flags":
-            flags = set(value.split())
-            info["simd_flags"] = [f for f in SIMD_FLAGS if f in flags]
-            break
-    return info
 
 
 def versions() -> dict:
@@ -143,7 +126,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Compile time against graph size (cpu-fp32, chains of Add)",
         "",
-        f"CPU: {cpu.get('model')} ({cpu.get('logical_cpus')} logical CPUs, {', '.join(cpu.get('simd_flags', []))}); "
+        f"CPU: {cpu.get('cpu', cpu.get('model'))} ({cpu.get('usable_cores', cpu.get('logical_cpus'))} usable CPUs, "
+        f"{', '.join(cpu.get('isa', cpu.get('simd_flags', [])))}); "
         f"load average {load['start']} at start, {load['end']} at end (a shared machine: other jobs ran).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + ".",
         "",
@@ -181,7 +165,7 @@ def main(argv=None) -> int:
     kinds = args.kinds.split(",")
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.verify]
     result = {
-        "cpu": cpu_info(), "versions": versions(), "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
+        "cpu": harness.machine(), "versions": versions(), "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
         "command": "tfgraph compile MODEL -t cpu-fp32 -o OUT --force --quiet [--no-verify]", "runs": [],
         "notes": list(args.note),
     }
