@@ -323,6 +323,27 @@ def _bias(emit: _Emit, block: Block, scores_dtype: np.dtype) -> ir.Value | None:
     return bias
 
 
+def _head_sources(*values: ir.Value) -> list[ir.Value] | None:
+    """For (B·H, L, size) operands each a Reshape merging the first two axes of a (B, H, L, size)
+    tensor with one static H: those tensors (so a fused kernel gets its head count); else None."""
+    sources = []
+    for x in values:
+        node = x.producer()
+        if node is None or node.op_type != "Reshape" or x.shape is None or len(x.shape) != 3:
+            return None
+        src = node.inputs[0]
+        if src.shape is None or len(src.shape) != 4 or not isinstance(src.shape[1], int):
+            return None
+        if not (_same_dim(src.shape[2], x.shape[1]) and _same_dim(src.shape[3], x.shape[2])):
+            return None
+        if isinstance(x.shape[0], int) and isinstance(src.shape[0], int) and x.shape[0] != src.shape[0] * src.shape[1]:
+            return None
+        sources.append(src)
+    if len({s.shape[1] for s in sources}) != 1 or not _same_dim(sources[0].shape[0], sources[1].shape[0]):
+        return None
+    return sources
+
+
 def rewrite(graph, block: Block) -> None:
     emit = _Emit(graph, block.pv)
     out = block.pv.outputs[0]
@@ -352,6 +373,14 @@ def rewrite(graph, block: Block) -> None:
             regrouped.append(y)
         q, k = regrouped
         rank = _rank(probs)
+    heads = _head_sources(q, k, v) if rank == 3 else None
+    if heads is not None:  # (B·H, S, H) operands merged from (B, H, S, H) ones: the fused op takes those
+        v3 = v
+        q, k, v = heads
+        if bias is not None:
+            split = emit("Concat", [emit("Shape", [q], end=2), emit("Shape", [probs], start=-2)], axis=0)
+            bias = emit("Reshape", [emit("Expand", [bias, emit("Shape", [probs])]), split])
+        rank = 4
     if rank == 3:
         axis = emit.const(np.array([0], dtype=np.int64))
         lifted = []
@@ -378,7 +407,11 @@ def rewrite(graph, block: Block) -> None:
                     domain=ops.DOMAIN)
     emit.nodes.append(fused)
     result = fused.outputs[0]
-    if rank == 3:
+    if heads is not None:
+        merged = emit("Concat", [emit("Shape", [probs], end=-1), emit("Shape", [v3], start=-1)], axis=0)
+        result.type = out.type
+        result = emit("Reshape", [result, merged])
+    elif rank == 3:
         result.shape = ir.Shape([1, *out.shape]) if out.shape is not None else None
         result.type = out.type
         result = emit("Squeeze", [result, emit.const(np.array([0], dtype=np.int64))])
