@@ -2,12 +2,14 @@
 
 1. Stage balance (slowest/mean) of the partitioner on BERT-base and GPT-2-size (`gpt-base`) for
    K = 2 and 4: the roofline estimate it optimizes, and the measured per-stage latency of each
-   stage's onnxruntime session at the same shape (median of repeated runs).
+   stage's onnxruntime session at the same shape (median of ``--runs`` interleaved rounds over the
+   stages, ``benchmarks/harness.py``).
 2. Throughput of one session vs the local and Ray executors (K stages, M micro-batches), in one
-   interleaved run (rounds alternate the variants), with CPU-seconds per micro-batch next to wall
-   time. CPU time counts the driver process and, for Ray, the stage actors' processes.
+   interleaved run (``--rounds`` round-robin rounds, start rotating), with CPU-seconds per micro-batch
+   next to wall time. CPU time counts the driver process and, for Ray, the stage actors' processes.
 
     python benchmarks/bench_pipeline.py [--models bert-base gpt-base] [--batch 8] [--seq 128]
+    python benchmarks/bench_pipeline.py --models bert-base --ks 2 --runs 3 --rounds 3 --no-ray   # smoke test
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 
 def _compiled(name: str, cache: pathlib.Path) -> pathlib.Path:
@@ -30,16 +33,6 @@ def _compiled(name: str, cache: pathlib.Path) -> pathlib.Path:
     if not (out / "manifest.json").is_file():
         tfgraph.compile(name, output=out, verify=False, force=True)
     return out
-
-
-def _median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def balance(models, cache, ks, runs, out_rows):
@@ -59,11 +52,13 @@ def balance(models, cache, ks, runs, out_rows):
             part_s = time.perf_counter() - t0
             sessions = [ort.InferenceSession(s.model.SerializeToString(), providers=["CPUExecutionProvider"]) for s in pipe.stages]
             env = dict(feeds)
-            measured = []
-            for stage, sess in zip(pipe.stages, sessions):
+            runners = {}
+            for i, (stage, sess) in enumerate(zip(pipe.stages, sessions)):
                 ins = {n: env[n] for n in stage.input_names}
-                measured.append(_median_ms(lambda: sess.run(stage.output_names, ins), runs))
                 env.update(zip(stage.output_names, sess.run(stage.output_names, ins)))
+                runners[i] = lambda sess=sess, stage=stage, ins=ins: sess.run(stage.output_names, ins)
+            times = harness.interleave(runners, runs, warmup=1)
+            measured = [harness.median(times[i], ms=True) for i in range(len(pipe.stages))]
             row = {
                 "model": name, "K": k, "estimated_balance": pipe.balance, "estimated_compute_balance": pipe.compute_balance,
                 "measured_balance": max(measured) / (sum(measured) / len(measured)), "stage_ms": measured,
@@ -99,21 +94,26 @@ def throughput(name, cache, k, micro, batch, seq, rounds, with_ray, out_rows):
         ray_ex = PipelineExecutor(pipe_dir, executor="ray", micro_batches=micro, timeout_s=600)
         variants[f"ray K={k} M={micro}"] = (lambda: ray_ex.run(feeds), ray_ex, micro)
     stats = {v: {"wall": [], "cpu": []} for v in variants}
-    for fn, _, _ in variants.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for label, (fn, actors, m) in variants.items():
-            cpu0 = time.process_time() + (actors.actor_cpu_seconds() if actors else 0.0)
-            t0 = time.perf_counter()
-            fn()
-            wall = time.perf_counter() - t0
-            cpu = time.process_time() + (actors.actor_cpu_seconds() if actors else 0.0) - cpu0
-            stats[label]["wall"].append(wall)
-            stats[label]["cpu"].append(cpu / m)
+
+    def measured(fn, actors, m):
+        """Wall seconds of ``fn`` alone (the actors' CPU query outside it) and CPU seconds per micro-batch."""
+        cpu0 = time.process_time() + (actors.actor_cpu_seconds() if actors else 0.0)
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+        return wall, (time.process_time() + (actors.actor_cpu_seconds() if actors else 0.0) - cpu0) / m
+
+    def record(label, _round, _seconds, value):
+        stats[label]["wall"].append(value[0])
+        stats[label]["cpu"].append(value[1])
+
+    harness.interleave({label: (lambda v=v: measured(*v)) for label, v in variants.items()}, rounds, warmup=1,
+                       on_run=record)
     for label, (_, _, m) in variants.items():
-        wall = float(np.median(stats[label]["wall"]))
+        wall = harness.median(stats[label]["wall"])
         row = {"model": name, "variant": label, "batch": batch, "seq": seq, "wall_ms": wall * 1e3,
-               "sequences_per_s": batch / wall, "cpu_s_per_micro_batch": float(np.median(stats[label]["cpu"])),
+               "wall_p90_ms": harness.p90(stats[label]["wall"], ms=True),
+               "sequences_per_s": batch / wall, "cpu_s_per_micro_batch": harness.median(stats[label]["cpu"]),
                "micro_batches": m, "rounds": rounds, "cores": os.cpu_count()}
         print(json.dumps(row), flush=True)
         out_rows.append(row)
@@ -129,13 +129,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["bert-base", "gpt-base"])
     p.add_argument("--ks", nargs="+", type=int, default=[2, 4])
-    p.add_argument("--runs", type=int, default=5, help="timed runs per stage for the measured balance")
+    p.add_argument("--runs", type=int, default=20, help="interleaved rounds over the stages for the measured balance")
     p.add_argument("--throughput-model", default="bert-base")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=20, help="interleaved throughput rounds")
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tfgraph-bench-pipeline"))
     p.add_argument("--out", default="benchmarks/results/pipeline_cpu")
@@ -151,8 +151,13 @@ def main(argv=None) -> int:
     throughput(args.throughput_model, cache, args.stages, args.micro_batches, args.batch, args.seq, args.rounds, not args.no_ray, rows_tp)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"balance": rows_balance, "throughput": rows_tp}, indent=2) + "\n")
-    lines = ["## Stage balance (slowest/mean; roofline estimate at b2 s128, and measured stage latency)", "",
+    machine = harness.machine()
+    out.with_suffix(".json").write_text(json.dumps({"balance": rows_balance, "throughput": rows_tp, "machine": machine,
+                                                    "runs": args.runs, "rounds": args.rounds}, indent=2) + "\n")
+    lines = [f"Machine: {machine['cpu']}, {machine['usable_cores']} usable cores, ISA {'/'.join(machine['isa']) or '?'}, "
+             f"load average {machine['load_average_1m']:.1f}; {args.runs} interleaved rounds over the stages, "
+             f"{args.rounds} throughput rounds", "",
+             "## Stage balance (slowest/mean; roofline estimate at b2 s128, and measured stage latency)", "",
              "| model | K | estimated | measured | stage ms (measured) | cut KiB | max rel err |", "|---|---|---|---|---|---|---|"]
     for r in rows_balance:
         lines.append(f"| {r['model']} | {r['K']} | {r['estimated_balance']:.3f} | {r['measured_balance']:.3f} | "
