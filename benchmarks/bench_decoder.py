@@ -16,12 +16,14 @@ round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, 
 ``onnxruntime_genai`` (its own runtime, C++ loop). ``--threads`` intra-op threads for every run. Measured, greedy, eos ignored: prompt (prefill) ms at
 32 and 512 tokens (batch 1), decode ms/token at batch 1 and 4 (32-token prompts, ``--new-tokens``
 tokens; tfgraph: the steps after the prompt; genai: ``generate_next_token`` calls after
-``append_tokens``), peak RSS of the process. Medians over ``--rounds``.
+``append_tokens``), peak RSS of the process. Medians over ``--rounds`` (default 20) round-robin
+rounds with a rotating start (``benchmarks/harness.py``); each run's p90/median is in the JSON.
 
 Usage::
 
-    python benchmarks/bench_decoder.py --sizes small --rounds 3
-    python benchmarks/bench_decoder.py --sizes small,156m --rounds 5
+    python benchmarks/bench_decoder.py --sizes small                 # 20 rounds
+    python benchmarks/bench_decoder.py --sizes small,156m
+    python benchmarks/bench_decoder.py --sizes small --rounds 3      # a quick look
 
 Writes ``benchmarks/results/decoder_cpu.md`` and ``.json``.
 """
@@ -33,13 +35,15 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "decoder_cpu.md"
@@ -171,18 +175,27 @@ def worker(runtime: str, path: str, new_tokens: int, vocab: int, threads: int) -
 
 
 def measure(models: dict, rounds: int, new_tokens: int, threads: int) -> dict:
+    """Medians over ``rounds`` interleaved rounds of each run's own numbers (one worker process per run),
+    and, under ``p90_over_median``, each number's p90/median (the noise)."""
     samples: dict[str, list[dict]] = {f"{k}:{v}:{r}": [] for k, v, r in RUNS}
-    order = list(RUNS)
-    for r in range(rounds):
-        for kind, variant, runtime in order[r % len(order):] + order[: r % len(order)]:
-            command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
-                       "--new-tokens", str(new_tokens), "--threads", str(threads)]
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
-            key = f"{kind}:{variant}:{runtime}"
-            samples[key].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1}/{rounds} {key}: {samples[key][-1]}", file=sys.stderr, flush=True)
+
+    def worker_run(kind: str, variant: str, runtime: str) -> dict:
+        command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
+                   "--new-tokens", str(new_tokens), "--threads", str(threads)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def record(key: str, r: int, _seconds: float, result: dict) -> None:
+        samples[key].append(result)
+        print(f"round {r + 1}/{rounds} {key}: {result}", file=sys.stderr, flush=True)
+
+    harness.interleave({f"{k}:{v}:{r}": (lambda k=k, v=v, r=r: worker_run(k, v, r)) for k, v, r in RUNS}, rounds,
+                       warmup=0, on_run=record)  # each worker warms itself up
     keys = next(iter(samples.values()))[0].keys()
-    return {name: {k: float(np.median([s[k] for s in runs])) for k in keys} for name, runs in samples.items()}
+    return {name: {**{k: harness.median([s[k] for s in runs]) for k in keys},
+                   "p90_over_median": {k: harness.p90([s[k] for s in runs]) / harness.median([s[k] for s in runs])
+                                       for k in keys}}
+            for name, runs in samples.items()}
 
 
 def _bytes(path: pathlib.Path) -> int:
@@ -190,8 +203,10 @@ def _bytes(path: pathlib.Path) -> int:
 
 
 def report(results: dict, models: dict, args) -> str:
+    machine = harness.machine()
     lines = [f"# Decoders on onnxruntime CPU: tfgraph vs onnxruntime-genai's builder ({datetime.date.today()})", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} intra-op thread(s) "
+             f"{machine['cpu']} (ISA {'/'.join(machine['isa']) or '?'}), {machine['usable_cores']} cores, "
+             f"load average {machine['load_average_1m']:.1f}, {args.threads} intra-op thread(s) "
              f"everywhere; runtime: tfgraph.load_generator or onnxruntime-genai; {args.rounds} interleaved rounds, "
              f"medians; {args.new_tokens} new tokens per decode run, greedy, eos ignored.", ""]
     for size, table in results.items():
@@ -214,7 +229,7 @@ def report(results: dict, models: dict, args) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small", help="comma-separated: small, 156m (default small)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (default 64)")
     parser.add_argument("--exporter", default="dynamo", help="tfgraph's exporter (default dynamo)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every run")
@@ -236,7 +251,7 @@ def main() -> int:
         text = report(results, models, args)
         out.write_text(text + "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                                        "results": results}, indent=2) + "\n")
+                                                        "machine": harness.machine(), "results": results}, indent=2) + "\n")
     print(text)
     return 0
 
