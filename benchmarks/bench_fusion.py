@@ -14,10 +14,11 @@ Every variant runs in onnxruntime CPU with ``intra_op_num_threads=2``,
 ``inter_op_num_threads=1``, ``ORT_ENABLE_ALL`` and sequential execution. For each
 (model, shape) all sessions of both exports are built first, each gets 3 warm-up runs,
 then ``--rounds`` rounds run every variant once in round-robin order (the starting
-variant rotates each round). A large fp32 MatMul runs as one more variant of the same
-rotation and gives the machine's GEMM rate at that moment; each variant's matmul
-GFLOP/s (``tfgraph.compiler.flops.estimate_flops`` on the raw TorchScript export) is reported
-as a fraction of it.
+variant rotates each round; ``benchmarks/harness.py``). A large fp32 MatMul (the harness's fp32
+probe, ``harness.probe_runners``) runs as one more variant of the same rotation and gives the
+machine's GEMM rate at that moment; each variant's matmul GFLOP/s
+(``tfgraph.compiler.flops.estimate_flops`` on the raw TorchScript export) is reported as a fraction
+of it. The harness's ceiling probes (``harness.probes``) run once at the start, for the record.
 
 A peer that crashes, or whose model onnxruntime cannot load or run, is recorded with a
 one-line error instead of a number.
@@ -43,7 +44,6 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import shlex
 import subprocess
 import sys
@@ -54,6 +54,9 @@ import warnings
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402 - benchmarks/harness.py
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "fusion_cpu.md"
@@ -252,24 +255,6 @@ def build_variants(name: str, exporter: str, source, workdir: pathlib.Path, dims
     return out
 
 
-def session_options(level: str = "ORT_ENABLE_ALL"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.log_severity_level = 3
-    return so
-
-
-def make_session(path: str, level: str = "ORT_ENABLE_ALL"):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(path, session_options(level), providers=["CPUExecutionProvider"])
-
-
 def fused_attention(path: str) -> int | None:
     import onnx_ir as ir
 
@@ -279,32 +264,6 @@ def fused_attention(path: str) -> int | None:
         return int(attention_blocks(ir.load(path))["fused"])
     except Exception:  # noqa: BLE001
         return None
-
-
-def gemm_session():
-    """A session computing A @ B (B a constant weight, like a model's) and its feed."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    m, k, n = GEMM_SHAPE
-    rng = np.random.default_rng(1)
-    b = rng.standard_normal((k, n), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["C"])],
-        "gemm",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [m, n])],
-        [numpy_helper.from_array(b, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    feed = {"A": rng.standard_normal((m, k), dtype=np.float32)}
-    return sess, feed, 2.0 * m * k * n
-
-
-# --- inputs and accuracy ---------------------------------------------------------------
 
 
 def make_feeds(sess, vocab: int, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
@@ -352,25 +311,9 @@ def max_abs_err(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]
 # --- timing --------------------------------------------------------------------------
 
 
-def interleave(runners: dict[str, Any], rounds: int) -> dict[str, list[float]]:
-    """Warm up each runner, then ``rounds`` round-robin rounds with a rotating start."""
-    keys = list(runners)
-    for key in keys:
-        for _ in range(WARMUP):
-            runners[key]()
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(rounds):
-        shift = r % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            start = time.perf_counter()
-            runners[key]()
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
 def stats(samples: list[float]) -> dict[str, float]:
     arr = np.asarray(samples) * 1e3
-    return {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)), "min_ms": float(arr.min()),
+    return {"median_ms": harness.median(arr), "p90_ms": harness.p90(arr), "min_ms": float(arr.min()),
             "samples_ms": [round(float(x), 4) for x in arr]}
 
 
@@ -409,10 +352,11 @@ def bench_model(name: str, shapes: list[tuple[int, int]], rounds: int, workdir: 
         info["fused_attention"] = fused[key]
         try:
             with silenced(logfile):
-                sessions[key] = make_session(info["path"])
+                sessions[key] = harness.session(info["path"], THREADS)
         except Exception as e:  # noqa: BLE001
             info["error"] = f"onnxruntime cannot load it: {one_line(e)}"
-    gemm, gemm_feed, gemm_flops = gemm_session()
+    gemm = harness.probe_runners(THREADS, GEMM_SHAPE, kinds=("fp32",))  # {"probe:fp32": A @ B, B a constant weight}
+    gemm_flops = 2.0 * GEMM_SHAPE[0] * GEMM_SHAPE[1] * GEMM_SHAPE[2]
     log(f"{name}: {len(sessions)} sessions built")
 
     for batch, seq in shapes:
@@ -421,7 +365,6 @@ def bench_model(name: str, shapes: list[tuple[int, int]], rounds: int, workdir: 
         any_sess = next(iter(sessions.values()), None)
         if any_sess is None:
             break
-        raw_ts = built.get(("torchscript", "raw"), {})
         feed_source = sessions.get(("torchscript", "raw")) or sessions.get(("dynamo", "raw")) or any_sess
         feeds = make_feeds(feed_source, vocab, batch, seq, seed=1000 * batch + seq)
         shape_result: dict[str, Any] = {"batch": batch, "seq": seq, "variants": {}}
@@ -434,7 +377,7 @@ def bench_model(name: str, shapes: list[tuple[int, int]], rounds: int, workdir: 
                 continue
             try:
                 with silenced(logfile):
-                    ref_sess = make_session(info["path"], "ORT_DISABLE_ALL")
+                    ref_sess = harness.session(info["path"], THREADS, optimization="ORT_DISABLE_ALL")
                     names = [o.name for o in ref_sess.get_outputs()]
                     references[exporter] = dict(zip(names, ref_sess.run(None, feeds_for(ref_sess, feeds))))
                 del ref_sess
@@ -482,14 +425,14 @@ def bench_model(name: str, shapes: list[tuple[int, int]], rounds: int, workdir: 
                                                  "fused_attention": info.get("fused_attention")}
         del references
         gc.collect()
-        runners["gemm"] = lambda: gemm.run(None, gemm_feed)
+        runners.update(gemm)
 
         log(f"{name} {label}: timing {len(runners)} runners x {rounds} rounds")
         start = time.perf_counter()
-        times = interleave(runners, rounds)
+        times = harness.interleave(runners, rounds, WARMUP)
         shape_result["timing_s"] = time.perf_counter() - start
-        g = stats(times.pop("gemm"))
-        gemm_gflops = gemm_flops / (g["median_ms"] * 1e-3) / 1e9
+        gemm_gflops = harness.probe_rates(times, GEMM_SHAPE)["fp32_gflops"]
+        g = stats(times.pop("probe:fp32"))
         shape_result["gemm"] = {**g, "shape_mkn": list(GEMM_SHAPE), "gflops_median": gemm_gflops,
                                 "gflops_best": gemm_flops / (g["min_ms"] * 1e-3) / 1e9}
         for key, samples in times.items():
@@ -517,26 +460,6 @@ def bench_model(name: str, shapes: list[tuple[int, int]], rounds: int, workdir: 
 
 
 # --- report --------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    cpu = "?"
-    flags = ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
-    except OSError:
-        pass
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags.split()]
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {"cpu_model": cpu, "logical_cores": os.cpu_count(), "usable_cores": affinity, "simd": simd,
-            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def versions() -> dict:
@@ -574,6 +497,14 @@ def fmt_err(x) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
 
+def machine_text(m: dict) -> str:
+    """The machine line, from ``harness.machine()`` or the older form (cpu_model, logical_cores, simd)."""
+    isa = m.get("isa", m.get("simd", []))
+    logical = f" ({m['logical_cores']} logical)" if "logical_cores" in m else ""
+    load = f", load average {m['load_average_1m']:.1f} at the start" if m.get("load_average_1m") is not None else ""
+    return f"{m.get('cpu', m.get('cpu_model'))}, {m['usable_cores']} usable cores{logical}, ISA {'/'.join(isa) or '?'}{load}"
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     v = report["versions"]
@@ -582,14 +513,16 @@ def render(report: dict) -> str:
         "# Attention fusion on CPU: tfgraph vs. peers",
         "",
         f"- date: {report['date']}",
-        f"- machine: {m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
-        f"SIMD {'/'.join(m['simd']) or '?'}; shared and noisy",
+        f"- machine: {machine_text(m)}; shared and noisy",
         f"- versions: onnxruntime {v['onnxruntime']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"onnx {v['onnx']}, onnxscript {v['onnxscript']}, onnx-ir {v['onnx_ir']}, tfgraph {v['tfgraph']} @ {v['tfgraph_commit']}",
         f"- sessions: CPUExecutionProvider, intra_op_num_threads={THREADS}, inter_op_num_threads=1, ORT_ENABLE_ALL, "
         "sequential",
         f"- GEMM ({'x'.join(map(str, GEMM_SHAPE))} fp32 MatMul, constant B, interleaved with every block): "
         + (f"median {np.median(rates):.0f} GFLOP/s (blocks range {min(rates):.0f}–{max(rates):.0f})" if rates else "n/a"),
+        *([f"- ceilings at the start (`harness.probes`, {'x'.join(map(str, report['probes']['shape_mkn']))}): fp32 GEMM "
+           f"{report['probes']['fp32_gflops']:.0f} GFLOP/s, int8 GEMM {report['probes']['int8_gops']:.0f} GOP/s, "
+           f"copy {report['probes']['copy_gbs']:.1f} GB/s"] if report.get("probes") else []),
         f"- method: per (model, shape) all {len(EXPORTERS) * len(VARIANTS)} sessions + GEMM built first, {WARMUP} warm-up "
         f"runs each, then {report['rounds']} round-robin rounds (start rotates); median and p90 of the rounds",
         f"- total runtime: {report['total_runtime_s'] / 60:.1f} min",
@@ -757,10 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "warmup": WARMUP,
         "threads": THREADS,
-        "machine": machine_info(),
+        "machine": harness.machine(),
         "versions": versions(),
         "results": [],
     }
+    log("ceiling probes (harness.probes)")
+    report["probes"] = harness.probes(THREADS, rounds=10)
     with tempfile.TemporaryDirectory(prefix="bench-fusion-", dir=args.workdir) as tmp:
         workdir = pathlib.Path(tmp)
         logfile = out.with_suffix(".log")

@@ -48,11 +48,18 @@ def window_series(results: Path) -> dict:
         for points in variants.values():
             points.sort()
     meta = extra["meta"]
-    note = (f"machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}, {meta['threads']} threads, "
+    note = (f"machine: {_machine(meta['machine'])}; onnxruntime {meta['onnxruntime']}, {meta['threads']} threads, "
             f"{meta['rounds']} interleaved rounds, medians; {meta['heads']} heads x {meta['head_size']}, "
             f"window {meta['window']}, fp32")
     return {"panels": panels, "window": meta["window"], "note": note,
             "sources": ["window_cpu_sweep.txt", "window_cpu_b4_s8192.json"]}
+
+
+def _machine(m) -> str:
+    """A results file's machine: a string, ``harness.machine()`` (cpu, isa) or the older (cpu_model, simd)."""
+    if isinstance(m, str):
+        return m
+    return f"{m.get('cpu', m.get('cpu_model'))} ({'/'.join(m.get('isa', m.get('simd', [])))})"
 
 
 INT8_VARIANTS = ["tfgraph cpu-int8", "ort dynamic (defaults)", "ort dynamic MatMul per-channel",
@@ -91,7 +98,7 @@ def fusion_series(results: Path) -> dict:
                 tool: {"fused": builds[tool].get("fused_attention"), "found": found,
                        "error": builds[tool].get("error")} for tool in FUSION_TOOLS}
     m = data["machine"]
-    note = (f"{data['date'][:10]}; machine: {m['cpu_model']} ({'/'.join(m['simd'])}), {m['usable_cores']} usable "
+    note = (f"{data['date'][:10]}; machine: {_machine(m)}, {m['usable_cores']} usable "
             f"cores; onnxruntime {data['versions']['onnxruntime']}, onnxscript {data['versions']['onnxscript']}")
     return {"panels": panels, "note": note, "sources": ["fusion_cpu.json"]}
 
