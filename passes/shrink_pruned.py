@@ -254,7 +254,7 @@ def _unfused_units(model: ir.Model, graph: ir.Graph) -> list[tuple[prune.Attenti
     projections back by value name; with the Reshapes whose shapes carry the head count."""
     if graph is not model.graph or not any(n.op_type == "Softmax" for n in graph) or not _maybe_pruned(graph):
         return []
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    copy = model.clone()  # weights shared: the fusion passes below build new values, they do not write tensors
     from tfgraph.passes.context import current
 
     for spec in current().need("attention_fusion", "shrink-pruned"):

@@ -33,6 +33,8 @@ What the profiles emit, and why (figures from ../shared/MEASUREMENTS.md, H200, o
 
 from __future__ import annotations
 
+import dataclasses
+
 from tfgraph.passes.registry import PassSpec
 from tfgraph.targets.cpu import CLEANUP, FUSION
 from tfgraph.targets.profile import Provider, Quantization, Target, Tolerance, phases
@@ -106,6 +108,24 @@ CUDA_INT8 = Target(
     attention="MultiHeadAttention (Q/K/V projections stay MatMulNBits); causal and left-windowed → GroupQueryAttention",
 )
 
+# Decoders on CUDA at small batch are bound by weight reads: 4-bit blocks (MatMulNBits, blocks of 32
+# along K with their own fp16 scale and zero point, dequantized inside the GEMM kernel) read a quarter
+# of fp16's weight bytes. cuda-int8's graph otherwise; tolerances as cpu-int4's (the check after the
+# quantizing pass is against the quantized graph; the precision report measures the change vs fp32).
+CUDA_INT4 = dataclasses.replace(
+    CUDA_INT8,
+    name="cuda-int4",
+    description="onnxruntime CUDA EP: fp16 compute with 4-bit block-quantized MatMul weights (MatMulNBits, "
+    "blocks of 32), attention as MultiHeadAttention/GroupQueryAttention",
+    precision="int4-weights",
+    phases=CUDA_INT8.map_passes(
+        lambda p: PassSpec(p.name, {**p.options, "bits": 4}) if p.name == "quantize-weights-nbits" else p).phases,
+    tolerance=Tolerance(atol=0.25, rtol=0.05),
+    min_cosine=None,
+    attention="MultiHeadAttention (Q/K/V projections stay 4-bit MatMulNBits); causal and left-windowed → "
+    "GroupQueryAttention",
+)
+
 # --- TensorRT ---------------------------------------------------------------------------------
 STANDARD_LOWERING = (
     # Contrib ops an input model may carry (e.g. from onnxruntime's optimizer) → standard ONNX.
@@ -165,4 +185,4 @@ TENSORRT_INT8 = Target(
     attention=STANDARD_ATTENTION,
 )
 
-TARGETS = (CUDA_FP16, CUDA_INT8, TENSORRT_FP16, TENSORRT_INT8)
+TARGETS = (CUDA_FP16, CUDA_INT8, CUDA_INT4, TENSORRT_FP16, TENSORRT_INT8)

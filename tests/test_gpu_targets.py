@@ -96,6 +96,21 @@ def test_cuda_int8_weights_in_8bit_blocks(exported):
     assert nbits["report"]["quantized"] == 12 and nbits["report"]["max_relative_weight_error"] < 0.01
 
 
+def test_cuda_int4_weights_in_4bit_blocks(exported):
+    """cuda-int4: cuda-int8's graph with 4-bit blocks; every projection a MatMulNBits the CUDA table has."""
+    artifact = tfgraph.compile(exported["gpt-small"], target="cuda-int4")
+    assert not table_fallbacks(artifact) and not kept_for_unknown_type(artifact.manifest)
+    assert_matches_source(artifact, exported["gpt-small"])
+    nbits = [n for n in artifact.model.graph if n.op_type == "MatMulNBits"]
+    assert nbits and {n.attributes.get_int("bits") for n in nbits} == {4}
+    assert {n.attributes.get_int("block_size") for n in nbits} == {32}
+    int8 = tfgraph.compile(exported["gpt-small"], target="cuda-int8")
+    packed = {a: sum(v.const_value.nbytes for v in m.model.graph.initializers.values()
+                     if v.const_value is not None and v.const_value.dtype.name == "UINT8")
+              for a, m in (("int4", artifact), ("int8", int8))}
+    assert packed["int4"] == pytest.approx(packed["int8"] / 2, rel=0.01)  # half the weight bytes of cuda-int8
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_block_quantization_matches_numpy(bits):
     rng = np.random.default_rng(0)
