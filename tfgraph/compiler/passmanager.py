@@ -125,7 +125,7 @@ class PassManager:
             model = result.model
         record.modified = bool(result.modified)
         report = getattr(pass_, "report", None)
-        if report and all(isinstance(v, dict) for v in report.values()):
+        if report and all(isinstance(v, dict) and "matches" in v for v in report.values()):
             record.extra["rules"] = report  # rule passes: per-rule match counts and near misses
         elif report:
             record.extra["report"] = report  # other passes' own accounts (e.g. what was quantized)

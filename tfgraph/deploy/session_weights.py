@@ -34,6 +34,9 @@ class SharedWeights:
         for value in model.graph.initializers.values():
             tensor = value.const_value
             if not is_big(value) or tensor.dtype not in SHAREABLE_TYPES or not isinstance(tensor, (ir.Tensor, ir.ExternalTensor)):
+                if isinstance(tensor, ir.ExternalTensor):  # a small one in the model's own data file: inline it
+                    swapped[value] = tensor
+                    value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
                 continue
             array = self._cache.get(tensor)
             if array is None:
