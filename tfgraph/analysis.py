@@ -24,6 +24,7 @@ FUSED_ATTENTION_OPS = frozenset(
         ("com.microsoft", "Attention"),
         ("com.microsoft", "MultiHeadAttention"),
         ("com.microsoft", "GroupQueryAttention"),
+        ("com.microsoft", "QAttention"),
         ("com.microsoft", "SparseAttention"),
         ("com.microsoft", "PackedAttention"),
         ("com.microsoft", "PackedMultiHeadAttention"),
