@@ -62,6 +62,7 @@ class Block:
     scale: float
     zero_fill: ir.Value | None  # condition of a post-softmax Where that zeroes masked positions
     regroup: bool  # Reshapes regrouped the leading axes: Q and K go to the layout of the probabilities' product
+    q_factors: list  # (Mul|Div, (…, 1) tensor) factors of the scores, applied to Q
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -106,10 +107,10 @@ def _softmax_axis_ok(node: ir.Node) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
-def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None]:
+def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None, bool]:
     """The ``MatMul(P, V)`` the probabilities reach, and the condition of a post-softmax zeroing Where."""
     value = softmax.outputs[0]
-    zero_fill = None
+    zero_fill, moved = None, False
     for _ in range(8):
         uses = list(value.uses())
         users = {id(n): n for n, _ in uses}
@@ -126,7 +127,7 @@ def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None]:
                           "the Softmax output is not used")
         node, index = uses[0]
         if node.op_type == "MatMul" and node.domain == "" and index == 0:
-            return node, zero_fill
+            return node, zero_fill, moved
         if node.op_type in ("Cast", "Identity", "Dropout") and index == 0 and (
                 node.op_type != "Cast" or node.outputs[0].dtype == value.dtype):
             value = node.outputs[0]
@@ -134,7 +135,7 @@ def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None]:
         if node.op_type in _RESHAPES and index == 0:
             if not _keeps_last_axes(node):
                 raise Refused(f"{node.op_type} after the Softmax does not keep the query and key axes")
-            value = node.outputs[0]
+            value, moved = node.outputs[0], True
             continue
         if node.op_type == "Where" and index == 2 and _scalar(node.inputs[1]) == 0.0 and zero_fill is None:
             zero_fill = node.inputs[0]  # masked positions set to 0 after the Softmax (DeBERTa's XSoftmax)
@@ -144,6 +145,12 @@ def _downstream(softmax: ir.Node) -> tuple[ir.Node, ir.Value | None]:
             raise Refused("the probabilities go to an Einsum that is not a batched matrix product", node)
         raise Refused(f"the probabilities go to {node.op_type} (input {index}), not to a MatMul with V")
     raise Refused("no MatMul with V within 8 nodes after the Softmax")
+
+
+def _row_factor(value: ir.Value | None) -> bool:
+    """A factor constant along the key axis (shape (…, 1)): a per-head or per-query multiplier
+    (Swin-v2's learned logit scale), which moves onto Q."""
+    return value is not None and value.shape is not None and len(value.shape) >= 1 and value.shape[-1] == 1
 
 
 def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
@@ -169,10 +176,10 @@ def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
                       einsum)
     if op in ("Mul", "Div"):
         for i in ((0, 1) if op == "Mul" else (0,)):
-            if _scalar(node.inputs[1 - i]) not in (None, 0.0):
+            if _scalar(node.inputs[1 - i]) not in (None, 0.0) or _row_factor(node.inputs[1 - i]):
                 core, path = _walk_up(node.inputs[i], depth + 1)
                 return core, path + [(node, i)]
-        raise Refused(f"the scores are multiplied by a non-constant ({op}); only a constant scale is a scale")
+        raise Refused(f"the scores are multiplied ({op}) by a tensor that varies along the key axis")
     if op == "Where":
         for i, fill in ((1, 2), (2, 1)):
             limit = _scalar(node.inputs[fill])
@@ -241,7 +248,7 @@ def find(softmax: ir.Node) -> Block:
     """The attention block around ``softmax``; Refused with the reason when it is not one the op can hold."""
     if not _softmax_axis_ok(softmax):
         raise Refused("Softmax is not over the last axis")
-    pv, zero_fill = _downstream(softmax)
+    pv, zero_fill, moved = _downstream(softmax)
     core, path = _walk_up(softmax.inputs[0])
     q, q_factor = _unscaled(core.inputs[0])
     kt, k_factor = _unscaled(core.inputs[1])
@@ -253,20 +260,26 @@ def find(softmax: ir.Node) -> Block:
     ranks = {_rank(x) for x in (q, kt, core.outputs[0])}
     if len(ranks) != 1 or ranks.pop() not in _RANKS or _rank(v) != _rank(pv.inputs[0]) or _rank(v) not in _RANKS:
         raise Refused("Q, Kᵀ (and V, P) are not of one known rank from 3 to 6")
-    regroup = not _same_shape(pv.inputs[0], core.outputs[0])
-    if regroup and not any(n.op_type in _RESHAPES for n, _ in path) and _rank(pv.inputs[0]) == _rank(q):
-        raise Refused("the probabilities' shape differs from Q·Kᵀ's")
-    scale = q_factor * k_factor
-    for node, i in path:
+    reshaped = moved or any(n.op_type in _RESHAPES for n, _ in path)
+    regroup = reshaped and not _same_shape(pv.inputs[0], core.outputs[0])
+    if not reshaped and _rank(pv.inputs[0]) != _rank(q):
+        raise Refused("a bias of higher rank than Q·Kᵀ broadcasts the scores to another shape")
+    scale, q_factors = q_factor * k_factor, []
+    for position, (node, i) in enumerate(path):
         if node.op_type in ("Mul", "Div"):
             factor = _scalar(node.inputs[1 - i])
+            if factor is None:  # a (…, 1) tensor: onto Q, in the layout of Q·Kᵀ
+                if any(n.op_type in _RESHAPES for n, _ in path[:position]):
+                    raise Refused("a per-row factor of the scores after a Reshape")
+                q_factors.append((node.op_type, node.inputs[1 - i]))
+                continue
             scale *= factor if node.op_type == "Mul" else 1.0 / factor
     for node, i in path:
         if node.op_type == "Where" and zero_fill is not None and (node.inputs[0] is not zero_fill or i != 2):
             raise Refused("the Where after the Softmax zeroes other positions than the mask before it")
     if zero_fill is not None and not any(n.op_type == "Where" for n, _ in path):
         raise Refused("a Where after the Softmax zeroes positions no mask before it hides")
-    return Block(softmax, core, pv, q, kt, path, scale, zero_fill, regroup)
+    return Block(softmax, core, pv, q, kt, path, scale, zero_fill, regroup, q_factors)
 
 
 # --- the rewrite ---------------------------------------------------------------------------
@@ -359,6 +372,10 @@ def rewrite(graph, block: Block) -> None:
     else:
         k = emit("Transpose", [block.kt], perm=swap)
     q, v = block.q, block.pv.inputs[1]
+    for op, factor in block.q_factors:
+        scaled = emit(op, [q, factor])
+        scaled.shape, scaled.type = q.shape, q.type
+        q = scaled
     if k.shape is None and block.kt.shape is not None:
         k.shape = ir.Shape([block.kt.shape[s] for s in swap])
         k.type = block.kt.type

@@ -182,6 +182,21 @@ class EinsumBlocks(Projections):
         return torch.einsum("...hqk,...khd->...qhd", probs, v).reshape(b, s, E)
 
 
+class CosineScaled(Projections):
+    """Swin-v2's cosine attention: normalized Q and K, a learned per-head logit scale (not a scalar), a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.log(10 * torch.ones(H, 1, 1)))
+        self.table = torch.nn.Parameter(torch.randn(H, S, S))
+
+    def forward(self, x):
+        q, k, v = _split(self.q(x)), _split(self.k(x)), _split(self.v(x))
+        cosine = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+        scores = cosine * torch.clamp(self.logit_scale, max=math.log(100.0)).exp() + self.table
+        return _merge(scores.softmax(-1) @ v)
+
+
 # --- negative twins -------------------------------------------------------------------------
 
 
@@ -273,6 +288,7 @@ FORMS = {
     "cross-attention": (CrossAttention, ("x", "memory", "mask")),
     "sdpa-float-mask": (Sdpa, ("x",)),
     "einsum-5d-local-blocks": (EinsumBlocks, ("x",)),
+    "per-head-logit-scale": (CosineScaled, ("x",)),
 }
 
 
