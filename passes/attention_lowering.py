@@ -235,6 +235,8 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     }
     if kind.startswith("window"):
         attributes["local_window_size"] = node.attributes.get_int("window_left") + 1
+    if _softcap(node):
+        attributes["softcap"] = _softcap(node)  # the kernel caps the scaled scores before the mask
     inputs = [q_in, k_in, v_in, None, None, seqlens, total]
     if bias is not None:
         inputs += [None, None, None, bias]
@@ -256,6 +258,14 @@ def _gqa_reason(node: ir.Node) -> str | None:
     if not is_self_attention(node):
         return "queries and keys differ in length (cross-attention or cached keys)"
     return f"head size not static or not a multiple of {GQA_HEAD_SIZE_MULTIPLE}"
+
+
+def _softcap(node: ir.Node) -> float:
+    """The block's tanh soft-capping (``softcap`` attribute; 0: none)."""
+    return node.attributes.get_float("softcap", 0.0)
+
+
+SOFTCAP_REFUSED = "tanh soft-capping (softcap={:g}): the kernel has no softcap"
 
 
 class LoweringRule:
@@ -292,6 +302,8 @@ class WindowRule(LoweringRule):
         self.mode, self.min_sequence, self.block, self.kernel = mode, min_sequence, block, kernel
 
     def check(self, node):
+        if _softcap(node):
+            return SOFTCAP_REFUSED.format(_softcap(node))
         if _window_applies(node):
             return None
         kind = node.attributes.get_string("mask_kind", "bias")
@@ -322,6 +334,8 @@ class PackedRule(LoweringRule):
     name = "com.microsoft.Attention"
 
     def check(self, node):
+        if _softcap(node):
+            return SOFTCAP_REFUSED.format(_softcap(node))
         if node.op_type != "Attention":
             return "head-split block (Attention takes (batch, sequence, hidden) inputs)"
         if _packed_projection(*node.inputs[:3]) is None:
@@ -333,11 +347,14 @@ class PackedRule(LoweringRule):
 
 
 class MultiHeadRule(LoweringRule):
-    """com.microsoft.MultiHeadAttention, the mask as its ``attention_bias``: takes any block."""
+    """com.microsoft.MultiHeadAttention, the mask as its ``attention_bias``: takes any block but a
+    soft-capped one (the kernel has no softcap; the neutral op's body then computes it exactly)."""
 
     name = "com.microsoft.MultiHeadAttention"
 
     def check(self, node):
+        if _softcap(node):
+            return SOFTCAP_REFUSED.format(_softcap(node))
         return None
 
     def rewrite(self, graph, node):

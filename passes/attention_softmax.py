@@ -14,16 +14,22 @@ products looks like, as long as it is exactly expressible as the neutral op:
   with it), ``Where(cond, scores, fill)`` with a fill ``<= -1e4`` (a mask), same-type
   ``Cast``, and ``Reshape``/``Unsqueeze``/``Squeeze`` that keep the key axis (Swin's
   per-window mask, Bloom's (B·H, S, T) ↔ (B, H, S, T) views). At an ``Add`` either
-  operand may be the scores: both choices give the same sum.
+  operand may be the scores: both choices give the same sum. A ``Mul``/``Div`` by a tensor
+  of shape (…, 1) (Swin-v2's per-head logit scale) is constant along the key axis and moves
+  onto Q. ``Max(scores, c)`` with a scalar ``c <= -1e30`` (XGLM's clamp to ``finfo.min``) is
+  walked over as a no-op: it only turns ``-inf`` into the most negative float, and a row's
+  softmax is unchanged by that unless every score of the row is ``-inf`` (a row the op gives
+  0 and the clamped graph a uniform row: no real key attends there either way).
+* ``c·tanh(s·scores/c)`` before any bias (Gemma-2's soft-capping: ``Div``/``Mul`` by a
+  scalar, ``Tanh``, ``Mul`` by ``c > 0``) sets the op's ``softcap`` attribute to ``c``.
 * Q, K, V of rank 4 (batch, heads, sequence, size) or 3 (batch·heads, sequence, size;
   unsqueezed to rank 4 around the fused op); a scalar constant on Q or Kᵀ is folded into
   the scale; Kᵀ is un-transposed (a Transpose of a Transpose cancels in simplification).
 
 Every term of ``f`` that is not the plain scale is carried in the bias, mapped back to the
-products' layout when the walk went through a Reshape. ``Tanh`` soft-capping and other
-non-affine transforms are refused with a reason (the neutral op has no pre-softmax
-function), as is anything else: :func:`diagnose` gives the reason for every attention
-Softmax left unfused.
+products' layout when the walk went through a Reshape. Other non-affine transforms are
+refused with a reason, as is anything else: the reason for every attention Softmax left
+unfused is reported (:func:`fuse_all`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from tfgraph import ops
 from tfgraph.passes import attention_einsum
 
 MASK_FILL_LIMIT = -1e4
+CLAMP_FLOOR_LIMIT = -1e30  # Max(scores, c) with c at most this is a clamp of -inf, a no-op for the softmax
 _MAX_PATH = 24
 _RESHAPES = ("Reshape", "Unsqueeze", "Squeeze")
 _RANKS = (3, 4, 5, 6)  # 3: (batch·heads, S, H), unsqueezed; 5, 6: (batch, blocks…, heads, S, H), flattened
@@ -63,6 +70,7 @@ class Block:
     zero_fill: ir.Value | None  # condition of a post-softmax Where that zeroes masked positions
     regroup: bool  # Reshapes regrouped the leading axes: Q and K go to the layout of the probabilities' product
     q_factors: list  # (Mul|Div, (…, 1) tensor) factors of the scores, applied to Q
+    softcap: float = 0.0  # c of c·tanh(scores/c) before the bias (0: none)
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -153,6 +161,38 @@ def _row_factor(value: ir.Value | None) -> bool:
     return value is not None and value.shape is not None and len(value.shape) >= 1 and value.shape[-1] == 1
 
 
+def _lowest(value: ir.Value) -> float | None:
+    """The most negative finite value of ``value``'s float type (fp16's -65504 is a clamp of -inf too)."""
+    if value.dtype is None or not value.dtype.is_floating_point():
+        return None
+    return float(np.finfo(value.dtype.numpy()).min)
+
+
+def _softcap(path: list, scale: float) -> tuple[float, float]:
+    """(scale, softcap) of a path holding ``c·tanh(s·scores/c)``: scale ``s`` before the Tanh (``scale``
+    holds it), only scalar factors after it up to the first bias, their product ``c > 0``."""
+    tanh = [position for position, (node, _) in enumerate(path) if node.op_type == "Tanh"]
+    if not tanh:
+        return scale, 0.0
+    if len(tanh) > 1:
+        raise Refused("more than one Tanh between MatMul(Q, Kᵀ) and the Softmax")
+    before, after = path[:tanh[0]], path[tanh[0] + 1:]
+    if any(n.op_type not in ("Mul", "Div", "Cast", "Identity") for n, _ in before):
+        raise Refused("a bias, mask or reshape before the tanh soft-capping (the op caps the scaled scores only)")
+    cap, capping = 1.0, True
+    for node, i in after:
+        if node.op_type not in ("Mul", "Div"):
+            capping = capping and node.op_type in ("Cast", "Identity")
+            continue
+        factor = _scalar(node.inputs[1 - i])
+        if factor is None or not capping:
+            raise Refused("a factor after the tanh soft-capping that is not its cap")
+        cap *= factor if node.op_type == "Mul" else 1.0 / factor
+    if not cap > 0.0:
+        raise Refused("tanh soft-capping with a cap that is not positive")
+    return scale * cap, cap
+
+
 def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
     """(core MatMul, path [(node, scores operand index)] from it to ``value``), or Refused."""
     if depth > _MAX_PATH:
@@ -195,11 +235,18 @@ def _walk_up(value: ir.Value, depth: int = 0) -> tuple[ir.Node, list]:
             raise Refused(f"{op} before the Softmax does not keep the query and key axes (or its shape is unknown)")
         core, path = _walk_up(node.inputs[0], depth + 1)
         return core, path + [(node, 0)]
+    if op == "Max" and len(node.inputs) == 2:
+        for i in (0, 1):
+            floor = _scalar(node.inputs[1 - i])
+            if floor is not None and (floor <= CLAMP_FLOOR_LIMIT or floor == _lowest(node.inputs[i])):
+                core, path = _walk_up(node.inputs[i], depth + 1)
+                return core, path + [(node, i)]
+        raise Refused(f"Max before the Softmax with a floor above {CLAMP_FLOOR_LIMIT:g} (not a clamp of -inf)")
     if op == "Einsum":
         raise Refused("the scores come from an Einsum that is not a batched matrix product", node)
     if op == "Tanh":
-        raise Refused("tanh soft-capping of the scores: the neutral attention op has no pre-softmax function "
-                      "(needs a softcap attribute in tfgraph/ops.py)")
+        core, path = _walk_up(node.inputs[0], depth + 1)
+        return core, path + [(node, 0)]
     raise Refused(f"{op} between MatMul(Q, Kᵀ) and the Softmax is not a scale, bias or mask")
 
 
@@ -265,7 +312,8 @@ def find(softmax: ir.Node) -> Block:
     if not reshaped and _rank(pv.inputs[0]) != _rank(q):
         raise Refused("a bias of higher rank than Q·Kᵀ broadcasts the scores to another shape")
     scale, q_factors = q_factor * k_factor, []
-    for position, (node, i) in enumerate(path):
+    tanh = next((position for position, (n, _) in enumerate(path) if n.op_type == "Tanh"), len(path))
+    for position, (node, i) in enumerate(path[:tanh]):
         if node.op_type in ("Mul", "Div"):
             factor = _scalar(node.inputs[1 - i])
             if factor is None:  # a (…, 1) tensor: onto Q, in the layout of Q·Kᵀ
@@ -274,176 +322,13 @@ def find(softmax: ir.Node) -> Block:
                 q_factors.append((node.op_type, node.inputs[1 - i]))
                 continue
             scale *= factor if node.op_type == "Mul" else 1.0 / factor
+    scale, softcap = _softcap(path, scale)
     for node, i in path:
         if node.op_type == "Where" and zero_fill is not None and (node.inputs[0] is not zero_fill or i != 2):
             raise Refused("the Where after the Softmax zeroes other positions than the mask before it")
     if zero_fill is not None and not any(n.op_type == "Where" for n, _ in path):
         raise Refused("a Where after the Softmax zeroes positions no mask before it hides")
-    return Block(softmax, core, pv, q, kt, path, scale, zero_fill, regroup, q_factors)
-
-
-# --- the rewrite ---------------------------------------------------------------------------
-
-
-class _Emit:
-    def __init__(self, graph, anchor: ir.Node):
-        self.graph, self.anchor, self.nodes = graph, anchor, []
-
-    def __call__(self, op: str, inputs, **attributes) -> ir.Value:
-        node = ir.node(op, list(inputs), attributes=attributes)
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def const(self, array: np.ndarray) -> ir.Value:
-        return self("Constant", [], value=ir.tensor(array))
-
-
-def _dtype(value: ir.Value) -> np.dtype:
-    return value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-
-
-def _bias(emit: _Emit, block: Block, scores_dtype: np.dtype) -> ir.Value | None:
-    """The whole of ``f`` but the scale, as an additive bias in the layout of Q·Kᵀ."""
-    bias = None
-    current = block.core.outputs[0]  # the scores value at this point of the path
-    reshaped = False
-    for node, i in block.path:
-        op, other = node.op_type, (node.inputs[1 - i] if len(node.inputs) > 1 else None)
-        if op == "Add":
-            bias = other if bias is None else emit("Add", [bias, other])
-        elif op == "Sub":
-            bias = emit("Neg", [other]) if bias is None else emit("Sub", [bias, other])
-        elif op in ("Mul", "Div") and bias is not None:
-            bias = emit(op, [bias, other])
-        elif op == "Where":
-            fill_index = 3 - i
-            fill = node.inputs[fill_index]
-            if block.zero_fill is not None:  # zeroed after the Softmax: masked rows give 0 as the op's -inf rows do
-                fill = emit.const(np.array(-np.inf, dtype=_dtype(fill)))
-            base = bias if bias is not None else emit.const(np.array(0, dtype=_dtype(fill)))
-            branches = [base, fill] if i == 1 else [fill, base]
-            bias = emit("Where", [node.inputs[0], *branches])
-        elif op in _RESHAPES and bias is not None:
-            full = emit("Expand", [bias, emit("Shape", [current])])
-            bias = emit(op, [full, *node.inputs[1:]], **{a.name: a for a in node.attributes.values()})
-            reshaped = True
-        elif op in _RESHAPES:
-            reshaped = True
-        current = node.outputs[0]
-    if bias is not None and reshaped:  # into the layout of the product with V
-        full = emit("Expand", [bias, emit("Shape", [current])])
-        bias = emit("Reshape", [full, emit("Shape", [block.pv.inputs[0]])])
-    return bias
-
-
-def _head_sources(*values: ir.Value) -> list[ir.Value] | None:
-    """For (B·H, L, size) operands each a Reshape merging the first two axes of a (B, H, L, size)
-    tensor with one static H: those tensors (so a fused kernel gets its head count); else None."""
-    sources = []
-    for x in values:
-        node = x.producer()
-        if node is None or node.op_type != "Reshape" or x.shape is None or len(x.shape) != 3:
-            return None
-        src = node.inputs[0]
-        if src.shape is None or len(src.shape) != 4 or not isinstance(src.shape[1], int):
-            return None
-        if not (_same_dim(src.shape[2], x.shape[1]) and _same_dim(src.shape[3], x.shape[2])):
-            return None
-        if isinstance(x.shape[0], int) and isinstance(src.shape[0], int) and x.shape[0] != src.shape[0] * src.shape[1]:
-            return None
-        sources.append(src)
-    if len({s.shape[1] for s in sources}) != 1 or not _same_dim(sources[0].shape[0], sources[1].shape[0]):
-        return None
-    return sources
-
-
-def rewrite(graph, block: Block) -> None:
-    emit = _Emit(graph, block.pv)
-    out = block.pv.outputs[0]
-    dtype = _dtype(block.core.outputs[0])
-    bias = _bias(emit, block, dtype)
-    kt_node = block.kt.producer()
-    rank = _rank(block.q)
-    swap = list(range(rank - 2)) + [rank - 1, rank - 2]
-    if kt_node is not None and kt_node.op_type == "Transpose" and kt_node.domain == "":
-        perm = list(kt_node.attributes.get_ints("perm", list(reversed(range(rank)))))
-        composed = [perm[s] for s in swap]
-        k = kt_node.inputs[0] if composed == list(range(rank)) else emit("Transpose", [kt_node.inputs[0]], perm=composed)
-    else:
-        k = emit("Transpose", [block.kt], perm=swap)
-    q, v = block.q, block.pv.inputs[1]
-    for op, factor in block.q_factors:
-        scaled = emit(op, [q, factor])
-        scaled.shape, scaled.type = q.shape, q.type
-        q = scaled
-    if k.shape is None and block.kt.shape is not None:
-        k.shape = ir.Shape([block.kt.shape[s] for s in swap])
-        k.type = block.kt.type
-    probs = block.pv.inputs[0]
-    if block.regroup:  # (B·H, S, D) products whose probabilities meet V as (B, H, S, T), or the reverse
-        lead = emit("Shape", [probs], end=-2)
-        regrouped = []
-        for x in (q, k):
-            y = emit("Reshape", [x, emit("Concat", [lead, emit("Shape", [x], start=-2)], axis=0)])
-            if probs.shape is not None and x.shape is not None:
-                y.shape, y.type = ir.Shape([*probs.shape[:-2], *x.shape[-2:]]), x.type
-            regrouped.append(y)
-        q, k = regrouped
-        rank = _rank(probs)
-    heads = _head_sources(q, k, v) if rank == 3 else None
-    if heads is not None:  # (B·H, S, H) operands merged from (B, H, S, H) ones: the fused op takes those
-        v3 = v
-        q, k, v = heads
-        if bias is not None:
-            split = emit("Concat", [emit("Shape", [q], end=2), emit("Shape", [probs], start=-2)], axis=0)
-            bias = emit("Reshape", [emit("Expand", [bias, emit("Shape", [probs])]), split])
-        rank = 4
-    if rank == 3:
-        axis = emit.const(np.array([0], dtype=np.int64))
-        lifted = []
-        for x in (q, k, v):
-            y = emit("Unsqueeze", [x, axis])
-            y.shape, y.type = (ir.Shape([1, *x.shape]) if x.shape is not None else None), x.type
-            lifted.append(y)
-        q, k, v = lifted
-    if rank > 4:  # leading (batch, block…) axes flattened into one
-        flat = emit("Concat", [emit.const(np.array([-1], dtype=np.int64)), emit("Shape", [probs], start=-3)], axis=0)
-        flattened = []
-        for x in (q, k, v):
-            y = emit("Reshape", [x, emit("Concat", [emit.const(np.array([-1], dtype=np.int64)),
-                                                      emit("Shape", [x], start=-3)], axis=0)])
-            y.shape, y.type = None, x.type
-            flattened.append(y)
-        q, k, v = flattened
-        if bias is not None:
-            bias = emit("Reshape", [emit("Expand", [bias, emit("Shape", [probs])]), flat])
-    kind = "bias"
-    if bias is None:
-        bias, kind = emit.const(np.array(0, dtype=dtype)), "none"
-    fused = ir.node("AttentionBHSD", [q, k, v, bias], attributes={"scale": float(block.scale), "mask_kind": kind},
-                    domain=ops.DOMAIN)
-    emit.nodes.append(fused)
-    result = fused.outputs[0]
-    if heads is not None:
-        merged = emit("Concat", [emit("Shape", [probs], end=-1), emit("Shape", [v3], start=-1)], axis=0)
-        result.type = out.type
-        result = emit("Reshape", [result, merged])
-    elif rank == 3:
-        result.shape = ir.Shape([1, *out.shape]) if out.shape is not None else None
-        result.type = out.type
-        result = emit("Squeeze", [result, emit.const(np.array([0], dtype=np.int64))])
-    elif rank > 4:
-        result.type = out.type
-        shape = emit("Concat", [emit("Shape", [probs], end=-1), emit("Shape", [block.pv.inputs[1]], start=-1)], axis=0)
-        result = emit("Reshape", [result, shape])
-    result.shape, result.type = out.shape, out.type
-    graph.insert_before(block.pv, emit.nodes)
-    ir.convenience.replace_all_uses_with(out, result)
-    if out.is_graph_output():
-        index = [i for i, o in enumerate(graph.outputs) if o is out]
-        for i in index:
-            graph.outputs[i] = result
-        result.name, out.name = out.name, None
+    return Block(softmax, core, pv, q, kt, path, scale, zero_fill, regroup, q_factors, softcap)
 
 
 def _attention_softmaxes(graph) -> list[ir.Node]:
@@ -457,7 +342,8 @@ def fuse_all(model: ir.Model) -> tuple[int, list[dict]]:
     """Fuse every attention Softmax of the model (subgraphs included) the walker can take.
 
     Returns (blocks fused, [{"softmax": name, "reason": why} for each attention Softmax left])."""
-    count, left = 0, []
+    from tfgraph.passes import attention_softmax_rewrite  # it imports Block from here
+    count, left, softcap = 0, [], False
     for graph in list(model.graphs()):
         for softmax in _attention_softmaxes(graph):
             block = None
@@ -472,9 +358,14 @@ def fuse_all(model: ir.Model) -> tuple[int, list[dict]]:
             if block is None:
                 left.append({"softmax": softmax.name or "", "reason": reason})
                 continue
-            rewrite(graph, block)
+            if block.softcap and model.opset_imports.get("", 18) < ops.GUARD_MIN_OPSET:
+                left.append({"softmax": softmax.name or "", "reason": "tanh soft-capping below opset "
+                             f"{ops.GUARD_MIN_OPSET} (the op's soft-capping body needs CastLike)"})
+                continue
+            attention_softmax_rewrite.rewrite(graph, block)
             count += 1
+            softcap = softcap or bool(block.softcap)
     if count:
-        ops.ensure_defined(model, "AttentionBHSD")
+        ops.ensure_defined(model, "AttentionBHSD", softcap=softcap)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count, left

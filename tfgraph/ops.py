@@ -24,7 +24,12 @@ lowers nothing gets a correct standard-ONNX graph.
     ``(batch, heads, sequence, head_size)``, output in that layout too: the form
     attention takes when something happens between the head split and the product
     (rotary embeddings on Q and K, grouped K/V heads repeated to the query's count).
-    Attributes: ``scale``, ``mask_kind`` (and window sizes), as above.
+    Attributes: ``scale``, ``mask_kind`` (and window sizes), as above, and ``softcap`` (float,
+    default 0 = none): ``c > 0`` caps the scaled scores before the bias,
+    ``c·tanh(Q·Kᵀ·scale / c) + attention_bias`` (Gemma-2's soft-capping). The body that honours it
+    is installed only in a model that has a soft-capped block (:func:`ensure_defined` with
+    ``softcap=True``; its ``Where`` keeps ``softcap = 0`` nodes exact), so other models' bodies carry
+    no Tanh.
 
 ``tfgraph.RMSNormalization(x, scale)``
     ``x / sqrt(mean(x², last axis) + epsilon) · scale`` (Llama-style RMSNorm; ai.onnx has
@@ -163,6 +168,22 @@ RMSNormalization <epsilon> (x, scale) => (y) {
 }
 """
 
+# The soft-capping body (AttentionBHSD with softcap): the attribute declared with its default 0,
+# the capped scores selected only where softcap != 0 (tanh(x/0) is never used).
+_SOFTCAP_ATTRIBUTES = ("AttentionBHSD <scale, mask_kind>", "AttentionBHSD <scale, mask_kind, softcap: float = 0.0>")
+_SOFTCAP_SCORES = ("    scores = Add (scaled, attention_bias)\n", """    cap = Constant <value_float: float = @softcap> ()
+    cap_t = CastLike (cap, scaled)
+    no_cap = Constant <value_float: float = 0.0> ()
+    no_cap_t = CastLike (no_cap, scaled)
+    uncapped = Equal (cap_t, no_cap_t)
+    ratio = Div (scaled, cap_t)
+    squashed = Tanh (ratio)
+    capped = Mul (squashed, cap_t)
+    softcapped = Where (uncapped, scaled, capped)
+    scores = Add (softcapped, attention_bias)
+""")
+SOFTCAP_OPS = ("AttentionBHSD",)
+
 _DEFINITIONS = {"Attention": _ATTENTION, "AttentionBHSD": _ATTENTION_BHSD, "RMSNormalization": _RMS_NORMALIZATION}
 
 
@@ -175,30 +196,42 @@ GUARD_MIN_OPSET = 15  # CastLike
 
 
 @functools.cache
-def _function_proto(name: str, guard: bool) -> onnx.FunctionProto:
+def _function_proto(name: str, guard: bool, softcap: bool = False) -> onnx.FunctionProto:
     text = _DEFINITIONS[name]
+    if softcap:
+        for old, new in (_SOFTCAP_ATTRIBUTES, _SOFTCAP_SCORES):
+            text = text.replace(old, new)
     if not guard:
         text = text.replace(_GUARD, "    probs = Identity (raw_probs)\n")
     return onnx.parser.parse_function(text)
 
 
-def function(name: str, *, opset: int = 18) -> ir.Function:
-    """A fresh onnx_ir function for the neutral operator ``name``, importing ai.onnx ``opset``.
+def function(name: str, *, opset: int = 18, softcap: bool = False) -> ir.Function:
+    """A fresh onnx_ir function for the neutral operator ``name``, importing ai.onnx ``opset``
+    (``softcap``: the body that honours the ``softcap`` attribute; needs opset 15).
 
     Below opset 15 (no CastLike) the body has no NaN guard: a query row whose keys are
     all ``-inf`` then gives NaN, as an unguarded exporter graph does."""
-    fn = ir.serde.deserialize_function(_function_proto(name, opset >= GUARD_MIN_OPSET))
+    if softcap and (name not in SOFTCAP_OPS or opset < GUARD_MIN_OPSET):
+        raise ValueError(f"no soft-capping body for tfgraph.{name} at opset {opset}")
+    fn = ir.serde.deserialize_function(_function_proto(name, opset >= GUARD_MIN_OPSET, softcap))
     fn.opset_imports[""] = opset
     return fn
 
 
-def ensure_defined(model: ir.Model, name: str) -> bool:
-    """Add the function for ``tfgraph.<name>`` and the ``tfgraph`` opset import if missing."""
+def has_softcap_body(model: ir.Model, name: str) -> bool:
+    fn = model.functions.get((DOMAIN, name, ""))
+    return fn is not None and "softcap" in fn.attributes
+
+
+def ensure_defined(model: ir.Model, name: str, *, softcap: bool = False) -> bool:
+    """Add the function for ``tfgraph.<name>`` and the ``tfgraph`` opset import if missing
+    (``softcap``: the soft-capping body, replacing a plain one)."""
     changed = False
-    if (DOMAIN, name, "") not in model.functions:
+    if (DOMAIN, name, "") not in model.functions or (softcap and not has_softcap_body(model, name)):
         # The body uses ops unchanged since opset 13 (15 with the guard); it imports the
         # model's own version (required to match).
-        fn = function(name, opset=model.opset_imports.get("", 18))
+        fn = function(name, opset=model.opset_imports.get("", 18), softcap=softcap)
         model.functions[fn.identifier()] = fn
         changed = True
     if DOMAIN not in model.opset_imports:
