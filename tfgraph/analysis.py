@@ -44,14 +44,38 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+_LAYOUT = frozenset({"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Expand"})
+
+
+def _constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a constant (an initializer or Constant, possibly moved by layout ops): a weight."""
+    for _ in range(8):
+        if value is None:
+            return False
+        if value.const_value is not None:
+            return True
+        node = value.producer()
+        if node is None or node.op_type not in _LAYOUT | {"Constant"}:
+            return False
+        if node.op_type == "Constant":
+            return True
+        value = node.inputs[0]
+    return False
+
+
 def _reaches_matmul_upstream(value: ir.Value | None, depth: int = 0) -> bool:
+    """Whether ``value`` is computed from a product with non-constant keys (``Q·Kᵀ``): a product with a
+    constant right operand is a projection ``x·W`` (a router's gate, ConvBERT's span-based dynamic
+    convolution kernel), not attention scores."""
     if value is None or depth > _MAX_WALK:
         return False
     node = value.producer()
     if node is None:
         return False
-    if node.op_type in ("MatMul", "Einsum") and node.domain == "":
-        return True
+    if node.op_type == "MatMul" and node.domain == "":
+        return not _constant(node.inputs[1])
+    if node.op_type == "Einsum" and node.domain == "":
+        return not any(_constant(v) for v in node.inputs)
     if node.op_type in _PASS_THROUGH:
         # Follow the data input (first); for Where, the two branches.
         candidates = node.inputs[1:] if node.op_type == "Where" else node.inputs[:1]
