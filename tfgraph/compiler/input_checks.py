@@ -88,10 +88,22 @@ def _positions(model: ir.Model, source: Mapping[str, Any]) -> tuple[int | None, 
 def check_deterministic(model: ir.Model, first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> None:
     """Two runs of the input model on the same inputs must agree, or no pass can be verified
     against it: refuse, naming the nodes that make it random."""
+    from tfgraph.passes.eval_mode import RANDOM_OPS, random_nodes
+
     differing = [k for k in first if not np.array_equal(first[k], second[k], equal_nan=True)]
     if not differing:
+        # Two fresh sessions can draw the same numbers and a rewritten graph others (ViTMAE's patch
+        # noise): an unseeded Random* op whose draw is used makes every later comparison meaningless.
+        unseeded = [n for n in random_nodes(model) if n.op_type in RANDOM_OPS and "seed" not in n.attributes
+                    and any(o.uses() or o.is_graph_output() for o in n.outputs)]
+        if unseeded:
+            n = unseeded[0]
+            raise BadInputError(
+                f"the input model draws random numbers at run time ({n.name or '?'} ({n.op_type}), no seed"
+                + (f", and {len(unseeded) - 1} more" if len(unseeded) > 1 else "")
+                + "): its outputs are not a function of its inputs, so no pass can be verified against it; "
+                "pass the random values as an input instead (e.g. ViTMAE's noise) or set the op's seed")
         return
-    from tfgraph.passes.eval_mode import random_nodes
 
     nodes = random_nodes(model)
     named = ", ".join(f"{n.name or '?'} ({n.op_type})" for n in nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
