@@ -268,6 +268,19 @@ def _softcap(node: ir.Node) -> float:
 SOFTCAP_REFUSED = "tanh soft-capping (softcap={:g}): the kernel has no softcap"
 
 
+def _value_size_reason(node: ir.Node) -> str | None:
+    """Why a kernel that reads K and V as one (B, N, L, H) shape cannot take a head-split block whose
+    value heads are wider or narrower than its key heads (LeViT: key_dim 16, values 2× that)."""
+    if node.op_type != "AttentionBHSD":
+        return None
+    k, v = node.inputs[1].shape, node.inputs[2].shape
+    if k is None or v is None or len(k) != 4 or len(v) != 4:
+        return None
+    if isinstance(k[3], int) and isinstance(v[3], int) and k[3] != v[3]:
+        return f"value head size {v[3]} differs from the key's {k[3]} (the kernel takes one K/V head shape)"
+    return None
+
+
 class LoweringRule:
     """One way to lower a neutral attention node: ``check`` returns why it does not apply (None:
     it does), ``rewrite`` returns the new nodes, their output and the report key. A target composes
@@ -322,6 +335,8 @@ class GroupQueryRule(LoweringRule):
     name = "com.microsoft.GroupQueryAttention"
 
     def check(self, node):
+        if _value_size_reason(node):
+            return _value_size_reason(node)
         return _gqa_reason(node)
 
     def rewrite(self, graph, node):
@@ -355,7 +370,7 @@ class MultiHeadRule(LoweringRule):
     def check(self, node):
         if _softcap(node):
             return SOFTCAP_REFUSED.format(_softcap(node))
-        return None
+        return _value_size_reason(node)
 
     def rewrite(self, graph, node):
         return (*_TO_MHA[node.op_type](node), self.name)

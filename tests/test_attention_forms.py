@@ -226,6 +226,22 @@ class ClampedToMin(Projections):
         return _merge(scores.softmax(-1) @ v)
 
 
+class WideValues(torch.nn.Module):
+    """LeViT: one projection split per head into Q, K and values twice as wide as the keys
+    (MultiHeadAttention's 4-D K and V must share one shape: its rule refuses the block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(E, H * 4 * D)
+        self.table = torch.nn.Parameter(torch.randn(H, S, S))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, H, 4 * D).split([D, D, 2 * D], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        return _merge((q @ k.transpose(-1, -2) * D ** -0.5 + self.table).softmax(-1) @ v)
+
+
 # --- negative twins -------------------------------------------------------------------------
 
 
@@ -332,6 +348,7 @@ FORMS = {
     "per-head-logit-scale": (CosineScaled, ("x",)),
     "tanh-soft-capping": (SoftCapped, ("x",)),
     "finfo-min-clamp": (ClampedToMin, ("x", "mask")),
+    "value-heads-wider-than-keys": (WideValues, ("x",)),
 }
 
 
