@@ -165,7 +165,12 @@ def _lowest(value: ir.Value) -> float | None:
     """The most negative finite value of ``value``'s float type (fp16's -65504 is a clamp of -inf too)."""
     if value.dtype is None or not value.dtype.is_floating_point():
         return None
-    return float(np.finfo(value.dtype.numpy()).min)
+    try:
+        import ml_dtypes  # finfo of bfloat16 and the float8 types
+
+        return float(ml_dtypes.finfo(value.dtype.numpy()).min)
+    except (ImportError, ValueError, TypeError):
+        return None
 
 
 def _softcap(path: list, scale: float) -> tuple[float, float]:

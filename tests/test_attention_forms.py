@@ -482,3 +482,27 @@ def test_softcap_lowers_only_to_a_kernel_that_caps(tmp_path):
     nodes = [n for n in artifact.model.graph if n.op_type == "GroupQueryAttention"]
     assert len(nodes) == 1 and nodes[0].attributes.get_float("softcap") == pytest.approx(2.0), gqa.report
     assert np.abs(_run(artifact, feeds)[0] - want).max() <= TOLERANCE
+
+
+def test_fp16_clamp_to_the_dtype_minimum_is_walked_over():
+    """``Max(scores, -65504)`` in float16 is the same clamp of -inf as float32's finfo.min (above -1e30)."""
+    import onnx
+    import onnx_ir as ir
+
+    from tfgraph.passes import attention_softmax
+
+    f16 = onnx.TensorProto.FLOAT16
+    inputs = [onnx.helper.make_tensor_value_info(n, f16, [B, H, S, D]) for n in ("q", "kt_src", "v")]
+    floor = onnx.helper.make_tensor("floor", f16, [], [-65504.0])
+    nodes = [onnx.helper.make_node("Transpose", ["kt_src"], ["kt"], perm=[0, 1, 3, 2]),
+             onnx.helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             onnx.helper.make_node("Max", ["scores", "floor"], ["clamped"]),
+             onnx.helper.make_node("Softmax", ["clamped"], ["probs"], axis=-1),
+             onnx.helper.make_node("MatMul", ["probs", "v"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", inputs, [onnx.helper.make_tensor_value_info("y", f16, [B, H, S, D])],
+                                   [floor])
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])))
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    block = attention_softmax.find(softmax)
+    assert [n.op_type for n, _ in block.path] == ["Max"] and block.scale == 1.0
