@@ -155,7 +155,23 @@ OVERRIDES = {
                       decoder_num_attention_heads=4, encoder_num_hidden_layers=2, decoder_num_hidden_layers=2),
     "longt5": dict(local_radius=4, encoder_attention_type="local"),
     "led": dict(attention_window=[8, 8]),
+    # ViTMAE masks patches by torch.rand noise drawn inside the model unless `noise` is given: the export
+    # would hold an unseeded RandomUniform, its outputs not a function of its inputs. Every patch kept,
+    # in order (FIXED_INPUTS' noise): the encoder as used for features.
+    "vit_mae": dict(mask_ratio=0.0),
 }
+
+
+def _ascending_noise(config, tensors):
+    """ViTMAE's ``noise``: ascending per patch, so the shuffle is the identity (batch read off the pixels)."""
+    import torch
+
+    patches = (config.image_size // config.patch_size) ** 2
+    return torch.arange(patches, dtype=torch.float32).unsqueeze(0).expand(tensors[0].shape[0], patches)
+
+
+# Keyword inputs computed inside the wrapper (not inputs of the export): what makes a model deterministic.
+FIXED_INPUTS = {"vit_mae": {"noise": _ascending_noise}}
 LIMITS = {"layers": 2, "hidden": 128}
 
 
@@ -319,6 +335,8 @@ def build(model_type: str, attention: str):
 
         def forward(self, *tensors):
             kwargs = dict(zip(names, tensors))
+            for key, make in FIXED_INPUTS.get(model_type, {}).items():
+                kwargs[key] = make(config, tensors)
             if "use_cache" in params:
                 kwargs["use_cache"] = False
             out = self.model(**kwargs, return_dict=True)
@@ -496,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--retry-failed", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
+    parser.add_argument("--merge", type=pathlib.Path, help="take the exports of another run's JSON (then --report)")
     parser.add_argument("--keep", type=pathlib.Path, help="keep exported files under this folder")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -509,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cache_path = args.out.with_suffix(".json")
     cache = load_cache(cache_path)
-    if args.report:
+    if args.merge:
+        cache["exports"].update(json.loads(args.merge.read_text())["exports"])
+        save_cache(cache_path, cache)
+    if args.report or args.merge:
         args.out.write_text(render(cache))
         return 0
     types = args.types.split(",") if args.types else candidate_types(args.all)
@@ -553,6 +575,15 @@ def main(argv: list[str] | None = None) -> int:
 # --- report ----------------------------------------------------------------------------
 
 
+def _short(op: str) -> str:
+    inner = op[op.index("[") + 1:op.rindex("]")].split("|") if op.startswith("If[") else None
+    if inner:
+        return "If(" + "/".join(sorted({_short(x) for x in inner})) + ")"
+    return {"com.microsoft::Attention": "Attention", "com.microsoft::MultiHeadAttention": "MHA",
+            "com.microsoft::GroupQueryAttention": "GQA", "tfgraph::AttentionBHSD": "neutral",
+            "tfgraph::Attention": "neutral", "tfgraph::BlockedAttention": "blocked"}.get(op, op)
+
+
 def _fmt(x) -> str:
     if x is None:
         return "–"
@@ -575,7 +606,7 @@ def render(cache: dict) -> str:
             failures.append((model_type, sorted({r["error"] for r in results.values()})[0]))
             continue
         totals["archs"] += 1
-        arch = {"blocks": 0, "tfgraph": 0, "onnxscript": 0, "ort": 0, "max_abs": None, "time": 0.0, "reasons": [],
+        arch = {"blocks": 0, "tfgraph": 0, "onnxscript": 0, "ort": 0, "max_abs": None, "time": 0.0, "reasons": [], "ops": set(),
                 "exports": []}
         for (attention, exporter), r in sorted(ok.items()):
             blocks = r["blocks"]["fused"] + r["blocks"]["unfused"]
@@ -592,6 +623,7 @@ def render(cache: dict) -> str:
                 arch["tfgraph"] += fused
                 totals["tfgraph"] += fused
                 arch["time"] += t.get("time_s") or 0.0
+                arch["ops"].update(_short(op) for op in (t.get("fused_ops") or {}))
                 if t.get("max_abs") is not None:
                     arch["max_abs"] = max(arch["max_abs"] or 0.0, t["max_abs"])
                     totals["max_abs"] = max(totals["max_abs"], t["max_abs"])
@@ -606,7 +638,7 @@ def render(cache: dict) -> str:
                 totals[peer] += count
         kind = next(iter(ok.values())).get("kind", "")
         rows.append(f"| {model_type} | {kind} | {' '.join(arch['exports'])} | {arch['blocks']} | {arch['tfgraph']} | "
-                    f"{arch['onnxscript']} | {arch['ort']} | {_fmt(arch['max_abs'])} | {arch['time']:.0f} |")
+                    f"{arch['onnxscript']} | {arch['ort']} | {_fmt(arch['max_abs'])} | {arch['time']:.0f} | {', '.join(sorted(arch['ops']))} |")
         if arch["tfgraph"] < arch["blocks"]:
             unique = sorted(set(arch["reasons"]))
             below.append(f"- **{model_type}** ({arch['tfgraph']}/{arch['blocks']}): " + "; ".join(unique[:6]))
@@ -628,10 +660,13 @@ def render(cache: dict) -> str:
         f"({pct(totals['onnxscript'])}), ORT optimizer {totals['ort']} ({pct(totals['ort'])}); max error "
         f"{totals['max_abs']:.1e}; tfgraph compile failures: {totals['failed_compiles']}.**",
         "",
-        "Exports: e/t = eager TorchScript, e/d = eager dynamo, s/t, s/d likewise for SDPA.",
+        "Exports: e/t = eager TorchScript, e/d = eager dynamo, s/t, s/d likewise for SDPA. \"tfgraph ran them as\": "
+        "the fused operators after cpu-fp32's lowering (Attention = packed com.microsoft.Attention, MHA = "
+        "MultiHeadAttention, GQA = GroupQueryAttention, neutral = tfgraph.AttentionBHSD kept as its exact ONNX body "
+        "because no kernel takes the block's layout, e.g. a dynamic batch·heads axis or a broadcast K/V head).",
         "",
-        "| architecture | kind | exports | blocks | tfgraph | onnxscript | ORT opt. | max err | time s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| architecture | kind | exports | blocks | tfgraph | onnxscript | ORT opt. | max err | time s | tfgraph ran them as |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
         *rows,
         "",
         "## Below 100% (every unfused block with the fusion rule's reason)",
