@@ -32,6 +32,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "inline-neutral-ops": "inline_functions",
     "lift-constants": "lift_constants",
     "lower-attention": "attention_lowering",
+    "lower-cached-attention": "attention_lowering_cached",
     "pack-projections": "pack_projections",
     "prune-magnitude": "prune_magnitude",
     "prune-structured": "prune_structured",

@@ -233,7 +233,13 @@ class GenerationCheck(Instrument):
 
 
 def _complete(model: ir.Model, layout: CacheLayout, shapes: dict) -> dict:
-    """Give the mask's total-length dimension ``past_sequence + sequence`` unless the caller sized it."""
+    """Give the mask's total-length dimension ``past_sequence + sequence`` unless the caller sized it,
+    and the past an empty cache unless the caller sized it: the phases' checks run a prompt (the
+    generation steps check the decode steps), since a cached layer lowered to GroupQueryAttention
+    runs a multi-token chunk after a filled cache at batch 1 only (onnxruntime's CPU kernel)."""
+    past_dim = layout.dims.get("past_sequence")
+    if past_dim and past_dim not in shapes and not any(name in shapes for pair in layout.past for name in pair):
+        shapes = {**shapes, past_dim: 0}
     total = layout.dims.get("total_sequence")
     if total is None or total in shapes or (layout.attention_mask or "") in shapes:
         return shapes

@@ -1,0 +1,347 @@
+"""Lowering a decoder's cached self-attention to com.microsoft.GroupQueryAttention (issue 18).
+
+A KV-cached decoder exported from transformers attends, per layer, with
+
+    present_k = Concat(past_k, k_new, axis=-2)            # (B, N_kv, P + S, H), a graph output
+    k = Reshape(Expand(Unsqueeze(present_k, 2), ...))     # repeat_kv: (B, N, P + S, H)
+    AttentionBHSD(q, k, v, bias)                          # causal, bias = causal + key padding
+
+(and the same for V). Lowered to MultiHeadAttention, every step then copies the whole cache twice
+more (the head repeat) and runs ~25 small nodes around the kernel. GroupQueryAttention takes the
+new keys/values and the past cache itself, writes ``present`` and reads the grouped heads in place:
+
+    GroupQueryAttention(q_bsd, k_new_bsd, v_new_bsd, past_k, past_v, seqlens_k, total_length,
+                        attention_bias=bias) -> (out, present_k, present_v)
+
+with ``seqlens_k = P + S - 1`` for every row and ``total_sequence_length = P + S``: every row's
+cache has the same physical length (left padding lives in the cache like a token), so the kernel's
+own (right-padding) lengths cover the whole cache and the exporter's additive mask, as
+``attention_bias``, masks the padding exactly as before (its ``-inf`` floored to float32's minimum:
+a fully masked query row gets finite garbage, not NaN). The kernel's causal mask is the one the
+bias already holds. Rotary embeddings stay the graph's own (the kernel's ``do_rotary`` reads one
+position offset per batch, not left-padded positions).
+
+:class:`CachedGroupQueryRule` is the rule (``check`` returns why a block does not match); the
+``lower-cached-attention`` pass applies it to every neutral attention node before
+``lower-attention`` lowers the rest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from tfgraph import ops
+from tfgraph.builder import Builder
+from tfgraph.ops import MaskKind
+from tfgraph.passes.attention_lowering import LoweringRule, _finite
+from tfgraph.passes.attention_lowering_windows import GQA_HEAD_SIZE_MULTIPLE, _same_dim
+from tfgraph.passes.registry import register_pass
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    node = value.producer()
+    if tensor is None and node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        tensor = node.attributes["value"].value
+    return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def _unrepeat(k: ir.Value, heads: int) -> tuple[ir.Value, str | None]:
+    """The (B, N_kv, T, H) tensor behind transformers' ``repeat_kv`` (Unsqueeze at 2, Expand,
+    Reshape), or ``k`` itself when it already has the query's heads; the reason when neither."""
+    node = k.producer()
+    if node is not None and node.op_type == "Reshape":
+        expand = node.inputs[0].producer()
+        unsqueeze = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
+        if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze":
+            axes = _const_ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+            source = unsqueeze.inputs[0]
+            if axes not in ([2], [-3]) or source.shape is None or len(source.shape) != 4:
+                return k, "the key/value head repeat is not an Unsqueeze at axis 2 of a 4-D tensor"
+            kv_heads = source.shape[1]
+            if not isinstance(kv_heads, int) or heads % kv_heads:
+                return k, f"the repeated key/value heads ({kv_heads}) do not divide the query's {heads}"
+            return source, None
+    if k.shape is not None and len(k.shape) == 4 and k.shape[1] == heads:
+        return k, None
+    return k, "keys are neither the query's heads nor a transformers repeat_kv of fewer heads"
+
+
+def _cache_concat(present: ir.Value, graph: ir.Graph) -> tuple[ir.Node | None, str | None]:
+    """The ``Concat(past, new, axis=-2)`` writing a graph output from a graph input, or why not."""
+    node = present.producer()
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return None, "the keys/values are not a Concat of a past cache and the new ones"
+    axis = node.attributes.get_int("axis")
+    if axis not in (2, -2):
+        return None, f"the cache Concat is on axis {axis}, not the sequence axis"
+    past = node.inputs[0]
+    if past not in graph.inputs:
+        return None, "the cache Concat's first input is not a graph input (the past cache)"
+    if present not in graph.outputs:
+        return None, "the cache Concat's output is not a graph output (the present cache)"
+    return node, None
+
+
+def _to_bsd(b: Builder, x: ir.Value) -> ir.Value:
+    """(B, N, S, H) -> (B, S, N·H): the (B, S, N·H) tensor it was split from when it is
+    ``Transpose(Reshape(y, (B, S, N, H)), [0, 2, 1, 3])``, else a Transpose and Reshape."""
+    node = x.producer()
+    if node is not None and node.op_type == "Transpose" and list(node.attributes.get_ints("perm") or []) == [0, 2, 1, 3]:
+        reshape = node.inputs[0].producer()
+        if reshape is not None and reshape.op_type == "Reshape":
+            y = reshape.inputs[0]
+            if (y.shape is not None and x.shape is not None and len(y.shape) == 3 and isinstance(y.shape[2], int)
+                    and isinstance(x.shape[1], int) and isinstance(x.shape[3], int)
+                    and y.shape[2] == x.shape[1] * x.shape[3]):
+                return y
+    return b("Reshape", b("Transpose", x, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
+
+
+def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op and node.domain == "" else None
+
+
+def _scalar(value: ir.Value) -> float | None:
+    ints = value.const_value
+    node = value.producer()
+    if ints is None and node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        ints = node.attributes["value"].value
+    array = None if ints is None else np.asarray(ints.numpy())
+    return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+
+def _rotate_half(r: ir.Value, size: int) -> ir.Value | None:
+    """``x`` when ``r = Concat(-x[..., h:], x[..., :h])`` (transformers' rotate_half, h = size / 2)."""
+    concat = _producer(r, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attributes.get_int("axis") not in (-1, 3):
+        return None
+    neg = _producer(concat.inputs[0], "Neg")
+    upper, lower = (_producer(neg.inputs[0], "Slice") if neg else None), _producer(concat.inputs[1], "Slice")
+    if upper is None or lower is None or upper.inputs[0] is not lower.inputs[0]:
+        return None
+    half = size // 2
+    for node, (start, end) in ((upper, (half, size)), (lower, (0, half))):
+        args = [_const_ints(v) for v in list(node.inputs[1:]) + [None] * (5 - len(node.inputs))]
+        starts, ends, axes, steps = args[0], args[1], args[2], args[3]
+        if starts != [start] or ends is None or len(ends) != 1 or not (ends[0] >= end if end == size else ends[0] == end):
+            return None
+        if axes not in (None, [-1], [3]) or steps not in (None, [1]):
+            return None
+    return lower.inputs[0]
+
+
+def _cos_sin(c: ir.Value, s: ir.Value) -> tuple[ir.Value, float] | None:
+    """``(F, k)`` when ``c = Unsqueeze(Cos(Concat(F, F)) · k, 1)`` and ``s`` the same with Sin."""
+    found = []
+    for value, op in ((c, "Cos"), (s, "Sin")):
+        unsqueeze = _producer(value, "Unsqueeze")
+        if unsqueeze is None or _const_ints(unsqueeze.inputs[1] if len(unsqueeze.inputs) > 1 else None) != [1]:
+            return None
+        inner, scale = unsqueeze.inputs[0], 1.0
+        mul = _producer(inner, "Mul")
+        if mul is not None:
+            for a, b in (mul.inputs, mul.inputs[::-1]):
+                if _producer(a, op) is not None and _scalar(b) is not None:
+                    inner, scale = a, _scalar(b)
+                    break
+            else:
+                return None
+        trig = _producer(inner, op)
+        concat = _producer(trig.inputs[0], "Concat") if trig is not None else None
+        if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+            return None
+        found.append((concat.inputs[0], scale))
+    return found[0] if found[0] == found[1] else None
+
+
+def _rotary(r: ir.Value, size: int) -> tuple[ir.Value, ir.Value, float] | None:
+    """``(x, F, k)`` when ``r = x·cos + rotate_half(x)·sin`` with ``cos = Cos(Concat(F, F))·k`` (and
+    ``sin`` alike) broadcast over the heads: transformers' RoPE, ``F`` the (B, S, H/2) angles."""
+    add = _producer(r, "Add")
+    if add is None:
+        return None
+    for first, second in (add.inputs, add.inputs[::-1]):
+        direct, rotated = _producer(first, "Mul"), _producer(second, "Mul")
+        if direct is None or rotated is None:
+            continue
+        for x, c in (direct.inputs, direct.inputs[::-1]):
+            for half, s in (rotated.inputs, rotated.inputs[::-1]):
+                if _rotate_half(half, size) is x:
+                    angles = _cos_sin(c, s)
+                    if angles is not None:
+                        return x, *angles
+    return None
+
+
+class CachedGroupQueryRule(LoweringRule):
+    """Causal self-attention over a KV cache (past graph input, present graph output, transformers'
+    ``repeat_kv`` of grouped heads) to com.microsoft.GroupQueryAttention, which keeps the grouped
+    heads, appends to the cache itself and reads the exporter's mask as its ``attention_bias``."""
+
+    name = "com.microsoft.GroupQueryAttention (cached)"
+
+    def __init__(self):
+        self._lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self.replaced: list[ir.Value] = []
+        self._rotary_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self.rotary = 0  # blocks whose RoPE became com.microsoft.RotaryEmbedding
+
+    def _match(self, graph: ir.Graph, node: ir.Node):
+        if node.domain != ops.DOMAIN or node.op_type != "AttentionBHSD":
+            return "not a head-split attention block"
+        if node.attributes.get_float("softcap", 0.0):
+            return "tanh soft-capping (the kernel's softcap is applied differently)"
+        if not MaskKind.of(node).causal:
+            return f"mask kind '{MaskKind.of(node).value}' is not causal"
+        q, k, v, _ = node.inputs
+        if q.shape is None or len(q.shape) != 4 or not isinstance(q.shape[1], int) or not isinstance(q.shape[3], int):
+            return "query heads or head size not static"
+        heads, size = q.shape[1], q.shape[3]
+        if size % GQA_HEAD_SIZE_MULTIPLE:
+            return f"head size {size} is not a multiple of {GQA_HEAD_SIZE_MULTIPLE}"
+        found = []
+        for x in (k, v):
+            present, why = _unrepeat(x, heads)
+            if why:
+                return why
+            concat, why = _cache_concat(present, graph)
+            if why:
+                return why
+            if present.shape is None or present.shape[-1] != size:
+                return "key/value head size differs from the query's"
+            found.append((x, present, concat))
+        if found[0][1].shape[1] != found[1][1].shape[1]:
+            return "keys and values have different head counts"
+        return found
+
+    def check(self, node: ir.Node, graph: ir.Graph | None = None) -> str | None:
+        graph = graph if graph is not None else node.graph
+        result = self._match(graph, node)
+        return result if isinstance(result, str) else None
+
+    def _total(self, b: Builder, graph: ir.Graph, past: ir.Value, q_bsd: ir.Value):
+        """``seqlens_k`` (B,) and ``total_sequence_length`` (scalar), int32, made once per graph: every
+        layer's cache has the same length (the exporter already reads one layer's for all)."""
+        if id(graph) not in self._lengths:
+            total = b("Add", b("Shape", past, start=2, end=3), b("Shape", q_bsd, start=1, end=2))
+            total32 = b("Cast", total, to=ir.DataType.INT32)
+            scalar = b("Squeeze", total32, b.i64(0))
+            seqlens = b("Expand", b("Sub", total32, b.const(np.array([1], np.int32))), b("Shape", q_bsd, start=0, end=1))
+            self._lengths[id(graph)] = (seqlens, scalar, total)
+        seqlens, scalar, self._total64 = self._lengths[id(graph)]
+        return seqlens, scalar
+
+    def _caches(self, b: Builder, angles: ir.Value, scale: float, x: ir.Value, size: int):
+        """com.microsoft.RotaryEmbedding's inputs for the graph's own angles ``F`` (B, S, H/2): one cache
+        row per token (``cos(F)·k``, ``sin(F)·k`` flattened) and position ids 0 … B·S-1, so each token
+        reads the angles the exporter's graph computed for it, left padding included; made once per ``F``."""
+        if id(angles) not in self._rotary_inputs:
+            rows = b("Concat", b("Shape", x, start=0, end=2), b.i64(size // 2), axis=0)
+            flat = b("Reshape", b("Expand", angles, rows), b.i64(-1, size // 2))
+            cos, sin = b("Cos", flat), b("Sin", flat)
+            if scale != 1.0:
+                factor = b.const(np.array(scale, np.float32))
+                cos, sin = b("Mul", cos, factor), b("Mul", sin, factor)
+            count = b("Shape", flat, start=0, end=1)
+            positions = b("Reshape", b("Range", b.const(np.array(0, np.int64)), b("Squeeze", count, b.i64(0)),
+                                       b.const(np.array(1, np.int64))), b("Shape", x, start=0, end=2))
+            self._rotary_inputs[id(angles)] = (positions, cos, sin)
+        return self._rotary_inputs[id(angles)]
+
+    def rewrite(self, graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Value, str]:
+        (k, present_k, concat_k), (v, present_v, concat_v) = self._match(graph, node)
+        q = node.inputs[0]
+        heads, size = q.shape[1], q.shape[3]
+        kv_heads = present_k.shape[1]
+        b = Builder(f"{node.name or node.outputs[0].name}/gqa", [])
+        q_rot, k_rot = _rotary(q, size), _rotary(concat_k.inputs[1], size)
+        if q_rot is not None and k_rot is not None and q_rot[1:] == k_rot[1:]:
+            q_bsd, k_bsd = _to_bsd(b, q_rot[0]), _to_bsd(b, k_rot[0])
+            positions, cos, sin = self._caches(b, q_rot[1], q_rot[2], q_bsd, size)
+            q_bsd = b("RotaryEmbedding", q_bsd, positions, cos, sin, domain="com.microsoft", num_heads=heads)
+            k_bsd = b("RotaryEmbedding", k_bsd, positions, cos, sin, domain="com.microsoft", num_heads=kv_heads)
+            self.rotary += 1
+        else:
+            q_bsd, k_bsd = _to_bsd(b, q), _to_bsd(b, concat_k.inputs[1])
+        v_bsd = _to_bsd(b, concat_v.inputs[1])
+        seqlens, total = self._total(b, graph, concat_k.inputs[0], q_bsd)
+        bias = None
+        if MaskKind.of(node) is not MaskKind.CAUSAL or node.attributes.get_string("key_padding") is not None:
+            bias = _finite(b, node.inputs[3])
+            shape = bias.shape
+            if not (shape is not None and len(shape) == 4 and _same_dim(shape[2], q.shape[2])
+                    and _same_dim(shape[3], k.shape[2])):  # (B|1, N|1, S, T) spelled out for the kernel
+                lengths = b("Concat", b.i64(1, 1), b("Shape", q_bsd, start=1, end=2), self._total64, axis=0)
+                bias = b("Expand", bias, lengths)
+        inputs = [q_bsd, k_bsd, v_bsd, concat_k.inputs[0], concat_v.inputs[0], seqlens, total]
+        if bias is not None:
+            inputs += [None, None, None, bias]
+        out, new_k, new_v = b("GroupQueryAttention", *inputs, domain="com.microsoft", num_outputs=3, num_heads=heads,
+                              kv_num_heads=kv_heads, scale=node.attributes.get_float("scale"))
+        output = b("Transpose", b("Reshape", out, b.i64(0, 0, heads, size)), perm=[0, 2, 1, 3])
+        self.replaced = [present_k, present_v]  # the Concats' outputs, now unused
+        for old, new in ((present_k, new_k), (present_v, new_v)):
+            name = old.name
+            old.name = f"{name}/replaced"
+            new.name, new.shape, new.type = name, old.shape, old.type
+            # Only the graph output moves: other readers (the head repeat, Shape nodes) keep the Concat,
+            # which dead-code removal drops once the repeat is gone and nothing else reads it.
+            graph.outputs[graph.outputs.index(old)] = new
+        return b.nodes, output, self.name
+
+
+def _remove_dead_chain(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the producers of ``values`` (and, recursively, of their inputs) that nothing uses any more."""
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if node is None or node.graph is not graph or value in graph.outputs:
+            continue
+        if any(o.uses() or o in graph.outputs for o in node.outputs):
+            continue
+        inputs = [i for i in node.inputs if i is not None]
+        graph.remove(node, safe=True)
+        stack.extend(inputs)
+
+
+@register_pass("lower-cached-attention")
+class LowerCachedAttentionPass(ir.passes.InPlacePass):
+    """KV-cached causal self-attention of a decoder to com.microsoft.GroupQueryAttention
+    (:class:`CachedGroupQueryRule`); other blocks are left to ``lower-attention``. The report counts
+    the blocks lowered and gives the first reason a block was not."""
+
+    def __init__(self):
+        super().__init__()
+        self.report: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rule = CachedGroupQueryRule()
+        lowered, misses = 0, {}
+        graph = model.graph
+        for node in list(graph):
+            if node.domain != ops.DOMAIN or node.op_type not in ("Attention", "AttentionBHSD"):
+                continue
+            reason = rule.check(node, graph)
+            if reason is not None:
+                misses.setdefault(rule.name, f"{node.name or node.outputs[0].name}: {reason}")
+                continue
+            inputs = [i for i in node.inputs if i is not None]
+            new_nodes, output, _ = rule.rewrite(graph, node)
+            graph.insert_before(node, new_nodes)
+            old = node.outputs[0]
+            output.name, output.shape, output.type = old.name, old.shape, old.type
+            old.name = f"{output.name}/replaced"
+            ir.convenience.replace_all_uses_with([old], [output], replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            _remove_dead_chain(graph, inputs + rule.replaced)
+            lowered += 1
+        if lowered:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        self.report = {"lowered": lowered, "rotary_fused": rule.rotary, **({"near_misses": misses} if misses else {})}
+        return ir.passes.PassResult(model, lowered > 0)
