@@ -32,10 +32,19 @@ from tfgraph.deploy.kv_layout import CacheLayout
 GENERATION_CONFIG = "generation_config.json"
 
 
-def load_generator(path: str | pathlib.Path, *, threads: int | None = None) -> Generator:
+def load_generator(path: str | pathlib.Path, *, threads: int | None = None, spin: bool = False) -> Generator:
     """The :class:`Generator` of a decoder artifact; BadInputError (exit 2) for any other artifact.
-    ``threads``: onnxruntime's intra-op threads (default: its own choice, one per core)."""
-    return Generator(path, threads=threads)
+    ``threads``: onnxruntime's intra-op threads (default: its own choice, one per core). ``spin``:
+    let idle pool threads busy-wait for the next operator (onnxruntime's default; off here, see
+    :data:`NO_SPINNING`)."""
+    return Generator(path, threads=threads, spin=spin)
+
+
+#: Session config of a generator's session unless ``spin=True``: its pool threads sleep between
+#: operators instead of busy-waiting. A decode step is ~100-250 small kernels with the Python loop in
+#: between; on a shared 2-core machine the spinning threads took the cores the work needed (small
+#: Llama, cpu-int4, 2 threads, load ~3: 6.2 ms/token spinning, 2.2 without; benchmarks/bench_decoder.py).
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
 def _token_ids(value: Any) -> list[int]:
@@ -49,8 +58,8 @@ def _token_ids(value: Any) -> list[int]:
 class Generator:
     """Token generation with an artifact's KV-cached decoder (see the module)."""
 
-    def __init__(self, path: str | pathlib.Path, *, threads: int | None = None):
-        from tfgraph.deploy.artifact import MODEL_FILE, load, read_manifest
+    def __init__(self, path: str | pathlib.Path, *, threads: int | None = None, spin: bool = False):
+        from tfgraph.deploy.artifact import MODEL_FILE, read_manifest
 
         self.path = pathlib.Path(path)
         manifest = read_manifest(self.path)
@@ -70,7 +79,16 @@ class Generator:
                 self.config = json.loads((self.path / GENERATION_CONFIG).read_text())
             except ValueError as e:
                 raise BadInputError(f"{self.path}/{GENERATION_CONFIG}: not valid JSON ({e})") from None
-        self.session = load(self.path) if threads is None else _session(self.path / MODEL_FILE, manifest, threads)
+        if threads is None:
+            from tfgraph.deploy import runtime
+            from tfgraph.deploy.artifact import _providers
+
+            target = manifest.get("target")
+            providers = _providers(manifest, artifact=f"{self.path} ({target} artifact)" if target else str(self.path))
+            self.session = runtime.session(str(self.path / MODEL_FILE), providers,
+                                           options=manifest.get("session_options"), config=None if spin else NO_SPINNING)
+        else:
+            self.session = _session(self.path / MODEL_FILE, manifest, threads, spin)
         self._outputs = [o.name for o in self.session.get_outputs()]
         provider = self.session.get_providers()[0]
         self._device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
@@ -204,9 +222,9 @@ class Generator:
         return np.concatenate([ids.astype(np.int64), np.stack(new, axis=1)], axis=1)
 
 
-def _session(model: pathlib.Path, manifest: dict, threads: int):
+def _session(model: pathlib.Path, manifest: dict, threads: int, spin: bool = False):
     """The artifact's session with ``threads`` intra-op threads (its providers that exist here, its
-    optimization level)."""
+    optimization level; pool threads sleep between operators unless ``spin``)."""
     import onnxruntime as ort
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -216,6 +234,8 @@ def _session(model: pathlib.Path, manifest: dict, threads: int):
     level = (manifest.get("session_options") or {}).get("graph_optimization_level", "ORT_ENABLE_ALL")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, str(level), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.intra_op_num_threads = threads
+    for key, value in ({} if spin else NO_SPINNING).items():
+        options.add_session_config_entry(key, value)
     available = set(ort.get_available_providers())
     providers = [p["name"] for p in manifest.get("providers") or [] if p.get("name") in available]
     return ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
