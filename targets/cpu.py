@@ -186,6 +186,7 @@ def _int4(weights: PassSpec) -> tuple[Phase, ...]:
             PassSpec("pack-projections"),  # Q/K/V and gate/up as one MatMul each: fewer, larger 4-bit GEMMs
             PassSpec("lower-cached-attention"),  # a decoder's KV-cached layers: GroupQueryAttention
             PassSpec("lower-attention", {"rules": [CPU_WINDOW_RULE, "multi-head"]}),
+            PassSpec("fuse-ort-operators"),  # residual Add + RMSNorm -> SkipSimplifiedLayerNormalization
             PassSpec("remove-dead"),
         ),
         precision=(weights, PassSpec("quantize", INT4_EMBEDDINGS.to_options())),
