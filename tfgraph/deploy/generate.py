@@ -90,6 +90,8 @@ class Generator:
         else:
             self.session = _session(self.path / MODEL_FILE, manifest, threads, spin)
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._logits = _logits_spec(self.session, self.layout)
+        self._logits_buffer: np.ndarray | None = None
         provider = self.session.get_providers()[0]
         self._device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self._past_type = np.dtype(self.layout.dtype)
@@ -157,7 +159,15 @@ class Generator:
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
             binding.bind_ortvalue_input(name, value)
         for name in self._outputs:
-            binding.bind_output(name, "cpu" if name == layout.logits else self._device)
+            if name == layout.logits and self._logits is not None:
+                # onnxruntime writes the logits into a host array of ours: read in place, never copied whole
+                # (a 512-token prompt's (1, 512, 32000) logits are 65 MB)
+                dtype, vocab = self._logits
+                self._logits_buffer = np.empty((ids.shape[0], ids.shape[1], vocab), dtype)
+                binding.bind_output(name, "cpu", 0, dtype, list(self._logits_buffer.shape),
+                                    self._logits_buffer.ctypes.data)
+            else:
+                binding.bind_output(name, "cpu" if name == layout.logits else self._device)
 
     # --- generation -------------------------------------------------------------------------------------
     def stream(self, input_ids: np.ndarray, max_new_tokens: int, *, attention_mask: np.ndarray | None = None,
@@ -186,7 +196,8 @@ class Generator:
             self._bind(binding, step_ids, mask, past)
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
-            logits = outputs[logits_at].numpy()[:, -1, :].astype(np.float32)
+            last = self._logits_buffer if self._logits is not None else outputs[logits_at].numpy()
+            logits = last[:, -1, :].astype(np.float32)
             past = {name: outputs[i] for name, i in present_at.items()}  # stays in onnxruntime's memory
             tokens = _sample(logits, rng, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
             tokens = np.where(finished, pad, tokens).astype(np.int64)
@@ -239,6 +250,21 @@ def _session(model: pathlib.Path, manifest: dict, threads: int, spin: bool = Fal
     available = set(ort.get_available_providers())
     providers = [p["name"] for p in manifest.get("providers") or [] if p.get("name") in available]
     return ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def _logits_spec(session, layout: CacheLayout) -> tuple[np.dtype, int] | None:
+    """(element type, vocabulary) when the logits output is declared (batch, sequence, vocabulary) with the
+    input ids' sequence dimension, so the generator can give onnxruntime the array to write; else None."""
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    out = next((o for o in session.get_outputs() if o.name == layout.logits), None)
+    ids = next((i for i in session.get_inputs() if i.name == layout.input_ids), None)
+    if out is None or ids is None or out.type not in types or len(out.shape or []) != 3 or len(ids.shape or []) != 2:
+        return None
+    sequence, vocab = out.shape[1], out.shape[2]
+    if sequence != ids.shape[1] or sequence is None:
+        return None
+    vocab = vocab if isinstance(vocab, int) else layout.vocab_size
+    return (np.dtype(types[out.type]), int(vocab)) if isinstance(vocab, int) and vocab > 0 else None
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
