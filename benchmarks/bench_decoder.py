@@ -18,8 +18,8 @@ round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, 
 tokens; tfgraph: the steps after the prompt; genai: ``generate_next_token`` calls after
 ``append_tokens``), peak RSS of the process. Medians over ``--rounds`` (default 20) round-robin
 rounds with a rotating start (``benchmarks/harness.py``); each run's p90/median is in the JSON. tfgraph's
-generator lets pool threads sleep between operators (its default); the ``tfgraph-spin`` run is the
-int4 artifact with onnxruntime's spinning left on, as onnxruntime-genai runs it.
+generator and onnxruntime-genai leave onnxruntime's thread spinning on; the ``tfgraph-sleep`` run is the
+int4 artifact in tfgraph's generator with ``spin=False`` (pool threads sleep between operators).
 
 Usage::
 
@@ -58,10 +58,10 @@ SIZES = {
 VARIANTS = (("tfgraph", "cpu-fp32"), ("tfgraph", "cpu-int4"), ("builder", "fp32"), ("builder", "int4"))
 # (model, runtime): tfgraph's artifacts run in tfgraph's generator and, through their genai_config.json, in
 # onnxruntime-genai too (the same loop as the builder's: separates the graph from the loop).
-# "tfgraph-spin": tfgraph's generator with onnxruntime's thread spinning left on (load_generator(spin=True)),
-# as onnxruntime-genai runs: the generator's default (pool threads sleep) is a session option, not the graph.
+# "tfgraph-sleep": tfgraph's generator with its pool threads sleeping between operators (load_generator(spin=False));
+# the default, like onnxruntime-genai, spins. A session option, not the graph: it wins only on oversubscribed cores.
 RUNS = (("tfgraph", "cpu-fp32", "tfgraph"), ("tfgraph", "cpu-fp32", "genai"), ("builder", "fp32", "genai"),
-        ("tfgraph", "cpu-int4", "tfgraph"), ("tfgraph", "cpu-int4", "tfgraph-spin"), ("tfgraph", "cpu-int4", "genai"),
+        ("tfgraph", "cpu-int4", "tfgraph"), ("tfgraph", "cpu-int4", "tfgraph-sleep"), ("tfgraph", "cpu-int4", "genai"),
         ("builder", "int4", "genai"))
 TEXT = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "we read a book at night"]
 
@@ -114,7 +114,7 @@ def build(size: str, work: pathlib.Path, exporter: str, threads: int) -> dict[tu
 
 
 # --- worker: one variant, one process ------------------------------------------------------------------
-def _tfgraph_runner(path: str, threads: int, spin: bool = False):
+def _tfgraph_runner(path: str, threads: int, spin: bool = True):
     import tfgraph
 
     generator = tfgraph.load_generator(path, threads=threads, spin=spin)
@@ -169,7 +169,7 @@ def _peak_rss_mb() -> float:
 
 def worker(runtime: str, path: str, new_tokens: int, vocab: int, threads: int) -> dict:
     if runtime.startswith("tfgraph"):
-        prefill, decode = _tfgraph_runner(path, threads, spin=runtime == "tfgraph-spin")
+        prefill, decode = _tfgraph_runner(path, threads, spin=runtime != "tfgraph-sleep")
     else:
         prefill, decode = _genai_runner(path, threads)
     rng = np.random.default_rng(0)
@@ -230,7 +230,7 @@ def report(results: dict, models: dict, args) -> str:
             ratios = ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("prefill_ms_s32", "prefill_ms_s512",
                                                                          "decode_ms_b1", "decode_ms_b4"))
             lines.append(f"\n{precision}: tfgraph / builder: {ratios}")
-        for runtime in ("tfgraph-spin", "genai"):  # the same int4 graph with genai's spinning, then in genai's loop
+        for runtime in ("tfgraph-sleep", "genai"):  # the same int4 graph with sleeping threads, then in genai's loop
             ours, theirs = table.get(f"tfgraph:cpu-int4:{runtime}"), table["builder:int4:genai"]
             if ours:
                 ratios = ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("prefill_ms_s32", "prefill_ms_s512",

@@ -91,6 +91,26 @@ def test_seeded_sampling_is_reproducible():
     assert first.min() >= 0 and first.max() < 128
 
 
+def test_generator_threads_spin_unless_told_not_to():
+    """spin=False makes pool threads sleep between operators (either session path); by default onnxruntime's
+    spinning stays on; the tokens are the same, and the logits are read from the generator's own array."""
+    path = artifact("llama")
+    ids, mask = _prompts(2)
+    tokens = []
+    for kwargs, spinning in (({"spin": False}, "0"), ({"threads": 1, "spin": False}, "0"), ({"threads": 1}, "")):
+        generator = load_generator(path, **kwargs)
+        options = generator.session.get_session_options()
+        try:
+            entry = options.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            entry = ""
+        assert entry == spinning, kwargs
+        assert generator._logits is not None  # (batch, sequence, vocab): bound by pointer, never copied whole
+        tokens.append(generator.generate(ids, 8, attention_mask=mask))
+    for other in tokens[1:]:
+        np.testing.assert_array_equal(other, tokens[0])
+
+
 def test_bad_generation_inputs():
     generator = load_generator(artifact("llama"))
     ids, mask = _prompts(2)

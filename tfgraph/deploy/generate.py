@@ -32,18 +32,18 @@ from tfgraph.deploy.kv_layout import CacheLayout
 GENERATION_CONFIG = "generation_config.json"
 
 
-def load_generator(path: str | pathlib.Path, *, threads: int | None = None, spin: bool = False) -> Generator:
+def load_generator(path: str | pathlib.Path, *, threads: int | None = None, spin: bool = True) -> Generator:
     """The :class:`Generator` of a decoder artifact; BadInputError (exit 2) for any other artifact.
     ``threads``: onnxruntime's intra-op threads (default: its own choice, one per core). ``spin``:
-    let idle pool threads busy-wait for the next operator (onnxruntime's default; off here, see
-    :data:`NO_SPINNING`)."""
+    idle pool threads busy-wait for the next operator (onnxruntime's default); False: they sleep
+    (:data:`NO_SPINNING`), better when the cores are oversubscribed."""
     return Generator(path, threads=threads, spin=spin)
 
 
-#: Session config of a generator's session unless ``spin=True``: its pool threads sleep between
-#: operators instead of busy-waiting. A decode step is ~100-250 small kernels with the Python loop in
-#: between; on a shared 2-core machine the spinning threads took the cores the work needed (small
-#: Llama, cpu-int4, 2 threads, load ~3: 6.2 ms/token spinning, 2.2 without; benchmarks/bench_decoder.py).
+#: Session config of a generator's session with ``spin=False``: its pool threads sleep between operators
+#: instead of busy-waiting. Measured on a shared 2-core machine, 2 threads, cpu-int4 small Llama decode
+#: b1 (benchmarks/bench_decoder.py, interleaved): at load ~4-5 sleeping 1.34 ms/token vs spinning 2.77;
+#: at load ~1.5 sleeping 1.01 vs spinning 0.72 (156M: 4.43 vs 3.80). So spinning stays the default.
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
@@ -58,7 +58,7 @@ def _token_ids(value: Any) -> list[int]:
 class Generator:
     """Token generation with an artifact's KV-cached decoder (see the module)."""
 
-    def __init__(self, path: str | pathlib.Path, *, threads: int | None = None, spin: bool = False):
+    def __init__(self, path: str | pathlib.Path, *, threads: int | None = None, spin: bool = True):
         from tfgraph.deploy.artifact import MODEL_FILE, read_manifest
 
         self.path = pathlib.Path(path)
@@ -233,7 +233,7 @@ class Generator:
         return np.concatenate([ids.astype(np.int64), np.stack(new, axis=1)], axis=1)
 
 
-def _session(model: pathlib.Path, manifest: dict, threads: int, spin: bool = False):
+def _session(model: pathlib.Path, manifest: dict, threads: int, spin: bool = True):
     """The artifact's session with ``threads`` intra-op threads (its providers that exist here, its
     optimization level; pool threads sleep between operators unless ``spin``)."""
     import onnxruntime as ort
