@@ -180,10 +180,22 @@ def _rule_set(rules: Sequence[pattern.RewriteRule], commute: bool) -> pattern.Re
     return pattern.RewriteRuleSet([_RuleDispatch(expanded)], commute=False)
 
 
-def _near_miss(rules: Sequence[pattern.RewriteRule], model: ir.Model, commute: bool) -> dict | None:
-    """The best partial match of ``rules`` in ``model`` (onnxscript's tracer; the model is not changed)."""
+# Built rule sets per (pass class, its options): expanding the commuted variants copies every pattern
+# graph (0.3-0.5 s a compile); a pass with the same options builds the same rules, so they are built once
+# per process. Bounded: options seen are few (a profile's passes), a plugin may vary them.
+_BUILT: dict[tuple, list] = {}
+_BUILT_MAX = 256
+
+
+def _options_key(pass_: object) -> tuple:
+    skip = {"report", "trace_misses"}
+    return (type(pass_), tuple(sorted((k, repr(v)) for k, v in vars(pass_).items() if k not in skip)))
+
+
+def _near_miss(rule_set: pattern.RewriteRuleSet, model: ir.Model) -> dict | None:
+    """The best partial match of ``rule_set`` in ``model`` (onnxscript's tracer; the model is not changed)."""
     tracer = _BestTracer()
-    _rule_set(rules, commute).apply_to_model(model, tracer=tracer)
+    rule_set.apply_to_model(model, tracer=tracer)
     best: _basics.MatchInfo | None = None
     for matches in tracer.best_matches_map.values():
         for info in matches:
@@ -221,15 +233,25 @@ class RuleSetPass(ir.passes.InPlacePass):
     def named_rules(self) -> Sequence[tuple[str, pattern.RewriteRule | Sequence[pattern.RewriteRule]]]:
         raise NotImplementedError
 
+    def _built(self) -> list[tuple[str, pattern.RewriteRuleSet]]:
+        key = _options_key(self)
+        built = _BUILT.get(key)
+        if built is None:
+            built = [(name, _rule_set(list(rule) if isinstance(rule, (list, tuple)) else [rule], self.commute))
+                     for name, rule in self.named_rules()]
+            if len(_BUILT) >= _BUILT_MAX:
+                _BUILT.clear()
+            _BUILT[key] = built
+        return built
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.report = {}
         total = 0
-        for name, rule in self.named_rules():
-            rules = list(rule) if isinstance(rule, (list, tuple)) else [rule]
-            count = _rule_set(rules, self.commute).apply_to_model(model)
+        for name, rule_set in self._built():
+            count = rule_set.apply_to_model(model)
             entry: dict = {"matches": count}
             if count == 0 and self.trace_misses:
-                miss = _near_miss(rules, model, self.commute)
+                miss = _near_miss(rule_set, model)
                 if miss is not None:
                     entry["near_miss"] = miss
             self.report[name] = entry
