@@ -66,7 +66,7 @@ def _finite(b: Builder, bias: ir.Value) -> ir.Value:
 
 def _mha_bias(b: Builder, node: ir.Node, q: ir.Value, q_axis: int, k: ir.Value, k_axis: int) -> ir.Value | None:
     """The additive mask as MultiHeadAttention's ``attention_bias``: (B|1, N|1, S, T), broadcast explicitly when needed."""
-    if MaskKind.of(node) is MaskKind.NONE:
+    if MaskKind.of(node) is MaskKind.NONE or len(node.inputs) < 4 or node.inputs[3] is None:
         return None
     bias = _finite(b, node.inputs[3])
     if (
@@ -90,7 +90,7 @@ def _mha(b: Builder, node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, heads
 
 
 def _lower_bsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
-    q, k, v, _ = node.inputs
+    q, k, v = node.inputs[:3]
     b = _builder(node, [])
     out = _mha(b, node, q, k, v, node.attributes.get_int("num_heads"), _mha_bias(b, node, q, 1, k, 1))
     return b.nodes, out
@@ -98,7 +98,7 @@ def _lower_bsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
 
 def _lower_bhsd(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     """Query to (B, S, N·H); key/value stay (B, N, L, H), which MultiHeadAttention reads as is."""
-    q, k, v, _ = node.inputs
+    q, k, v = node.inputs[:3]
     heads = q.shape[1]
     b = _builder(node, [])
     bias = _mha_bias(b, node, q, 2, k, 2)
@@ -169,7 +169,7 @@ def _packed_projection(q: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value,
 
 def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Value] | None:
     """com.microsoft.Attention: the Q/K/V projections inside the op (one GEMM on packed weights)."""
-    q, k, v, _ = node.inputs
+    q, k, v = node.inputs[:3]
     packed = _packed_projection(q, k, v)
     if packed is None:
         return None
@@ -213,7 +213,7 @@ def _lower_gqa(node: ir.Node) -> tuple[list[ir.Node], ir.Value]:
     ``total_sequence_length = S``; the kernel applies the causal mask (and the window,
     ``local_window_size = left + 1``: it counts the current key), the exporter's mask rides
     along as ``attention_bias`` unless it is exactly the causal/window structure."""
-    q, k, v, _ = node.inputs
+    q, k, v = node.inputs[:3]
     b = _builder(node, [])
     bhsd = node.op_type == "AttentionBHSD"
     if bhsd:

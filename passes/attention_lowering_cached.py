@@ -198,7 +198,7 @@ class CachedGroupQueryRule(LoweringRule):
             return "tanh soft-capping (the kernel's softcap is applied differently)"
         if not MaskKind.of(node).causal:
             return f"mask kind '{MaskKind.of(node).value}' is not causal"
-        q, k, v, _ = node.inputs
+        q, k, v = node.inputs[:3]
         if q.shape is None or len(q.shape) != 4 or not isinstance(q.shape[1], int) or not isinstance(q.shape[3], int):
             return "query heads or head size not static"
         heads, size = q.shape[1], q.shape[3]

@@ -102,7 +102,7 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
     run time with an ``If`` on it. Returns the nodes, the output and the form chosen."""
     if node.attributes.get_string("mask_kind") == "block_sparse":
         return _lower_block_sparse(graph, node, kernel)
-    q, k, v, _ = node.inputs
+    q, k, v = node.inputs[:3]
     heads, size = _heads_and_size(node)
     own_block = node.attributes.get_string("mask_kind") == "blocks"
     if own_block:  # block-diagonal: tiles of the block size, always blocked (O(S·block) at every length)
@@ -158,7 +158,7 @@ def _lower_window(graph: ir.Graph, node: ir.Node, mode: str, threshold: int, blo
 def _lower_block_sparse(graph: ir.Graph, node: ir.Node, kernel: str) -> tuple[list[ir.Node], ir.Value, str]:
     """A block-sparse block: the generalised blocked form (per query block, a list of key
     blocks) at every length, O(S·(most key blocks)·block_size)."""
-    q, k, v, _ = node.inputs
+    q, k, v = node.inputs[:3]
     heads, size = _heads_and_size(node)
     block = node.attributes.get_int("block_size")
     layout = node.attributes.get_ints("block_layout")
