@@ -144,6 +144,21 @@ def test_shared_weight_session_matches_a_serialized_one_and_owns_its_weights(mon
     np.testing.assert_array_equal(got, expected["y"])
 
 
+def test_shared_weight_session_of_a_model_with_external_data(tmp_path, monkeypatch):
+    """Small initializers kept in the model's own .onnx.data file are inlined into the session's copy (they
+    were left pointing at a data file beside the temporary model: onnxruntime refused the session)."""
+    proto = make_mlp(hidden=64)
+    path = tmp_path / "external.onnx"
+    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location="external.onnx.data",
+              size_threshold=0)
+    model = ir.load(path)
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    feeds = generate_inputs(model, None)
+    got = runtime.session(model, [], options=UNOPTIMIZED).run(None, feeds)[0]
+    monkeypatch.setattr(runtime, "SHARE_WEIGHTS", False)
+    np.testing.assert_array_equal(got, run(model, feeds)["y"])
+
+
 def test_load_checks_weight_sizes_without_a_second_copy(tmp_path):
     proto = make_mlp(hidden=64)
     w1 = next(t for t in proto.graph.initializer if t.name == "W1")
