@@ -153,3 +153,19 @@ def test_usage_error_exit_2(tmp_path):
     from tfgraph.cli.main import main
 
     assert main(["compile"]) == 2
+
+
+def test_model_onnxruntime_cannot_load_names_the_problem_not_a_temporary_file(cli, tmp_path):
+    """A model the ONNX checker takes but onnxruntime refuses to load (Add of float and double): one line
+    naming the problem, without the temporary session file onnxruntime was given."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])], "mixed",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+        initializer=[numpy_helper.from_array(np.ones((2, 4), np.float64), "c")])
+    path = tmp_path / "mixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    out = tmp_path / "out"
+    result = cli("compile", path, "-o", out)
+    _assert_refused(result, out, "does not run on onnxruntime")
+    assert "tfgraph-session" not in result.err and "Load model from" not in result.err

@@ -6,10 +6,17 @@ one-line message that says what is wrong and, where possible, what to do.
 
 from __future__ import annotations
 
+import re
+
+
+# onnxruntime names the file it loaded: for a verification session that is a temporary copy the user never
+# saw (tfgraph/deploy/session_weights.py), so that part of its message is dropped.
+_SESSION_FILE = re.compile(r"Load model from \S*tfgraph-session-[^\s]*? failed:\s*")
+
 
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
-    text = str(error).strip()
+    text = _SESSION_FILE.sub("", str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
