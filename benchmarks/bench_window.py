@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401 - ir.passes.common is used below; importing onnx_ir alone does not load it
 import onnxruntime as ort
 
 from tfgraph import ops
