@@ -127,6 +127,10 @@ def test_int4_decoder_artifact(target):
     assert all(step["passed"] for step in manifest["generation"]["verification"]["steps"])
     accuracy = manifest["precision"]["accuracy_vs_fp32"]["logits"]
     assert accuracy["cosine"] > 0.99, accuracy
+    # Teacher-forced on the calibration prompts, padded positions left out. A random-init model's next-token
+    # distributions are nearly flat, so small logit changes flip many argmaxes (top-1 0.70 here) at a KL of 2e-4.
+    agreement = accuracy["next_token"]
+    assert agreement["positions"] > 0 and 0.5 < agreement["top1_agreement"] <= 1.0 and agreement["kl_mean"] < 0.01, agreement
     if target == "cpu-int4-gptq":
         report = next(p for p in manifest["precision"]["passes"] if p["pass"] == "gptq")
         assert report["quantized"] == 9 and report["layers_better_than_rtn"] == 9

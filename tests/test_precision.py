@@ -448,3 +448,20 @@ def test_calibration_fits_pinned_input_shapes():
     np.testing.assert_array_equal(calib.batches[1]["input_ids"][0], np.arange(12, 20))
     with pytest.raises(Exception, match="expects|shape"):
         load_calibration({"input_ids": short}, model)  # without fitting, the shapes are refused
+
+
+def test_next_token_agreement_and_kl_on_known_logits():
+    """Teacher-forced next-token report of a causal LM's logits: top-1 agreement and mean KL over the
+    positions the attention mask keeps (a padded position is not counted)."""
+    want = np.zeros((1, 3, 4))
+    want[0, :, 0] = 2.0  # fp32 predicts token 0 everywhere
+    got = want.copy()
+    got[0, 1] = [0.0, 3.0, 0.0, 0.0]  # position 1 now predicts token 1
+    report = precision.next_token({"logits": want}, {"logits": got}, np.array([[1, 1, 1]]))
+    p = np.exp(want[0, 1]) / np.exp(want[0, 1]).sum()
+    q = np.exp(got[0, 1]) / np.exp(got[0, 1]).sum()
+    assert report["positions"] == 3 and report["top1_agreement"] == pytest.approx(2 / 3)
+    assert report["kl_mean"] == pytest.approx(float((p * np.log(p / q)).sum()) / 3)
+    padded = precision.next_token({"logits": want}, {"logits": got}, np.array([[1, 0, 1]]))
+    assert padded == {"top1_agreement": 1.0, "kl_mean": pytest.approx(0.0), "positions": 2}
+    assert precision.next_token({"y": want}, {"y": got}) is None  # not a causal LM's logits

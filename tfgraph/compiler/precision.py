@@ -52,6 +52,37 @@ def accuracy(reference, outputs) -> dict[str, dict]:
     return report
 
 
+def next_token(reference, outputs, masks=None, *, name: str = "logits") -> dict | None:
+    """Teacher-forced next-token agreement of a causal LM's ``name`` output (batch, sequence, vocab) with
+    the fp32 model's on the same prompts: top-1 agreement and mean KL(p_fp32 || p_quantized) over the
+    positions ``masks`` (the batches' attention masks) keep. None when the output is not such logits."""
+    if isinstance(reference, Mapping):
+        reference, outputs, masks = [reference], [outputs], [masks]
+    masks = masks if masks is not None else [None] * len(reference)
+    agree = kept = 0
+    kl_sum = 0.0
+    for want, got, mask in zip(reference, outputs, masks):
+        if name not in want or name not in got or np.asarray(want[name]).ndim != 3:
+            return None
+        e = np.asarray(want[name], np.float64)
+        a = np.asarray(got[name], np.float64).reshape(e.shape)
+        keep = np.asarray(mask, bool) if mask is not None and np.shape(mask) == e.shape[:2] else np.ones(e.shape[:2], bool)
+        log_e = e - _logsumexp(e)
+        log_a = a - _logsumexp(a)
+        kl = (np.exp(log_e) * (log_e - log_a)).sum(-1)
+        agree += int((e.argmax(-1) == a.argmax(-1))[keep].sum())
+        kept += int(keep.sum())
+        kl_sum += float(kl[keep].sum())
+    if not kept:
+        return None
+    return {"top1_agreement": agree / kept, "kl_mean": kl_sum / kept, "positions": kept}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(-1, keepdims=True)
+    return top + np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+
 def score(report: Mapping[str, dict]) -> float:
     """One accuracy figure: embedding outputs' mean row cosine if the model has any, else the worst
     flattened cosine; NaN/Inf anywhere scores -1."""

@@ -64,9 +64,11 @@ def finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
     calib = state["calibration"]
     providers = runtime.usable(profile.providers)[0] or [Provider(runtime.CPU)]
 
+    def outputs(model):
+        return [runtime.run(model, batch, providers, options=profile.session_options) for batch in calib.batches]
+
     def evaluate(model):
-        outs = [runtime.run(model, batch, providers, options=profile.session_options) for batch in calib.batches]
-        return precision.accuracy(state["fp32"], outs)
+        return precision.accuracy(state["fp32"], outputs(model))
 
     def evaluate_configs(model, configs):
         """Accuracy for each set of extra feeds (the revert switches), one session for all."""
@@ -87,7 +89,11 @@ def finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
         half = bool(profile.quantization is not None and profile.quantization.revert_weights_float16)
         budget_report = precision.budget(model_ir, records, evaluate, budget_value, weights_float16=half,
                                          progress=progress, evaluate_configs=evaluate_configs)
-    acc = evaluate(model_ir)
+    final = outputs(model_ir)
+    acc = precision.accuracy(state["fp32"], final)
+    agreement = precision.next_token(state["fp32"], final, [batch.get("attention_mask") for batch in calib.batches])
+    if agreement is not None and "logits" in acc:  # a causal LM: teacher-forced next-token agreement with fp32
+        acc["logits"]["next_token"] = agreement
     warnings = list(state["notes"])
     if budget_report is not None and not budget_report["met"]:
         warnings.append(f"accuracy budget not met: 1 - cosine = {1 - budget_report['final_score']:.4g} > max drop "
