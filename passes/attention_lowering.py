@@ -167,13 +167,26 @@ def _packed_projection(q: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value,
     return parts[0][0], weight, np.concatenate(biases)
 
 
-def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Value] | None:
-    """com.microsoft.Attention: the Q/K/V projections inside the op (one GEMM on packed weights)."""
+def _lower_packed(graph: ir.Graph, node: ir.Node, scale_in_weights: bool = False) -> tuple[list[ir.Node], ir.Value] | None:
+    """com.microsoft.Attention: the Q/K/V projections inside the op (one GEMM on packed weights).
+    ``scale_in_weights``: a scale other than 1/sqrt(head size) is folded into the Q columns of the packed
+    weight and bias, and the op keeps its default scale (for runtimes that ignore the attribute)."""
     q, k, v = node.inputs[:3]
     packed = _packed_projection(q, k, v)
     if packed is None:
         return None
     x, weight, bias = packed
+    scale = node.attributes.get_float("scale")
+    width = int(q.shape[-1])
+    default = (width // node.attributes.get_int("num_heads")) ** -0.5
+    if scale_in_weights and abs(scale - default) > 1e-7 * default:
+        factor = np.float32(scale / default)
+        weight = weight.copy()
+        weight[:, :width] *= factor
+        if bias is not None:
+            bias = bias.copy()
+            bias[:width] *= factor
+        scale = default
     b = _builder(node, [])
     stem = node.outputs[0].name
     w_value = ir.Value(name=f"{stem}.qkv_weight", const_value=ir.tensor(weight))
@@ -187,7 +200,7 @@ def _lower_packed(graph: ir.Graph, node: ir.Node) -> tuple[list[ir.Node], ir.Val
     attention_bias = _mha_bias(b, node, x, 1, x, 1)
     inputs = [x, w_value, b_value] + ([None, None, attention_bias] if attention_bias is not None else [])
     widths = [int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])]
-    attributes = {"num_heads": node.attributes.get_int("num_heads"), "scale": node.attributes.get_float("scale")}
+    attributes = {"num_heads": node.attributes.get_int("num_heads"), "scale": scale}
     if len(set(widths)) != 1:
         attributes["qkv_hidden_sizes"] = widths
     return b.nodes, b("Attention", *inputs, domain="com.microsoft", **attributes)
@@ -348,6 +361,9 @@ class PackedRule(LoweringRule):
 
     name = "com.microsoft.Attention"
 
+    def __init__(self, *, scale_in_weights: bool = False):
+        self.scale_in_weights = scale_in_weights  # plain OpenVINO's frontend ignores Attention's scale
+
     def check(self, node):
         if _softcap(node):
             return SOFTCAP_REFUSED.format(_softcap(node))
@@ -358,7 +374,7 @@ class PackedRule(LoweringRule):
         return None
 
     def rewrite(self, graph, node):
-        return (*_lower_packed(graph, node), self.name)
+        return (*_lower_packed(graph, node, self.scale_in_weights), self.name)
 
 
 class MultiHeadRule(LoweringRule):

@@ -71,13 +71,16 @@ OV_LOWERING = (
     PassSpec(
         "lower-attention",
         {"rules": [{"rule": "window", "mode": "blocked", "min_sequence": 1024, "block": None, "kernel": "standard"},
-                   "packed", "multi-head"]},
+                   # OpenVINO's ONNX frontend reads Attention without its scale attribute: a non-default
+                   # scale (T5: none) goes into the packed Q weights instead.
+                   {"rule": "packed", "scale_in_weights": True}, "multi-head"]},
     ),
     # RMSNorm (and any neutral op left) as its standard-ONNX body: OpenVINO fuses RMS itself.
     PassSpec("inline-neutral-ops"),
     PassSpec("dedup-initializers"),
     PassSpec("cse"),
     PassSpec("fold-constants"),
+    PassSpec("dedup-initializers"),  # folding can make equal constants again (a 5-D local-block einsum's shapes)
     PassSpec("remove-dead"),
 )
 

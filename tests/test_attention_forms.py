@@ -506,3 +506,21 @@ def test_fp16_clamp_to_the_dtype_minimum_is_walked_over():
     softmax = next(n for n in model.graph if n.op_type == "Softmax")
     block = attention_softmax.find(softmax)
     assert [n.op_type for n, _ in block.path] == ["Max"] and block.scale == 1.0
+
+
+def test_openvino_packed_attention_takes_a_non_default_scale_in_its_weights(tmp_path):
+    """Plain OpenVINO reads com.microsoft.Attention without its scale attribute: T5's unscaled scores
+    diverged by 5.2 under the target's verification. The packed rule folds the scale into the Q columns."""
+    pytest.importorskip("openvino")
+    cls, names = FORMS["t5-relative-bias-no-scale"]
+    module = _rng_module(cls())
+    path = tmp_path / "t5.onnx"
+    inputs = _export(module, names, path, "torchscript")
+    feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+    artifact = tfgraph.compile(str(path), "openvino-fp32", inputs=feeds)  # verified under OpenVINO
+    (node,) = [n for n in artifact.model.graph if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    heads = node.attributes.get_int("num_heads")
+    assert node.attributes.get_float("scale") == pytest.approx((E // heads) ** -0.5)
+    with torch.no_grad():
+        want = module(*inputs).numpy()
+    assert np.abs(_run(artifact, feeds)[0] - want).max() <= TOLERANCE
