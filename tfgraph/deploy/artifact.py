@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -191,8 +192,9 @@ def read_manifest(path: os.PathLike | str) -> dict:
         raise BadInputError(f"{manifest_path}: not valid JSON ({e})") from None
 
 
-def load(path: os.PathLike | str, *, fallback: str | None = None):
-    """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options.
+def load(path: os.PathLike | str, *, fallback: str | None = None, config: Mapping[str, str] | None = None):
+    """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options
+    (``config``: extra session config entries, e.g. the generator's thread spinning).
 
     An artifact for an accelerator (CUDA, TensorRT, OpenVINO, QNN) whose execution providers cannot
     run here raises :class:`~tfgraph.errors.ProviderUnavailableError`, naming them and how to install
@@ -207,4 +209,4 @@ def load(path: os.PathLike | str, *, fallback: str | None = None):
         raise BadInputError(f"{path}: artifact has no {MODEL_FILE}")
     target = manifest.get("target")
     providers = _providers(manifest, fallback=fallback, artifact=f"{path} ({target} artifact)" if target else str(path))
-    return runtime.session(str(model_path), providers, options=manifest.get("session_options"))
+    return runtime.session(str(model_path), providers, options=manifest.get("session_options"), config=config)

@@ -59,7 +59,7 @@ class Generator:
     """Token generation with an artifact's KV-cached decoder (see the module)."""
 
     def __init__(self, path: str | pathlib.Path, *, threads: int | None = None, spin: bool = True):
-        from tfgraph.deploy.artifact import MODEL_FILE, read_manifest
+        from tfgraph.deploy.artifact import MODEL_FILE, load, read_manifest
 
         self.path = pathlib.Path(path)
         manifest = read_manifest(self.path)
@@ -80,13 +80,7 @@ class Generator:
             except ValueError as e:
                 raise BadInputError(f"{self.path}/{GENERATION_CONFIG}: not valid JSON ({e})") from None
         if threads is None:
-            from tfgraph.deploy import runtime
-            from tfgraph.deploy.artifact import _providers
-
-            target = manifest.get("target")
-            providers = _providers(manifest, artifact=f"{self.path} ({target} artifact)" if target else str(self.path))
-            self.session = runtime.session(str(self.path / MODEL_FILE), providers,
-                                           options=manifest.get("session_options"), config=None if spin else NO_SPINNING)
+            self.session = load(self.path, config=None if spin else NO_SPINNING)
         else:
             self.session = _session(self.path / MODEL_FILE, manifest, threads, spin)
         self._outputs = [o.name for o in self.session.get_outputs()]
