@@ -40,12 +40,7 @@ from tfgraph.passes.registry import register_pass
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    node = value.producer()
-    if tensor is None and node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        tensor = node.attributes["value"].value
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None  # initializer or Constant
     return None if tensor is None else [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
 
 
@@ -107,11 +102,8 @@ def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
 
 
 def _scalar(value: ir.Value) -> float | None:
-    ints = value.const_value
-    node = value.producer()
-    if ints is None and node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        ints = node.attributes["value"].value
-    array = None if ints is None else np.asarray(ints.numpy())
+    tensor = ir.convenience.get_const_tensor(value)
+    array = None if tensor is None else np.asarray(tensor.numpy())
     return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
 
 
