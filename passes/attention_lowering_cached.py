@@ -8,18 +8,27 @@ A KV-cached decoder exported from transformers attends, per layer, with
 
 (and the same for V). Lowered to MultiHeadAttention, every step then copies the whole cache twice
 more (the head repeat) and runs ~25 small nodes around the kernel. GroupQueryAttention takes the
-new keys/values and the past cache itself, writes ``present`` and reads the grouped heads in place:
+new keys/values and the past cache itself, writes ``present`` and reads the grouped heads in place.
 
-    GroupQueryAttention(q_bsd, k_new_bsd, v_new_bsd, past_k, past_v, seqlens_k, total_length,
-                        attention_bias=bias) -> (out, present_k, present_v)
+Lengths: ``seqlens_k = T - 1`` for every row and ``total_sequence_length = T``, T the physical
+length past + new (left padding lives in the cache like a token), so the kernel's own
+(right-padding) lengths cover the whole cache and the kernel's causal mask is exact. Padding:
+when ``classify-attention-masks`` found the mask to be causal plus the zeros of a (batch, keys)
+graph input (``key_padding``), T is that input's length and the ``attention_bias`` is built from
+it in O(T) (0 where visible, float32's minimum where padded: a fully masked query row gets finite
+garbage, not NaN); any other causal mask goes in as the exporter's own tensor and T comes from the
+past cache's length.
 
-with ``seqlens_k = P + S - 1`` for every row and ``total_sequence_length = P + S``: every row's
-cache has the same physical length (left padding lives in the cache like a token), so the kernel's
-own (right-padding) lengths cover the whole cache and the exporter's additive mask, as
-``attention_bias``, masks the padding exactly as before (its ``-inf`` floored to float32's minimum:
-a fully masked query row gets finite garbage, not NaN). The kernel's causal mask is the one the
-bias already holds. Rotary embeddings stay the graph's own (the kernel's ``do_rotary`` reads one
-position offset per batch, not left-padded positions).
+Rotary embeddings (transformers' ``x·cos + rotate_half(x)·sin``) become com.microsoft.RotaryEmbedding
+over the graph's own angles, one table row per token, so left-padded rows keep transformers'
+positions exactly. (The kernel's ``do_rotary`` with a packed Q/K/V input, as onnxruntime-genai's
+builder lays it out, rotates by physical positions: on a left-padded row the attention is the same
+to rounding, since RoPE scores depend on position differences, but the cached keys differ from the
+export's, and measured on a small Llama it was no faster: not used.)
+
+With the lengths and the padding read from the mask, nothing but the kernels may read the past
+inputs: the cache can then be one buffer per layer, bound as both past and present
+(onnxruntime-genai's ``past_present_share_buffer``; see ``tfgraph.compiler.decoder``).
 
 :class:`CachedGroupQueryRule` is the rule (``check`` returns why a block does not match); the
 ``lower-cached-attention`` pass applies it to every neutral attention node before
@@ -35,7 +44,7 @@ from tfgraph import ops
 from tfgraph.builder import Builder
 from tfgraph.ops import MaskKind
 from tfgraph.passes.attention_lowering import LoweringRule, _finite
-from tfgraph.passes.attention_lowering_windows import GQA_HEAD_SIZE_MULTIPLE, _same_dim
+from tfgraph.passes.attention_lowering_windows import GQA_HEAD_SIZE_MULTIPLE, _key_padding, _same_dim
 from tfgraph.passes.registry import register_pass
 
 
@@ -178,7 +187,8 @@ class CachedGroupQueryRule(LoweringRule):
     name = "com.microsoft.GroupQueryAttention (cached)"
 
     def __init__(self):
-        self._lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self._lengths: dict[tuple[int, str], tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._biases: dict[int, ir.Value] = {}
         self.replaced: list[ir.Value] = []
         self._rotary_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.rotary = 0  # blocks whose RoPE became com.microsoft.RotaryEmbedding
@@ -216,17 +226,32 @@ class CachedGroupQueryRule(LoweringRule):
         result = self._match(graph, node)
         return result if isinstance(result, str) else None
 
-    def _total(self, b: Builder, graph: ir.Graph, past: ir.Value, q_bsd: ir.Value):
-        """``seqlens_k`` (B,) and ``total_sequence_length`` (scalar), int32, made once per graph: every
-        layer's cache has the same length (the exporter already reads one layer's for all)."""
-        if id(graph) not in self._lengths:
-            total = b("Add", b("Shape", past, start=2, end=3), b("Shape", q_bsd, start=1, end=2))
+    def _total(self, b: Builder, graph: ir.Graph, past: ir.Value, q_bsd: ir.Value, padding: ir.Value | None):
+        """``seqlens_k`` (B,), ``total_sequence_length`` (scalar), both int32, and T (int64, (1,)), made once
+        per graph: T is the padding input's length, else the past cache's plus the new tokens' (every
+        layer's cache has the same length)."""
+        key = (id(graph), "mask" if padding is not None else "past")
+        if key not in self._lengths:
+            if padding is not None:
+                total = b("Shape", padding, start=1, end=2)
+            else:
+                total = b("Add", b("Shape", past, start=2, end=3), b("Shape", q_bsd, start=1, end=2))
             total32 = b("Cast", total, to=ir.DataType.INT32)
             scalar = b("Squeeze", total32, b.i64(0))
             seqlens = b("Expand", b("Sub", total32, b.const(np.array([1], np.int32))), b("Shape", q_bsd, start=0, end=1))
-            self._lengths[id(graph)] = (seqlens, scalar, total)
-        seqlens, scalar, self._total64 = self._lengths[id(graph)]
-        return seqlens, scalar
+            self._lengths[key] = (seqlens, scalar, total)
+        return self._lengths[key]
+
+    def _padding_bias(self, b: Builder, graph: ir.Graph, padding: ir.Value, q_bsd: ir.Value) -> ir.Value:
+        """(B, 1, S, T): 0 where ``padding`` (B, T) is nonzero, float32's minimum where it is 0 (the
+        kernel's causal mask does the rest); made once per graph."""
+        if id(graph) not in self._biases:
+            visible = b("Cast", padding, to=ir.DataType.BOOL)
+            bias = b("Where", visible, b.const(np.array(0.0, np.float32)),
+                     b.const(np.array(np.finfo(np.float32).min, np.float32)))
+            rows = b("Concat", b.i64(1, 1), b("Shape", q_bsd, start=1, end=2), b.i64(1), axis=0)
+            self._biases[id(graph)] = b("Expand", b("Unsqueeze", bias, b.i64(1, 2)), rows)
+        return self._biases[id(graph)]
 
     def _caches(self, b: Builder, angles: ir.Value, scale: float, x: ir.Value, size: int):
         """com.microsoft.RotaryEmbedding's inputs for the graph's own angles ``F`` (B, S, H/2): one cache
@@ -251,6 +276,10 @@ class CachedGroupQueryRule(LoweringRule):
         heads, size = q.shape[1], q.shape[3]
         kv_heads = present_k.shape[1]
         b = Builder(f"{node.name or node.outputs[0].name}/gqa", [])
+        kind = MaskKind.of(node)
+        padding = _key_padding(graph, node) if kind is MaskKind.CAUSAL else None
+        if padding is not None and (padding.shape is None or len(padding.shape) != 2):
+            padding = None
         q_rot, k_rot = _rotary(q, size), _rotary(concat_k.inputs[1], size)
         if q_rot is not None and k_rot is not None and q_rot[1:] == k_rot[1:]:
             q_bsd, k_bsd = _to_bsd(b, q_rot[0]), _to_bsd(b, k_rot[0])
@@ -261,14 +290,16 @@ class CachedGroupQueryRule(LoweringRule):
         else:
             q_bsd, k_bsd = _to_bsd(b, q), _to_bsd(b, concat_k.inputs[1])
         v_bsd = _to_bsd(b, concat_v.inputs[1])
-        seqlens, total = self._total(b, graph, concat_k.inputs[0], q_bsd)
+        seqlens, total, total64 = self._total(b, graph, concat_k.inputs[0], q_bsd, padding)
         bias = None
-        if MaskKind.of(node) is not MaskKind.CAUSAL or node.attributes.get_string("key_padding") is not None:
+        if padding is not None:
+            bias = self._padding_bias(b, graph, padding, q_bsd)
+        elif kind is not MaskKind.CAUSAL or node.attributes.get_string("key_padding") is not None:
             bias = _finite(b, node.inputs[3])
             shape = bias.shape
             if not (shape is not None and len(shape) == 4 and _same_dim(shape[2], q.shape[2])
                     and _same_dim(shape[3], k.shape[2])):  # (B|1, N|1, S, T) spelled out for the kernel
-                lengths = b("Concat", b.i64(1, 1), b("Shape", q_bsd, start=1, end=2), self._total64, axis=0)
+                lengths = b("Concat", b.i64(1, 1), b("Shape", q_bsd, start=1, end=2), total64, axis=0)
                 bias = b("Expand", bias, lengths)
         inputs = [q_bsd, k_bsd, v_bsd, concat_k.inputs[0], concat_v.inputs[0], seqlens, total]
         if bias is not None:
@@ -335,5 +366,5 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
             lowered += 1
         if lowered:
             model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {"lowered": lowered, "rotary_fused": rule.rotary, **({"near_misses": misses} if misses else {})}
+        self.report = {"lowered": lowered, "rotary_fused": rule.rotary,  **({"near_misses": misses} if misses else {})}
         return ir.passes.PassResult(model, lowered > 0)

@@ -61,6 +61,7 @@ CPU_WINDOW_RULE = {"rule": "window", "mode": "auto", "min_sequence": WINDOW_CROS
 
 CPU_LOWERING = (
     PassSpec("pack-projections"),
+    PassSpec("lower-cached-attention"),  # a decoder's KV-cached layers: GroupQueryAttention
     PassSpec(
         "lower-attention",
         {"rules": [CPU_WINDOW_RULE, "packed", "multi-head"]},

@@ -34,7 +34,9 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(kind):
     config = json.loads((path / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     assert decoder["num_key_value_heads"] == (2 if kind == "llama" else 4) and decoder["num_hidden_layers"] == 2
-    assert config["search"]["past_present_share_buffer"] is False
+    # the cached layers lower to GroupQueryAttention with lengths from the mask: one buffer per cache tensor
+    assert config["search"]["past_present_share_buffer"] is True
+    assert json.loads((path / "manifest.json").read_text())["generation"]["cache"]["shared_buffer"] is True
     assert json.loads((path / "manifest.json").read_text())["generation"]["genai_config"] == "genai_config.json"
     generator = load_generator(path)
     ours = generator.generate(np.array([PROMPT]), 32, eos_token_id=generator.eos_token_id)[0, len(PROMPT):].tolist()

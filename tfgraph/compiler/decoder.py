@@ -14,6 +14,7 @@ artifact from), the context length and these checks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from collections.abc import Mapping
@@ -42,6 +43,35 @@ def _signature(values) -> list[tuple[str, tuple | None, str]]:
 
 def layout_of(model: ir.Model) -> CacheLayout | None:
     return detect(_signature(model.graph.inputs), _signature(model.graph.outputs))
+
+
+def shares_cache_buffer(model: ir.Model, layout: CacheLayout) -> bool:
+    """Whether one buffer per cache tensor can be bound as both past and present: every past input is
+    read only as a com.microsoft.GroupQueryAttention's past_key/past_value (whose present output is the
+    matching graph output) or by a Shape that leaves out the sequence axis, and an attention mask input
+    (the kernels' lengths come from it, not from the past's length) exists."""
+    if layout.attention_mask is None:
+        return False
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    outputs = {v.name: v for v in graph.outputs}
+    for past_pair, present_pair in zip(layout.past, layout.present):
+        for index, (past, present) in enumerate(zip(past_pair, present_pair)):
+            value = inputs.get(past)
+            if value is None or not value.uses():
+                return False
+            for node, position in value.uses():
+                if node.op_type == "Shape" and node.domain == "":
+                    start = node.attributes.get_int("start", 0)
+                    end = node.attributes.get_int("end", 4)
+                    if (start < 0 or end < 0) or start <= 2 < end:
+                        return False
+                    continue
+                if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or position != 3 + index:
+                    return False
+                if outputs.get(present) is not node.outputs[1 + index]:
+                    return False
+    return True
 
 
 def context_length(model: ir.Model, source: Mapping[str, Any]) -> int | None:
@@ -202,7 +232,12 @@ class GenerationCheck(Instrument):
             self.final = self._check(model, "the compiled model under the target's session",
                                      providers=[getattr(p, "name", p) for p in providers], options=options)
 
-    def files(self) -> dict[str, bytes]:
+    def compiled_layout(self, model: ir.Model) -> CacheLayout:
+        """The layout of the compiled model (its names do not change), with whether it can share its cache buffers."""
+        layout = layout_of(model) or self.layout
+        return dataclasses.replace(layout, shared_buffer=shares_cache_buffer(model, layout))
+
+    def files(self, model: ir.Model) -> dict[str, bytes]:
         """Files for the artifact: ``genai_config.json`` (onnxruntime-genai) when compiled from a Hugging Face
         folder with the Optimum cache names (see :mod:`tfgraph.compiler.genai_config`)."""
         from tfgraph.compiler.genai_config import FILE, genai_config
@@ -216,12 +251,12 @@ class GenerationCheck(Instrument):
                 loaded.append(json.loads((folder / name).read_text()) if (folder / name).is_file() else {})
             except (OSError, ValueError):
                 loaded.append({})
-        data = genai_config(self.layout, self.context, *loaded)
+        data = genai_config(self.compiled_layout(model), self.context, *loaded)
         self.genai_config = FILE if data is not None else None
         return {FILE: json.dumps(data, indent=2).encode()} if data is not None else {}
 
     def report(self, model: ir.Model) -> dict:
-        layout = layout_of(model) or self.layout  # the compiled model's names (they do not change)
+        layout = self.compiled_layout(model)
         return {
             "task": "text-generation",
             **layout.to_json(),

@@ -3,8 +3,10 @@
 ``onnxruntime_genai.Model(ARTIFACT)`` reads this file beside ``model.onnx``: input/output names (the
 cache's as ``past_key_values.%d.key`` patterns), head counts, head size, layers, context length and
 the token ids, in the layout onnxruntime-genai's own model builder writes. tfgraph's graph appends
-the new keys to the past itself (a Concat, or GroupQueryAttention without a shared buffer), so
-``past_present_share_buffer`` is false. Written for artifacts compiled from a Hugging Face folder
+the new keys to the past itself (a Concat, or GroupQueryAttention), so ``past_present_share_buffer`` is
+false unless the graph reads its past only through GroupQueryAttention with lengths from the attention
+mask (the layout's ``shared_buffer``): then onnxruntime-genai binds one max-length buffer per cache
+tensor as both past and present, as it does for its builder's models. Written for artifacts compiled from a Hugging Face folder
 (the head counts and hidden size come from its ``config.json``) whose cache follows the Optimum names.
 """
 
@@ -38,7 +40,7 @@ def genai_config(layout: CacheLayout, context: int | None, config: dict, generat
     pad = generation.get("pad_token_id", config.get("pad_token_id"))
     search = {"do_sample": False, "early_stopping": True, "length_penalty": 1.0, "max_length": context,
               "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-              "past_present_share_buffer": False, "repetition_penalty": 1.0, "diversity_penalty": 0.0,
+              "past_present_share_buffer": layout.shared_buffer, "repetition_penalty": 1.0, "diversity_penalty": 0.0,
               "temperature": float(generation.get("temperature", 1.0)), "top_k": int(generation.get("top_k", 50)),
               "top_p": float(generation.get("top_p", 1.0))}
     return {

@@ -292,7 +292,7 @@ def package(c: Compilation) -> Artifact:
     """The manifest and the artifact (written when an output was given)."""
     scratch = pathlib.Path(c.stack.enter_context(tempfile.TemporaryDirectory(prefix="tfgraph-files-")))
     files, tokenizer_section, notes = deployment_files(tokenizer_dir(c.source), c.model, scratch)
-    files.update(c.generation.files() if c.generation is not None else {})  # genai_config.json
+    files.update(c.generation.files(c.model) if c.generation is not None else {})  # genai_config.json
     profile, model, before = c.profile, c.model, c.before
     manifest: dict[str, Any] = {
         "schema_version": MANIFEST_SCHEMA_VERSION,

@@ -6,7 +6,11 @@ the manifest's ``generation`` section (the KV-cache layout, :mod:`tfgraph.deploy
 runs the prompt once with an empty cache (past length 0) and then one token per step, the cache
 kept between steps as onnxruntime values through IO binding: each step's ``present`` tensors are
 bound as the next step's ``past`` inputs, never copied through numpy (only the last position's
-logits come back to the host).
+logits come back to the host). When the layout says the graph reads its cache only through
+kernels that append in place (``shared_buffer``: GroupQueryAttention with lengths from the mask),
+each cache tensor is one (batch, kv_heads, prompt + new tokens, head_size) buffer bound as both past
+and present, as onnxruntime-genai does for its builder's models: nothing is copied or rebound per
+step but the new ids and the mask.
 
 Batches are left-padded (``attention_mask`` rows of 0s then 1s), as transformers generates: the
 graph computes position ids from the mask, so a padded row generates what it would alone. Greedy
@@ -134,12 +138,15 @@ class Generator:
                                     f"most {self.context_length - ids.shape[1]} new tokens")
         return ids.astype(np.int64), mask
 
-    def _bind(self, binding, ids: np.ndarray, mask: np.ndarray, past: dict) -> None:
+    def _bind(self, binding, ids: np.ndarray, mask: np.ndarray, past: dict, *, cache_bound: bool = False) -> None:
+        """Bind a step's inputs and outputs. ``cache_bound``: the cache buffers (shared past/present) and the
+        logits buffer of this shape are already bound: only the ids, the mask and the positions change."""
         import onnxruntime as ort
 
         layout = self.layout
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        if not cache_bound:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
         feeds = {layout.input_ids: ids}
         if layout.attention_mask is not None:
             feeds[layout.attention_mask] = mask
@@ -148,10 +155,14 @@ class Generator:
             feeds[layout.position_ids] = np.ascontiguousarray(positions[:, -ids.shape[1]:], np.int64)
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        if cache_bound:
+            return
         for name, value in past.items():
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
             binding.bind_ortvalue_input(name, value)
+        shared = {present: past[name] for pp, qq in zip(layout.past, layout.present) for name, present in zip(pp, qq)
+                  if layout.shared_buffer}
         for name in self._outputs:
             if name == layout.logits and self._logits is not None:
                 # onnxruntime writes the logits into a host array of ours: read in place, never copied whole
@@ -160,8 +171,20 @@ class Generator:
                 self._logits_buffer = np.empty((ids.shape[0], ids.shape[1], vocab), dtype)
                 binding.bind_output(name, "cpu", 0, dtype, list(self._logits_buffer.shape),
                                     self._logits_buffer.ctypes.data)
+            elif name in shared:  # the kernel appends to the buffer it reads: bound as both
+                binding.bind_ortvalue_output(name, shared[name])
             else:
                 binding.bind_output(name, "cpu" if name == layout.logits else self._device)
+
+    def _cache_buffers(self, batch: int, capacity: int) -> dict:
+        """One zeroed (batch, kv_heads, capacity, head_size) buffer per past input (a shared-buffer layout)."""
+        import onnxruntime as ort
+
+        layout = self.layout
+        self._buffers = [np.zeros((batch, layout.kv_heads, capacity, layout.head_size), self._past_type)
+                         for _ in range(2 * layout.layers)]  # kept alive: the OrtValues read their memory on CPU
+        names = [name for pair in layout.past for name in pair]
+        return {name: ort.OrtValue.ortvalue_from_numpy(array, self._device, 0) for name, array in zip(names, self._buffers)}
 
     # --- generation -------------------------------------------------------------------------------------
     def stream(self, input_ids: np.ndarray, max_new_tokens: int, *, attention_mask: np.ndarray | None = None,
@@ -177,8 +200,12 @@ class Generator:
         rng = np.random.default_rng(seed)
         layout = self.layout
         batch = ids.shape[0]
-        empty = np.zeros((batch, layout.kv_heads, 0, layout.head_size), self._past_type)
-        past: dict = {name: empty for pair in layout.past for name in pair}
+        shared = layout.shared_buffer and self._logits is not None
+        if shared:  # one buffer per cache tensor, past and present at once: no per-step copy of the cache
+            past: dict = self._cache_buffers(batch, ids.shape[1] + int(max_new_tokens))
+        else:
+            empty = np.zeros((batch, layout.kv_heads, 0, layout.head_size), self._past_type)
+            past = {name: empty for pair in layout.past for name in pair}
         binding = self.session.io_binding()
         step_ids, finished = ids, np.zeros(batch, bool)
         logits_at = self._outputs.index(layout.logits)
@@ -187,12 +214,16 @@ class Generator:
                       "decode_ms": 0.0}
         for step in range(int(max_new_tokens)):
             start = time.perf_counter()
-            self._bind(binding, step_ids, mask, past)
+            # shared buffers: after the prompt and the first decode step, only the ids and the mask change
+            self._bind(binding, step_ids, mask, past, cache_bound=shared and step > 1)
             self.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            last = self._logits_buffer if self._logits is not None else outputs[logits_at].numpy()
-            logits = last[:, -1, :].astype(np.float32)
-            past = {name: outputs[i] for name, i in present_at.items()}  # stays in onnxruntime's memory
+            if shared:
+                logits = self._logits_buffer[:, -1, :].astype(np.float32)
+            else:
+                outputs = binding.get_outputs()
+                last = self._logits_buffer if self._logits is not None else outputs[logits_at].numpy()
+                logits = last[:, -1, :].astype(np.float32)
+                past = {name: outputs[i] for name, i in present_at.items()}  # stays in onnxruntime's memory
             tokens = _sample(logits, rng, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
             tokens = np.where(finished, pad, tokens).astype(np.int64)
             self.stats["prefill_ms" if step == 0 else "decode_ms"] += (time.perf_counter() - start) * 1e3

@@ -51,6 +51,10 @@ class CacheLayout:
     dtype: str
     vocab_size: int | None
     dims: dict  # symbolic dimension names: batch, sequence, past_sequence, total_sequence (None when fixed)
+    # The graph reads the past only through kernels that take one buffer as past and present (GroupQueryAttention
+    # with its lengths from the attention mask): a caller may bind a (batch, kv_heads, max_length, head_size)
+    # buffer per tensor as both and skip the per-step copy of the cache.
+    shared_buffer: bool = False
 
     @property
     def layers(self) -> int:
@@ -64,6 +68,7 @@ class CacheLayout:
             "logits": self.logits,
             "cache": {"layers": self.layers, "kv_heads": self.kv_heads, "head_size": self.head_size,
                       "dtype": self.dtype, "layout": "batch, kv_heads, sequence, head_size",
+                      "shared_buffer": self.shared_buffer,
                       "past": [list(p) for p in self.past], "present": [list(p) for p in self.present]},
             "vocab_size": self.vocab_size,
             "dims": dict(self.dims),
@@ -78,7 +83,8 @@ class CacheLayout:
                        position_ids=data["inputs"].get("position_ids"), logits=data["logits"],
                        past=tuple(tuple(p) for p in cache["past"]), present=tuple(tuple(p) for p in cache["present"]),
                        kv_heads=int(cache["kv_heads"]), head_size=int(cache["head_size"]), dtype=cache["dtype"],
-                       vocab_size=data.get("vocab_size"), dims=dict(data.get("dims") or {}))
+                       vocab_size=data.get("vocab_size"), dims=dict(data.get("dims") or {}),
+                       shared_buffer=bool(cache.get("shared_buffer", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise BadInputError(f"manifest.json 'generation' section is malformed ({type(e).__name__}: {e})") from None
 
