@@ -133,6 +133,45 @@ def test_cached_layer_becomes_group_query_attention_with_rotary(k_cos_order):
             np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=name)
 
 
+def test_key_padding_input_gives_the_lengths_and_the_bias():
+    """A causal mask whose padding is a (B, T) graph input (classify-attention-masks' key_padding): the
+    kernel's lengths and its attention_bias are built from that input, not from the exporter's (B, 1, S, T)
+    tensor or the past's length, so nothing but the kernel reads the past cache; same outputs."""
+    model = _layer(kind="causal")
+    mask_input = ir.Value(name="attention_mask", shape=ir.Shape(["B", "T"]), type=ir.TensorType(ir.DataType.INT64))
+    model.graph.inputs.append(mask_input)
+    node = next(n for n in model.graph if n.op_type == "AttentionBHSD")
+    node.attributes["key_padding"] = ir.AttrString("key_padding", "attention_mask")
+    mask_prompt = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)
+    masks = [mask_prompt, np.concatenate([mask_prompt, np.ones((2, 1), np.int64)], 1)]
+    steps = [{**_feeds(2, 0, 6, masks[0]), "attention_mask": masks[0]},
+             {**_feeds(2, 6, 1, masks[1], 1), "attention_mask": masks[1]}]
+    want = [verify.run(model, f) for f in steps]
+    assert create_pass("lower-cached-attention")(model).modified
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+
+    def sources(value, seen=None):  # the graph inputs a value is computed from
+        seen = set() if seen is None else seen
+        node = value.producer()
+        if node is None:
+            return {value.name} if value in model.graph.inputs else set()
+        if id(node) in seen:
+            return set()
+        seen.add(id(node))
+        return set().union(*[sources(i, seen) for i in node.inputs if i is not None])
+
+    bias_sources = sources(gqa.inputs[10])  # attention_bias: from the mask (and the query's length)
+    assert "attention_mask" in bias_sources and not bias_sources & {"bias", "past_k", "past_v"}
+    assert sources(gqa.inputs[6]) == {"attention_mask"}  # total_sequence_length
+    assert all(user is gqa for name in ("past_k", "past_v")
+               for user, _ in next(v for v in model.graph.inputs if v.name == name).uses())
+    for feeds, expected in zip(steps, want):
+        got = verify.run(model, feeds)
+        real = feeds["bias"].max(axis=-1)[:, 0, :] == 0
+        np.testing.assert_allclose(got["y"][real], expected["y"][real], atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(got["present_k"], expected["present_k"], atol=2e-5, rtol=1e-4)
+
+
 def test_non_causal_block_is_left_with_the_reason():
     model = _layer(kind="bias")
     lower = create_pass("lower-cached-attention")
@@ -143,7 +182,7 @@ def test_non_causal_block_is_left_with_the_reason():
 
 @pytest.mark.parametrize("exporter, from_onnx", [("dynamo", False), ("torchscript", True)])
 def test_decoder_with_cached_group_query_attention_generates_transformers_tokens(exporter, from_onnx, tmp_path):
-    """cpu-fp32 with lower-cached-attention before lower-attention (cpu-int4's lowering): the tiny Llama's
+    """cpu-fp32's lowering (lower-cached-attention before lower-attention), without its finalize phase: the tiny Llama's
     greedy tokens, left-padded batches included, equal transformers' (int4 weights would change them)."""
     import dataclasses
     import json
@@ -151,12 +190,12 @@ def test_decoder_with_cached_group_query_attention_generates_transformers_tokens
     import tfgraph
     from _decoders import checkpoint, onnx_file
     from test_generate import compare_greedy
-    from tfgraph.passes.registry import PassSpec
     from tfgraph.targets.cpu import CLEANUP, CPU_FP32, CPU_LOWERING, FUSION
     from tfgraph.targets.profile import phases
 
-    lower = (CPU_LOWERING[0], PassSpec("lower-cached-attention"), *CPU_LOWERING[1:])
-    target = dataclasses.replace(CPU_FP32, name="cpu-fp32-cached", phases=phases(normalize=CLEANUP, fuse=FUSION, lower=lower))
+    assert any(spec.name == "lower-cached-attention" for spec in CPU_LOWERING)
+    target = dataclasses.replace(CPU_FP32, name="cpu-fp32-cached", phases=phases(normalize=CLEANUP, fuse=FUSION,
+                                                                                 lower=CPU_LOWERING))
     source = onnx_file("llama", exporter) if from_onnx else checkpoint("llama")
     tfgraph.compile(source, target, output=tmp_path / "a", task="text-generation", exporter=exporter)
     graph = onnx.load(str(tmp_path / "a" / "model.onnx"))

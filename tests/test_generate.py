@@ -64,6 +64,21 @@ def test_greedy_tokens_equal_transformers(kind, exporter, from_onnx):
     compare_greedy(kind, artifact(kind, exporter, from_onnx=from_onnx))
 
 
+def test_shared_cache_buffers_generate_what_per_step_caches_do():
+    """The cpu-fp32 Llama reads its cache only through GroupQueryAttention (lengths and padding from the
+    mask): the generator binds one buffer per cache tensor as past and present; the tokens, left-padded
+    batch included, are those of per-step present tensors fed back as the next past."""
+    import dataclasses
+
+    generator = load_generator(artifact("llama"))
+    assert generator.layout.shared_buffer
+    ids, mask = _prompts(2)
+    shared = generator.generate(ids, NEW_TOKENS, attention_mask=mask)
+    generator.layout = dataclasses.replace(generator.layout, shared_buffer=False)
+    np.testing.assert_array_equal(generator.generate(ids, NEW_TOKENS, attention_mask=mask), shared)
+    assert shared.shape == (2, 9 + NEW_TOKENS)
+
+
 SLOW = pytest.mark.skipif(not os.environ.get("TFGRAPH_SLOW_DECODERS"),
                           reason="more architectures: set TFGRAPH_SLOW_DECODERS=1 (about 25 s each)")
 
