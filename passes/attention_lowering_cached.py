@@ -333,6 +333,27 @@ def _remove_dead_chain(graph: ir.Graph, values: list[ir.Value]) -> None:
         stack.extend(inputs)
 
 
+def _skip_round_trip(output: ir.Value, width: int) -> None:
+    """Readers that transpose the lowered block's (B, N, S, H) output back and merge its heads (the
+    exporter's ``transpose(1, 2).reshape(B, S, N·H)``) read the kernel's (B, S, N·H) output instead."""
+    transpose = output.producer()
+    flat = transpose.inputs[0].producer().inputs[0]  # Transpose(Reshape(kernel output, (0, 0, N, H)))
+    for user, _ in list(output.uses()):
+        if user.op_type != "Transpose" or list(user.attributes.get_ints("perm") or []) != [0, 2, 1, 3]:
+            continue
+        for reader, _ in list(user.outputs[0].uses()):
+            merged = reader.outputs[0]
+            shape = merged.shape
+            if (reader.op_type != "Reshape" or shape is None or len(shape) != 3 or shape[2] != width
+                    or merged in reader.graph.outputs):
+                continue
+            if flat.shape is None:
+                flat.shape = shape
+            if flat.type is None:
+                flat.type = merged.type
+            ir.convenience.replace_all_uses_with(merged, flat)
+
+
 @register_pass("lower-cached-attention")
 class LowerCachedAttentionPass(ir.passes.InPlacePass):
     """KV-cached causal self-attention of a decoder to com.microsoft.GroupQueryAttention
@@ -355,6 +376,7 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
                 misses.setdefault(rule.name, f"{node.name or node.outputs[0].name}: {reason}")
                 continue
             inputs = [i for i in node.inputs if i is not None]
+            width = node.inputs[0].shape[1] * node.inputs[0].shape[3]  # N·H (static: checked)
             new_nodes, output, _ = rule.rewrite(graph, node)
             graph.insert_before(node, new_nodes)
             old = node.outputs[0]
@@ -362,9 +384,10 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
             old.name = f"{output.name}/replaced"
             ir.convenience.replace_all_uses_with([old], [output], replace_graph_outputs=True)
             graph.remove(node, safe=True)
+            _skip_round_trip(output, width)
             _remove_dead_chain(graph, inputs + rule.replaced)
             lowered += 1
         if lowered:
             model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {"lowered": lowered, "rotary_fused": rule.rotary,  **({"near_misses": misses} if misses else {})}
+        self.report = {"lowered": lowered, "rotary_fused": rule.rotary, **({"near_misses": misses} if misses else {})}
         return ir.passes.PassResult(model, lowered > 0)
