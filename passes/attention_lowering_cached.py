@@ -19,9 +19,11 @@ it in O(T) (0 where visible, float32's minimum where padded: a fully masked quer
 garbage, not NaN); any other causal mask goes in as the exporter's own tensor and T comes from the
 past cache's length.
 
-Rotary embeddings (transformers' ``x·cos + rotate_half(x)·sin``) become com.microsoft.RotaryEmbedding
-over the graph's own angles, one table row per token, so left-padded rows keep transformers'
-positions exactly. (The kernel's ``do_rotary`` with a packed Q/K/V input, as onnxruntime-genai's
+Rotary embeddings (transformers' ``x·cos + rotate_half(x)·sin``) become com.microsoft.RotaryEmbedding at
+the graph's own positions, so left-padded rows keep transformers' positions exactly: when the angles
+are ``positions ⊗ inv_freq`` with a constant ``inv_freq`` and the model's context is known
+(``CONTEXT_KEY`` metadata), the tables are initializers over the context (no per-step set-up);
+otherwise each token's row is computed from the graph's angles. (The kernel's ``do_rotary`` with a packed Q/K/V input, as onnxruntime-genai's
 builder lays it out, rotates by physical positions: on a left-padded row the attention is the same
 to rounding, since RoPE scores depend on position differences, but the cached keys differ from the
 export's, and measured on a small Llama it was no faster: not used.)
@@ -46,6 +48,10 @@ from tfgraph.ops import MaskKind
 from tfgraph.passes.attention_lowering import LoweringRule, _finite
 from tfgraph.passes.attention_lowering_windows import GQA_HEAD_SIZE_MULTIPLE, _key_padding, _same_dim
 from tfgraph.passes.registry import register_pass
+
+#: Model metadata (set by the compile driver on a decoder): the positions it can see, which sizes the
+#: constant rotary tables; without it each token's row is computed in the graph.
+CONTEXT_KEY = "tfgraph.context_length"
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
@@ -179,6 +185,42 @@ def _rotary(r: ir.Value, size: int) -> tuple[ir.Value, ir.Value, float] | None:
     return None
 
 
+def _positions_and_inv_freq(angles: ir.Value, half: int) -> tuple[ir.Value, np.ndarray] | None:
+    """``(positions, inv_freq)`` when ``angles = positions ⊗ inv_freq`` with integer (B, S) ``positions`` and a
+    constant ``inv_freq`` of ``half`` values: ``Cast(Unsqueeze(positions, 2)) · inv_freq`` (dynamo) or
+    transformers' ``(inv_freq[None, :, None] @ Cast(positions[:, None, :]))ᵀ`` (TorchScript); else None."""
+    node = angles.producer()
+    if node is None or node.domain != "":
+        return None
+    if node.op_type == "Mul":
+        pairs = [(x, c) for x, c in (node.inputs, node.inputs[::-1])]
+        unsqueeze_axis, factor_shape = [2], (half,)
+    elif node.op_type == "Transpose" and list(node.attributes.get_ints("perm") or []) == [0, 2, 1]:
+        matmul = _producer(node.inputs[0], "MatMul")
+        if matmul is None:
+            return None
+        factor = matmul.inputs[0]
+        expand = _producer(factor, "Expand")
+        pairs = [(matmul.inputs[1], expand.inputs[0] if expand is not None else factor)]
+        unsqueeze_axis, factor_shape = [1], (half, 1)
+    else:
+        return None
+    for x, c in pairs:
+        tensor = ir.convenience.get_const_tensor(c)
+        cast = _producer(x, "Cast")
+        unsqueeze = _producer(cast.inputs[0], "Unsqueeze") if cast is not None else None
+        if tensor is None or unsqueeze is None or len(unsqueeze.inputs) < 2:
+            continue
+        array = np.asarray(tensor.numpy())
+        positions = unsqueeze.inputs[0]
+        if (array.size != half or array.shape[-len(factor_shape):] != factor_shape
+                or _const_ints(unsqueeze.inputs[1]) != unsqueeze_axis or positions.dtype not in (ir.DataType.INT64, ir.DataType.INT32)
+                or positions.shape is None or len(positions.shape) != 2):
+            continue
+        return positions, array.reshape(-1).astype(np.float32)
+    return None
+
+
 class CachedGroupQueryRule(LoweringRule):
     """Causal self-attention over a KV cache (past graph input, present graph output, transformers'
     ``repeat_kv`` of grouped heads) to com.microsoft.GroupQueryAttention, which keeps the grouped
@@ -186,12 +228,15 @@ class CachedGroupQueryRule(LoweringRule):
 
     name = "com.microsoft.GroupQueryAttention (cached)"
 
-    def __init__(self):
+    def __init__(self, context: int | None = None):
+        self.context = context  # positions the model can see: rows of constant rotary tables (None: unknown)
+        self._tables: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         self._lengths: dict[tuple[int, str], tuple[ir.Value, ir.Value, ir.Value]] = {}
         self._biases: dict[int, ir.Value] = {}
         self.replaced: list[ir.Value] = []
         self._rotary_inputs: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.rotary = 0  # blocks whose RoPE became com.microsoft.RotaryEmbedding
+        self.tables = 0  # ... reading constant tables at the graph's positions
 
     def _match(self, graph: ir.Graph, node: ir.Node):
         if node.domain != ops.DOMAIN or node.op_type != "AttentionBHSD":
@@ -253,6 +298,20 @@ class CachedGroupQueryRule(LoweringRule):
             self._biases[id(graph)] = b("Expand", b("Unsqueeze", bias, b.i64(1, 2)), rows)
         return self._biases[id(graph)]
 
+    def _rotary_tables(self, graph: ir.Graph, inv_freq: np.ndarray, scale: float) -> tuple[ir.Value, ir.Value]:
+        """(context, H/2) cos/sin tables over every position, as initializers, made once per (inv_freq, scale)."""
+        key = (inv_freq.tobytes(), scale)
+        if key not in self._tables:
+            angles = np.arange(self.context, dtype=np.float32)[:, None] * inv_freq[None, :]
+            made = []
+            for name, fn in (("cos", np.cos), ("sin", np.sin)):
+                value = ir.Value(name=f"rotary_{name}_table_{len(self._tables)}",
+                                 const_value=ir.tensor((fn(angles) * np.float32(scale)).astype(np.float32)))
+                graph.register_initializer(value)
+                made.append(value)
+            self._tables[key] = (made[0], made[1])
+        return self._tables[key]
+
     def _caches(self, b: Builder, angles: ir.Value, scale: float, x: ir.Value, size: int):
         """com.microsoft.RotaryEmbedding's inputs for the graph's own angles ``F`` (B, S, H/2): one cache
         row per token (``cos(F)·k``, ``sin(F)·k`` flattened) and position ids 0 … B·S-1, so each token
@@ -283,7 +342,15 @@ class CachedGroupQueryRule(LoweringRule):
         q_rot, k_rot = _rotary(q, size), _rotary(concat_k.inputs[1], size)
         if q_rot is not None and k_rot is not None and q_rot[1:] == k_rot[1:]:
             q_bsd, k_bsd = _to_bsd(b, q_rot[0]), _to_bsd(b, k_rot[0])
-            positions, cos, sin = self._caches(b, q_rot[1], q_rot[2], q_bsd, size)
+            found = _positions_and_inv_freq(q_rot[1], size // 2) if self.context else None
+            if found is not None:  # the graph's positions index tables over the whole context
+                positions = found[0]
+                if positions.dtype != ir.DataType.INT64:
+                    positions = b("Cast", positions, to=ir.DataType.INT64)
+                cos, sin = self._rotary_tables(graph, found[1], q_rot[2])
+                self.tables += 1
+            else:  # one row per token, of the graph's own angles
+                positions, cos, sin = self._caches(b, q_rot[1], q_rot[2], q_bsd, size)
             q_bsd = b("RotaryEmbedding", q_bsd, positions, cos, sin, domain="com.microsoft", num_heads=heads)
             k_bsd = b("RotaryEmbedding", k_bsd, positions, cos, sin, domain="com.microsoft", num_heads=kv_heads)
             self.rotary += 1
@@ -365,7 +432,8 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rule = CachedGroupQueryRule()
+        context = model.metadata_props.get(CONTEXT_KEY, "")
+        rule = CachedGroupQueryRule(int(context) if context.isdigit() and int(context) > 0 else None)
         lowered, misses = 0, {}
         graph = model.graph
         for node in list(graph):
@@ -389,5 +457,5 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
             lowered += 1
         if lowered:
             model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {"lowered": lowered, "rotary_fused": rule.rotary, **({"near_misses": misses} if misses else {})}
+        self.report = {"lowered": lowered, "rotary_fused": rule.rotary, "rotary_tables": rule.tables, **({"near_misses": misses} if misses else {})}
         return ir.passes.PassResult(model, lowered > 0)

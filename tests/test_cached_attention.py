@@ -108,19 +108,28 @@ def _feeds(batch: int, past: int, seq: int, mask: np.ndarray, seed: int = 0) -> 
     }
 
 
-@pytest.mark.parametrize("k_cos_order", ["cos, k", "k, cos"])
-def test_cached_layer_becomes_group_query_attention_with_rotary(k_cos_order):
+@pytest.mark.parametrize("k_cos_order, context", [("cos, k", None), ("k, cos", None), ("cos, k", 16)])
+def test_cached_layer_becomes_group_query_attention_with_rotary(k_cos_order, context):
+    """Without a known context each token's cos/sin row is computed from the graph's angles; with one
+    (the compile driver's metadata) the kernel reads constant tables over the context at the graph's positions."""
+    from tfgraph.passes.attention_lowering_cached import CONTEXT_KEY
+
     model = _layer(k_cos_order=k_cos_order)
+    if context:
+        model.metadata_props[CONTEXT_KEY] = str(context)
     mask_prompt = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)  # row 1 left-padded
     steps = [_feeds(2, 0, 6, mask_prompt), _feeds(2, 6, 1, np.concatenate([mask_prompt, np.ones((2, 1), np.int64)], 1), 1),
              _feeds(1, 5, 1, np.ones((1, 6), np.int64), 2)]
     want = [verify.run(model, f) for f in steps]
     lower = create_pass("lower-cached-attention")
     assert lower(model).modified
-    assert lower.report == {"lowered": 1, "rotary_fused": 1}
+    assert lower.report == {"lowered": 1, "rotary_fused": 1, "rotary_tables": 1 if context else 0}
     histogram = collections.Counter(n.op_type for n in model.graph)
     assert histogram["GroupQueryAttention"] == 1 and histogram["RotaryEmbedding"] == 2
-    assert histogram["AttentionBHSD"] == 0 and histogram["Neg"] == 0 and histogram["Cos"] == 1
+    assert histogram["AttentionBHSD"] == 0 and histogram["Neg"] == 0 and histogram["Cos"] == (0 if context else 1)
+    if context:  # (context, H/2) tables, read at the graph's positions input
+        rotary = next(n for n in model.graph if n.op_type == "RotaryEmbedding")
+        assert rotary.inputs[1].name == "pos" and rotary.inputs[2].const_value.shape == (context, SIZE // 2)
     assert not any(v.uses() for v in model.graph.outputs[1:])  # the present caches: no repeat_kv reads them
     assert [v.name for v in model.graph.outputs] == ["y", "present_k", "present_v"]
     for feeds, expected in zip(steps, want):
