@@ -144,6 +144,11 @@ class Generator:
         import onnxruntime as ort
 
         layout = self.layout
+        if cache_bound and layout.position_ids is None:  # the per-token path: two binds, nothing else
+            binding.bind_cpu_input(layout.input_ids, ids)
+            if layout.attention_mask is not None:
+                binding.bind_cpu_input(layout.attention_mask, mask)
+            return
         if not cache_bound:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
@@ -218,14 +223,16 @@ class Generator:
             self._bind(binding, step_ids, mask, past, cache_bound=shared and step > 1)
             self.session.run_with_iobinding(binding)
             if shared:
-                logits = self._logits_buffer[:, -1, :].astype(np.float32)
+                last = self._logits_buffer
             else:
                 outputs = binding.get_outputs()
                 last = self._logits_buffer if self._logits is not None else outputs[logits_at].numpy()
-                logits = last[:, -1, :].astype(np.float32)
                 past = {name: outputs[i] for name, i in present_at.items()}  # stays in onnxruntime's memory
+            logits = last[:, -1, :]  # read before the next step overwrites the buffer
+            if logits.dtype != np.float32:
+                logits = logits.astype(np.float32)
             tokens = _sample(logits, rng, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
-            tokens = np.where(finished, pad, tokens).astype(np.int64)
+            tokens = (np.where(finished, pad, tokens) if finished.any() else tokens).astype(np.int64, copy=False)
             self.stats["prefill_ms" if step == 0 else "decode_ms"] += (time.perf_counter() - start) * 1e3
             self.stats["new_tokens"] += 1
             if eos.size:
