@@ -185,7 +185,8 @@ INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4
 
 
-def _int4(weights: PassSpec) -> tuple[Phase, ...]:
+def int4_phases(weights: PassSpec) -> tuple[Phase, ...]:
+    """cpu-int4's phases with ``weights`` as the 4-bit weight pass (round-to-nearest, GPTQ, their options)."""
     return phases(
         normalize=CLEANUP,
         fuse=FUSION,
@@ -201,7 +202,7 @@ def _int4(weights: PassSpec) -> tuple[Phase, ...]:
     )
 
 
-_INT4_OPTIONS = {"bits": 4, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL, "min_elements": 1024}
+INT4_OPTIONS = {"bits": 4, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL, "min_elements": 1024}
 
 CPU_INT4 = Target(
     name="cpu-int4",
@@ -209,7 +210,7 @@ CPU_INT4 = Target(
     "round-to-nearest), int8 embeddings, float activations",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int4",
-    phases=_int4(PassSpec("quantize-weights-nbits", _INT4_OPTIONS)),
+    phases=int4_phases(PassSpec("quantize-weights-nbits", INT4_OPTIONS)),
     # Checks after quantization are against the quantized graph (run unoptimized); the change against
     # fp32 is the precision report's business. Accuracy level 4 quantizes activations at run time, so a
     # fusion that changes float rounding flips levels (cpu-int8's reason): 0.07 on the logits of a 155 M
@@ -226,7 +227,7 @@ CPU_INT4_GPTQ = Target(
     description="cpu-int4 with the 4-bit levels chosen by GPTQ on the calibration set (--calibration)",
     providers=(Provider("CPUExecutionProvider"),),
     precision="int4",
-    phases=_int4(PassSpec("gptq", {k: v for k, v in _INT4_OPTIONS.items()})),
+    phases=int4_phases(PassSpec("gptq", {k: v for k, v in INT4_OPTIONS.items()})),
     tolerance=Tolerance(atol=0.25, rtol=0.05),
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=INT4_EMBEDDINGS,

@@ -192,9 +192,11 @@ def read_manifest(path: os.PathLike | str) -> dict:
         raise BadInputError(f"{manifest_path}: not valid JSON ({e})") from None
 
 
-def load(path: os.PathLike | str, *, fallback: str | None = None, config: Mapping[str, str] | None = None):
+def load(path: os.PathLike | str, *, fallback: str | None = None, config: Mapping[str, str] | None = None,
+         options: Mapping[str, Any] | None = None):
     """Open a compiled artifact: an onnxruntime ``InferenceSession`` with the profile's providers and options
-    (``config``: extra session config entries, e.g. the generator's thread spinning).
+    (``config``: extra session config entries, e.g. the generator's thread spinning; ``options``:
+    SessionOptions attributes over the profile's, e.g. the generator's memory pattern).
 
     An artifact for an accelerator (CUDA, TensorRT, OpenVINO, QNN) whose execution providers cannot
     run here raises :class:`~tfgraph.errors.ProviderUnavailableError`, naming them and how to install
@@ -209,4 +211,5 @@ def load(path: os.PathLike | str, *, fallback: str | None = None, config: Mappin
         raise BadInputError(f"{path}: artifact has no {MODEL_FILE}")
     target = manifest.get("target")
     providers = _providers(manifest, fallback=fallback, artifact=f"{path} ({target} artifact)" if target else str(path))
-    return runtime.session(str(model_path), providers, options=manifest.get("session_options"), config=config)
+    merged = {**(manifest.get("session_options") or {}), **(options or {})}
+    return runtime.session(str(model_path), providers, options=merged or None, config=config)

@@ -50,6 +50,11 @@ def load_generator(path: str | pathlib.Path, *, threads: int | None = None, spin
 #: at load ~1.5 sleeping 1.01 vs spinning 0.72 (156M: 4.43 vs 3.80). So spinning stays the default.
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
+#: SessionOptions of every generator session: the shapes change at every step (the mask and the cache
+#: grow by one token), so onnxruntime's memory pattern, planned per set of input shapes, would be
+#: planned anew at every step and never reused.
+GENERATION_OPTIONS = {"enable_mem_pattern": False}
+
 
 def _token_ids(value: Any) -> list[int]:
     if value is None:
@@ -84,7 +89,7 @@ class Generator:
             except ValueError as e:
                 raise BadInputError(f"{self.path}/{GENERATION_CONFIG}: not valid JSON ({e})") from None
         if threads is None:
-            self.session = load(self.path, config=None if spin else NO_SPINNING)
+            self.session = load(self.path, config=None if spin else NO_SPINNING, options=GENERATION_OPTIONS)
         else:
             self.session = _session(self.path / MODEL_FILE, manifest, threads, spin)
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -277,6 +282,8 @@ def _session(model: pathlib.Path, manifest: dict, threads: int, spin: bool = Tru
     level = (manifest.get("session_options") or {}).get("graph_optimization_level", "ORT_ENABLE_ALL")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, str(level), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.intra_op_num_threads = threads
+    for key, value in GENERATION_OPTIONS.items():
+        setattr(options, key, value)
     for key, value in ({} if spin else NO_SPINNING).items():
         options.add_session_config_entry(key, value)
     available = set(ort.get_available_providers())
