@@ -6,6 +6,7 @@ blocks it cannot take keep the neutral op, with the reason."""
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -142,15 +143,21 @@ def test_cached_layer_becomes_group_query_attention_with_rotary(k_cos_order, con
             np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=name)
 
 
-def test_key_padding_input_gives_the_lengths_and_the_bias():
-    """A causal mask whose padding is a (B, T) graph input (classify-attention-masks' key_padding): the
-    kernel's lengths and its attention_bias are built from that input, not from the exporter's (B, 1, S, T)
-    tensor or the past's length, so nothing but the kernel reads the past cache; same outputs."""
+def _padded_layer() -> ir.Model:
+    """The layer with its mask classified causal + the key padding of an ``attention_mask`` (B, T) input."""
     model = _layer(kind="causal")
     mask_input = ir.Value(name="attention_mask", shape=ir.Shape(["B", "T"]), type=ir.TensorType(ir.DataType.INT64))
     model.graph.inputs.append(mask_input)
     node = next(n for n in model.graph if n.op_type == "AttentionBHSD")
     node.attributes["key_padding"] = ir.AttrString("key_padding", "attention_mask")
+    return model
+
+
+def test_key_padding_input_gives_the_lengths_and_the_bias():
+    """A causal mask whose padding is a (B, T) graph input (classify-attention-masks' key_padding): the
+    kernel's lengths and its attention_bias are built from that input, not from the exporter's (B, 1, S, T)
+    tensor or the past's length, so nothing but the kernel reads the past cache; same outputs."""
+    model = _padded_layer()
     mask_prompt = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)
     masks = [mask_prompt, np.concatenate([mask_prompt, np.ones((2, 1), np.int64)], 1)]
     steps = [{**_feeds(2, 0, 6, masks[0]), "attention_mask": masks[0]},
@@ -179,6 +186,29 @@ def test_key_padding_input_gives_the_lengths_and_the_bias():
         real = feeds["bias"].max(axis=-1)[:, 0, :] == 0
         np.testing.assert_allclose(got["y"][real], expected["y"][real], atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(got["present_k"], expected["present_k"], atol=2e-5, rtol=1e-4)
+
+
+def test_shared_buffer_only_when_the_kernels_alone_read_the_past():
+    """shares_cache_buffer: the exported layer (a Concat reads the past) cannot share; lowered with lengths
+    from the mask it can; a reader of the past's sequence length (not its batch) forbids it again."""
+    from tfgraph.compiler.decoder import shares_cache_buffer
+    from tfgraph.deploy.kv_layout import CacheLayout
+
+    layout = CacheLayout(convention="optimum", input_ids="xq", attention_mask="attention_mask", position_ids=None,
+                         logits="y", past=(("past_k", "past_v"),), present=(("present_k", "present_v"),),
+                         kv_heads=KV_HEADS, head_size=SIZE, dtype="float32", vocab_size=None, dims={})
+    model = _padded_layer()
+    assert not shares_cache_buffer(model, layout)
+    assert create_pass("lower-cached-attention")(model).modified
+    assert shares_cache_buffer(model, layout)
+    past = next(v for v in model.graph.inputs if v.name == "past_k")
+    batch = ir.node("Shape", [past], attributes={"start": 0, "end": 1})
+    model.graph.append(batch)
+    assert shares_cache_buffer(model, layout)  # the batch is the same in a shared buffer
+    length = ir.node("Shape", [past], attributes={"start": 2, "end": 3})
+    model.graph.append(length)
+    assert not shares_cache_buffer(model, replace(layout))
+    assert not shares_cache_buffer(model, replace(layout, attention_mask=None))
 
 
 def test_non_causal_block_is_left_with_the_reason():
