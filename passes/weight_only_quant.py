@@ -24,6 +24,26 @@ from tfgraph.passes.registry import register_pass
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
+def constant_weight(w: ir.Value | None) -> np.ndarray | None:
+    """A MatMul's constant 2-D weight (K, N): an initializer or Constant, or the transpose of one — a tied
+    LM head reads the (vocabulary, hidden) embedding table through ``Transpose`` (folding it would store
+    the table twice)."""
+    if w is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(w)
+    if tensor is not None:
+        array = tensor.numpy()
+        return array if array.ndim == 2 else None
+    node = w.producer()
+    if node is None or node.op_type != "Transpose" or node.domain != "" or len(node.inputs) != 1:
+        return None
+    perm = node.attributes.get_ints("perm")
+    source = ir.convenience.get_const_tensor(node.inputs[0])
+    if source is None or source.numpy().ndim != 2 or perm not in (None, [1, 0], (1, 0)):
+        return None
+    return source.numpy().T
+
+
 def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``w`` (K, N) → (B uint8 (N, blocks, block_size·bits/8), scales float32 (N·blocks), zero points uint8).
 
@@ -73,7 +93,7 @@ def swap_in_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: np.ndarray, sca
     on the weight's ``packed`` blocks, ``scales`` and ``zero_points``; consumers and the output's name
     move to the new node."""
     x, w = node.inputs
-    k, n = w.const_value.shape
+    k, n = constant_weight(w).shape
     stem = (w.name or node.name or "w").replace("/", "_")
     inputs = [x, _initializer(graph, f"{stem}_q{bits}", packed),
               _initializer(graph, f"{stem}_scales", scales.astype(_FLOATS[x.dtype])),
@@ -86,6 +106,9 @@ def swap_in_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: np.ndarray, sca
     name = node.outputs[0].name
     graph.remove(node, safe=True)
     new.outputs[0].name = name
+    transpose = w.producer()
+    if transpose is not None and transpose.graph is graph and not w.uses() and not w.is_graph_output():
+        graph.remove(transpose, safe=True)  # a tied head's Transpose of the embedding table
     return new
 
 
@@ -126,7 +149,7 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
             if why:
                 skipped[why] = skipped.get(why, 0) + 1
                 continue
-            weight = w.const_value.numpy().astype(np.float32)
+            weight = constant_weight(w).astype(np.float32)
             k, n = weight.shape
             q, scale, zero = quantize_blocks(weight, self.bits, self.block_size)
             approx = dequantize_blocks(q, scale, zero, k, self.bits, self.block_size)
@@ -142,13 +165,12 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(done))
 
     def _unfit(self, x: ir.Value | None, w: ir.Value | None) -> str | None:
-        if x is None or w is None or w.const_value is None:
-            return "weight not constant"
-        if len(w.const_value.shape) != 2:  # the tensor's own shape: a packed weight's value may carry none
-            return "weight not 2-D"
+        weight = constant_weight(w)
+        if x is None or weight is None:
+            return "weight not a constant 2-D tensor (or its transpose)"
         if x.dtype not in _FLOATS:
             return f"activation type {x.dtype}"
-        if w.const_value.size < self.min_elements:
+        if weight.size < self.min_elements:
             return "weight too small"
         return None
 

@@ -202,6 +202,7 @@ def int4_phases(weights: PassSpec) -> tuple[Phase, ...]:
     )
 
 
+INT4_TOLERANCE = Tolerance(atol=0.5, rtol=0.05)  # see CPU_INT4
 INT4_OPTIONS = {"bits": 4, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL, "min_elements": 1024}
 
 CPU_INT4 = Target(
@@ -212,10 +213,12 @@ CPU_INT4 = Target(
     precision="int4",
     phases=int4_phases(PassSpec("quantize-weights-nbits", INT4_OPTIONS)),
     # Checks after quantization are against the quantized graph (run unoptimized); the change against
-    # fp32 is the precision report's business. Accuracy level 4 quantizes activations at run time, so a
-    # fusion that changes float rounding flips levels (cpu-int8's reason): 0.07 on the logits of a 155 M
-    # parameter Llama under ORT_ENABLE_ALL.
-    tolerance=Tolerance(atol=0.25, rtol=0.05),
+    # fp32 is the precision report's business. The final check runs another kernel path: verification
+    # sessions share their weights and do not prepack, so MatMulNBits computes in float there, while the
+    # deployed session prepacks and computes with int8-quantized activations (accuracy level 4). The two
+    # differ by 0.07 on the logits of a random 155 M Llama, by 4.76 on those of SmolLM2-135M (real
+    # weights, logits RMS 16; atol is scaled by the output's RMS, see tfgraph.compiler.verify.compare).
+    tolerance=INT4_TOLERANCE,
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=INT4_EMBEDDINGS,
     attention="KV-cached decoder layers: GroupQueryAttention (+ RotaryEmbedding); others MultiHeadAttention "
@@ -228,7 +231,7 @@ CPU_INT4_GPTQ = Target(
     providers=(Provider("CPUExecutionProvider"),),
     precision="int4",
     phases=int4_phases(PassSpec("gptq", {k: v for k, v in INT4_OPTIONS.items()})),
-    tolerance=Tolerance(atol=0.25, rtol=0.05),
+    tolerance=INT4_TOLERANCE,
     session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     quantization=INT4_EMBEDDINGS,
     attention="KV-cached decoder layers: GroupQueryAttention (+ RotaryEmbedding); others MultiHeadAttention "

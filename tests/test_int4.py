@@ -113,6 +113,43 @@ def test_gptq_pass_writes_matmulnbits_that_onnxruntime_runs(tmp_path):
     assert gptq.report["layers_better_than_rtn"] == 1 and gptq.report["quantized"] == 1
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_tied_lm_head_read_through_a_transpose_is_quantized(method):
+    """A tied LM head reads the (vocabulary, hidden) embedding table through Transpose: both weight-only
+    passes quantize it (the table's transpose, blocks along hidden) and drop the Transpose, so the
+    artifact does not keep a float copy of the table beside the embedding's."""
+    import onnx_ir as ir
+
+    from tfgraph.compiler.verify import run
+    from tfgraph.passes import create_pass
+
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((96, 64)).astype(np.float32)  # (vocabulary, hidden)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+         helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="head")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 96])],
+        [numpy_helper.from_array(table, "table")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    model = ir.serde.deserialize_model(proto)
+    create_pass("infer-shapes")(model)
+    ids = rng.integers(0, 96, (2, 5)).astype(np.int64)
+    want = run(model, {"ids": ids})["logits"]
+    if method == "rtn":
+        quantize = create_pass("quantize-weights-nbits", bits=4, block_size=32, min_elements=1024)
+    else:
+        quantize = GPTQ(bits=4, block_size=32, min_elements=1024, calibration=_Calibration([{"ids": ids}]))
+    assert quantize(model).modified
+    ops = [n.op_type for n in model.graph]
+    assert ops == ["Gather", "MatMulNBits"], ops
+    head = list(model.graph)[1]
+    assert (head.attributes.get_int("K"), head.attributes.get_int("N")) == (64, 96)
+    got = run(model, {"ids": ids})["logits"]
+    assert np.abs(got - want).max() < 0.15 * np.abs(want).max()  # 4-bit levels of the table, not another tensor
+
+
 @pytest.mark.parametrize("target", ["cpu-int4", "cpu-int4-gptq"])
 def test_int4_decoder_artifact(target):
     """A Llama (hidden 64, FFN 256, vocab 512) compiled for int4 with its KV cache: ≤ 0.3x the fp32
