@@ -40,8 +40,9 @@ import onnx_ir as ir
 
 from tfgraph.ir import exposed_outputs
 from tfgraph.passes.registry import register_pass
-from tfgraph.passes.weight_only_quant import (_FLOATS, constant_weight, dequantize_blocks, drop_unused_initializers, pack_blocks,
-                                              quantize_blocks, swap_in_matmul_nbits)
+from tfgraph.passes.weight_only_quant import (_FLOATS, check_bits, constant_weight, dequantize_blocks,
+                                              drop_unused_initializers, is_lm_head, pack_blocks, quantize_blocks,
+                                              swap_in_matmul_nbits)
 
 
 def _grid(cols: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,10 +141,10 @@ class GPTQ(ir.passes.InPlacePass):
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, damp: float = 0.1, act_order: bool = False,
                  min_elements: int = 0, accuracy_level: int = 0, exclude_nodes: Sequence[str] = (),
-                 calibration: Any = None, progress=None):
+                 head_bits: int | None = None, calibration: Any = None, progress=None):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        check_bits(bits, head_bits)
+        self.head_bits = head_bits  # the LM head's bits (is_lm_head); None: ``bits``
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
         if not 0 < damp < 1:
@@ -210,17 +211,19 @@ class GPTQ(ir.passes.InPlacePass):
             weight = constant_weight(w).astype(np.float64)
             k, n = weight.shape
             hessian = hessians[x.name]
-            levels, scale, zero = gptq_quantize(weight, hessian, bits=self.bits, block_size=self.block_size,
+            bits = self.head_bits if self.head_bits and is_lm_head(graph, node) else self.bits
+            levels, scale, zero = gptq_quantize(weight, hessian, bits=bits, block_size=self.block_size,
                                                 damp=self.damp, act_order=self.act_order)
             errors[node.name] = reconstruction_error(weight, dequantize(levels, scale, zero, k), hessian)
-            baseline[node.name] = rtn_error(weight, hessian, self.bits, self.block_size)
-            packed, zero_points = pack_blocks(levels, zero, self.bits)
-            swap_in_matmul_nbits(graph, node, packed, scale.reshape(-1), zero_points, bits=self.bits,
+            baseline[node.name] = rtn_error(weight, hessian, bits, self.block_size)
+            packed, zero_points = pack_blocks(levels, zero, bits)
+            swap_in_matmul_nbits(graph, node, packed, scale.reshape(-1), zero_points, bits=bits,
                                  block_size=self.block_size, accuracy_level=self.accuracy_level)
         drop_unused_initializers(graph)
         model.opset_imports.setdefault("com.microsoft", 1)
         better = sum(errors[k] < baseline[k] for k in errors)
-        self.report = {"bits": self.bits, "block_size": self.block_size, "act_order": self.act_order,
+        self.report = {"bits": self.bits, "head_bits": self.head_bits or self.bits, "block_size": self.block_size,
+                       "act_order": self.act_order,
                        "damp": self.damp, "quantized": len(errors),
                        "mean_reconstruction_error": float(np.mean(list(errors.values()))),
                        "mean_reconstruction_error_rtn": float(np.mean(list(baseline.values()))),

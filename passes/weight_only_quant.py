@@ -44,6 +44,23 @@ def constant_weight(w: ir.Value | None) -> np.ndarray | None:
     return source.numpy().T
 
 
+def is_lm_head(graph: ir.Graph, node: ir.Node) -> bool:
+    """A MatMul that computes a graph output (a causal LM's logits) or reads an embedding table (a Gather's
+    data) through Transpose (a tied head): the layer whose error reaches every token's distribution."""
+    if node.outputs[0] in graph.outputs:
+        return True
+    transpose = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if transpose is None or transpose.op_type != "Transpose":
+        return False
+    return any(user.op_type == "Gather" and index == 0 for user, index in transpose.inputs[0].uses())
+
+
+def check_bits(bits: int, head_bits: int | None) -> None:
+    for name, value in (("bits", bits), ("head_bits", head_bits)):
+        if value is not None and value not in (4, 8):
+            raise ValueError(f"{name} must be 4 or 8, not {value}")
+
+
 def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``w`` (K, N) → (B uint8 (N, blocks, block_size·bits/8), scales float32 (N·blocks), zero points uint8).
 
@@ -126,10 +143,10 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
     changes_outputs = True
 
     def __init__(self, *, bits: int = 8, block_size: int = 32, min_elements: int = 4096,
-                 exclude_nodes: Sequence[str] = (), accuracy_level: int = 0):
+                 exclude_nodes: Sequence[str] = (), accuracy_level: int = 0, head_bits: int | None = None):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        check_bits(bits, head_bits)
+        self.head_bits = head_bits  # the LM head's bits (is_lm_head); None: ``bits``
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
         self.bits, self.block_size, self.min_elements = bits, block_size, min_elements
@@ -151,16 +168,18 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
                 continue
             weight = constant_weight(w).astype(np.float32)
             k, n = weight.shape
-            q, scale, zero = quantize_blocks(weight, self.bits, self.block_size)
-            approx = dequantize_blocks(q, scale, zero, k, self.bits, self.block_size)
+            bits = self.head_bits if self.head_bits and is_lm_head(graph, node) else self.bits
+            q, scale, zero = quantize_blocks(weight, bits, self.block_size)
+            approx = dequantize_blocks(q, scale, zero, k, bits, self.block_size)
             out_name = node.outputs[0].name
-            swap_in_matmul_nbits(graph, node, q, scale, zero, bits=self.bits, block_size=self.block_size,
+            swap_in_matmul_nbits(graph, node, q, scale, zero, bits=bits, block_size=self.block_size,
                                  accuracy_level=self.accuracy_level)
             done[node.name or out_name] = float(np.linalg.norm(approx - weight) / max(np.linalg.norm(weight), 1e-30))
         drop_unused_initializers(graph)
         if done:
             model.opset_imports.setdefault("com.microsoft", 1)
-        self.report = {"bits": self.bits, "block_size": self.block_size, "quantized": len(done),
+        self.report = {"bits": self.bits, "head_bits": self.head_bits or self.bits, "block_size": self.block_size,
+                       "quantized": len(done),
                        "max_relative_weight_error": max(done.values(), default=0.0), "skipped": skipped}
         return ir.passes.PassResult(model, bool(done))
 
