@@ -86,20 +86,34 @@ def checkpoint(size: str, work: pathlib.Path) -> pathlib.Path:
     return folder
 
 
+def _source_stamp() -> str:
+    """The last commit touching tfgraph's code and the state of its working tree: a tfgraph artifact built
+    from other code is rebuilt (a stale artifact once measured a lowering that had since changed)."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+    return git("log", "-1", "--format=%H", "--", "tfgraph", "passes", "targets") + git("status", "--porcelain", "--", "tfgraph", "passes", "targets")
+
+
 def build(size: str, work: pathlib.Path, exporter: str, threads: int) -> dict[tuple[str, str], pathlib.Path]:
     """The four models of ``size`` (built once; reused when present), onnxruntime-genai set to ``threads``."""
     source = checkpoint(size, work)
     out: dict[tuple[str, str], pathlib.Path] = {}
+    stamp = _source_stamp()
     for kind, variant in VARIANTS:
         path = work / f"{size}-{kind}-{variant}"
         out[(kind, variant)] = path
-        if path.is_dir() and any(path.iterdir()):
+        stamp_file = path / ".tfgraph-source"
+        current = kind != "tfgraph" or (stamp_file.is_file() and stamp_file.read_text() == stamp)
+        if path.is_dir() and any(path.iterdir()) and current:
             continue
         start = time.perf_counter()
         if kind == "tfgraph":
             import tfgraph
 
             tfgraph.compile(source, variant, output=path, task="text-generation", exporter=exporter, force=True)
+            (path / ".tfgraph-source").write_text(stamp)
         else:
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(path),
                             "-p", variant, "-e", "cpu", "-c", str(work / "builder-cache")], check=True,
