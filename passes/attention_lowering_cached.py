@@ -19,14 +19,15 @@ it in O(T) (0 where visible, float32's minimum where padded: a fully masked quer
 garbage, not NaN); any other causal mask goes in as the exporter's own tensor and T comes from the
 past cache's length.
 
-Rotary embeddings (transformers' ``x·cos + rotate_half(x)·sin``) become com.microsoft.RotaryEmbedding at
-the graph's own positions, so left-padded rows keep transformers' positions exactly: when the angles
-are ``positions ⊗ inv_freq`` with a constant ``inv_freq`` and the model's context is known
+Rotary embeddings (transformers' ``x·cos + rotate_half(x)·sin``) become com.microsoft.RotaryEmbedding
+at the graph's own positions, so left-padded rows keep transformers' positions exactly: when the
+angles are ``positions ⊗ inv_freq`` with a constant ``inv_freq`` and the model's context is known
 (``CONTEXT_KEY`` metadata), the tables are initializers over the context (no per-step set-up);
-otherwise each token's row is computed from the graph's angles. (The kernel's ``do_rotary`` with a packed Q/K/V input, as onnxruntime-genai's
-builder lays it out, rotates by physical positions: on a left-padded row the attention is the same
-to rounding, since RoPE scores depend on position differences, but the cached keys differ from the
-export's, and measured on a small Llama it was no faster: not used.)
+otherwise each token's row is computed from the graph's angles. (The kernel's ``do_rotary`` with a
+packed Q/K/V input, as onnxruntime-genai's builder lays it out, rotates by physical positions: on a
+left-padded row the attention is the same to rounding, since RoPE scores depend on position
+differences, but the cached keys differ from the export's, and measured on a small Llama it was no
+faster: not used.)
 
 With the lengths and the padding read from the mask, nothing but the kernels may read the past
 inputs: the cache can then be one buffer per layer, bound as both past and present
@@ -186,26 +187,13 @@ def _rotary(r: ir.Value, size: int) -> tuple[ir.Value, ir.Value, float] | None:
 
 
 def _positions_and_inv_freq(angles: ir.Value, half: int) -> tuple[ir.Value, np.ndarray] | None:
-    """``(positions, inv_freq)`` when ``angles = positions ⊗ inv_freq`` with integer (B, S) ``positions`` and a
-    constant ``inv_freq`` of ``half`` values: ``Cast(Unsqueeze(positions, 2)) · inv_freq`` (dynamo) or
-    transformers' ``(inv_freq[None, :, None] @ Cast(positions[:, None, :]))ᵀ`` (TorchScript); else None."""
-    node = angles.producer()
-    if node is None or node.domain != "":
+    """``(positions, inv_freq)`` when ``angles = Cast(Unsqueeze(positions, 2)) · inv_freq`` (transformers'
+    RoPE as the dynamo exporter writes it) with integer (B, S) ``positions`` and a constant ``inv_freq`` of
+    ``half`` values; else None."""
+    node = _producer(angles, "Mul")
+    if node is None:
         return None
-    if node.op_type == "Mul":
-        pairs = [(x, c) for x, c in (node.inputs, node.inputs[::-1])]
-        unsqueeze_axis, factor_shape = [2], (half,)
-    elif node.op_type == "Transpose" and list(node.attributes.get_ints("perm") or []) == [0, 2, 1]:
-        matmul = _producer(node.inputs[0], "MatMul")
-        if matmul is None:
-            return None
-        factor = matmul.inputs[0]
-        expand = _producer(factor, "Expand")
-        pairs = [(matmul.inputs[1], expand.inputs[0] if expand is not None else factor)]
-        unsqueeze_axis, factor_shape = [1], (half, 1)
-    else:
-        return None
-    for x, c in pairs:
+    for x, c in (node.inputs, node.inputs[::-1]):
         tensor = ir.convenience.get_const_tensor(c)
         cast = _producer(x, "Cast")
         unsqueeze = _producer(cast.inputs[0], "Unsqueeze") if cast is not None else None
@@ -213,8 +201,8 @@ def _positions_and_inv_freq(angles: ir.Value, half: int) -> tuple[ir.Value, np.n
             continue
         array = np.asarray(tensor.numpy())
         positions = unsqueeze.inputs[0]
-        if (array.size != half or array.shape[-len(factor_shape):] != factor_shape
-                or _const_ints(unsqueeze.inputs[1]) != unsqueeze_axis or positions.dtype not in (ir.DataType.INT64, ir.DataType.INT32)
+        if (array.size != half or array.shape[-1] != half or _const_ints(unsqueeze.inputs[1]) != [2]
+                or positions.dtype not in (ir.DataType.INT64, ir.DataType.INT32)
                 or positions.shape is None or len(positions.shape) != 2):
             continue
         return positions, array.reshape(-1).astype(np.float32)

@@ -143,9 +143,11 @@ class Generator:
                                     f"most {self.context_length - ids.shape[1]} new tokens")
         return ids.astype(np.int64), mask
 
-    def _bind(self, binding, ids: np.ndarray, mask: np.ndarray, past: dict, *, cache_bound: bool = False) -> None:
-        """Bind a step's inputs and outputs. ``cache_bound``: the cache buffers (shared past/present) and the
-        logits buffer of this shape are already bound: only the ids, the mask and the positions change."""
+    def _bind(self, binding, ids: np.ndarray, mask: np.ndarray, past: dict, *, shared: bool = False,
+              cache_bound: bool = False) -> None:
+        """Bind a step's inputs and outputs. ``shared``: ``past`` holds one buffer per cache tensor, bound as
+        its present output too. ``cache_bound``: those buffers and the logits buffer of this shape are
+        already bound: only the ids, the mask and the positions change."""
         import onnxruntime as ort
 
         layout = self.layout
@@ -171,8 +173,8 @@ class Generator:
             if isinstance(value, np.ndarray):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
             binding.bind_ortvalue_input(name, value)
-        shared = {present: past[name] for pp, qq in zip(layout.past, layout.present) for name, present in zip(pp, qq)
-                  if layout.shared_buffer}
+        buffers = {present: past[name] for pp, qq in zip(layout.past, layout.present) for name, present in zip(pp, qq)
+                   if shared}
         for name in self._outputs:
             if name == layout.logits and self._logits is not None:
                 # onnxruntime writes the logits into a host array of ours: read in place, never copied whole
@@ -181,8 +183,8 @@ class Generator:
                 self._logits_buffer = np.empty((ids.shape[0], ids.shape[1], vocab), dtype)
                 binding.bind_output(name, "cpu", 0, dtype, list(self._logits_buffer.shape),
                                     self._logits_buffer.ctypes.data)
-            elif name in shared:  # the kernel appends to the buffer it reads: bound as both
-                binding.bind_ortvalue_output(name, shared[name])
+            elif name in buffers:  # the kernel appends to the buffer it reads: bound as both
+                binding.bind_ortvalue_output(name, buffers[name])
             else:
                 binding.bind_output(name, "cpu" if name == layout.logits else self._device)
 
@@ -225,7 +227,7 @@ class Generator:
         for step in range(int(max_new_tokens)):
             start = time.perf_counter()
             # shared buffers: after the prompt and the first decode step, only the ids and the mask change
-            self._bind(binding, step_ids, mask, past, cache_bound=shared and step > 1)
+            self._bind(binding, step_ids, mask, past, shared=shared, cache_bound=shared and step > 1)
             self.session.run_with_iobinding(binding)
             if shared:
                 last = self._logits_buffer
