@@ -53,6 +53,12 @@ from tfgraph.passes.registry import register_pass
 #: Model metadata (set by the compile driver on a decoder): the positions it can see, which sizes the
 #: constant rotary tables; without it each token's row is computed in the graph.
 CONTEXT_KEY = "tfgraph.context_length"
+#: Model metadata (set by the compile driver under ``--task text-generation``): the model is compiled to
+#: generate, a prompt with an empty cache, then one token per step. onnxruntime's CPU GroupQueryAttention
+#: refuses several new tokens after a filled cache at batch > 1 (a chunked prompt), which the exported graph
+#: accepts, so without the task the pass leaves the blocks to lower-attention (MultiHeadAttention).
+TASK_KEY = "tfgraph.task"
+GENERATION_TASK = "text-generation"
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
@@ -420,6 +426,10 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if model.metadata_props.get(TASK_KEY) != GENERATION_TASK:
+            self.report = {"lowered": 0, "skipped": "not compiled for generation (--task text-generation): "
+                           "GroupQueryAttention refuses a multi-token chunk after a filled cache at batch > 1"}
+            return ir.passes.PassResult(model, False)
         context = model.metadata_props.get(CONTEXT_KEY, "")
         rule = CachedGroupQueryRule(int(context) if context.isdigit() and int(context) > 0 else None)
         lowered, misses = 0, {}

@@ -17,6 +17,7 @@ import pytest
 from tfgraph import ops
 from tfgraph.compiler import verify
 from tfgraph.passes import create_pass
+from tfgraph.passes.attention_lowering_cached import GENERATION_TASK, TASK_KEY
 
 HEADS, KV_HEADS, SIZE = 4, 2, 8
 
@@ -85,6 +86,7 @@ def _layer(kind: str = "causal_bias", k_cos_order: str = "cos, k") -> ir.Model:
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
                                                          onnx.helper.make_opsetid("tfgraph", 1)], ir_version=8)
     model = ir.serde.deserialize_model(proto)
+    model.metadata_props[TASK_KEY] = GENERATION_TASK  # as compile --task text-generation marks a decoder
     ops.ensure_defined(model, "AttentionBHSD")
     create_pass("infer-shapes")(model)
     return model
@@ -209,6 +211,16 @@ def test_shared_buffer_only_when_the_kernels_alone_read_the_past():
     model.graph.append(length)
     assert not shares_cache_buffer(model, replace(layout))
     assert not shares_cache_buffer(model, replace(layout, attention_mask=None))
+
+
+def test_without_the_generation_task_blocks_are_left_to_lower_attention():
+    """Compiled as one forward pass (no --task), the model may get a multi-token chunk after a filled cache at
+    batch > 1, which onnxruntime's CPU GroupQueryAttention refuses: the pass lowers nothing and says why."""
+    model = _layer()
+    del model.metadata_props[TASK_KEY]
+    lower = create_pass("lower-cached-attention")
+    assert not lower(model).modified
+    assert "not compiled for generation" in lower.report["skipped"]
 
 
 def test_non_causal_block_is_left_with_the_reason():

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from tfgraph.errors import BadInputError, VerificationError, first_line
 from tfgraph.compiler.instruments import Instrument
 from tfgraph.deploy.kv_layout import CacheLayout, detect
-from tfgraph.passes.attention_lowering_cached import CONTEXT_KEY
+from tfgraph.passes.attention_lowering_cached import CONTEXT_KEY, GENERATION_TASK, TASK_KEY
 from tfgraph.compiler.verify import UNOPTIMIZED, compare, make_session, padded_positions, resolve_shapes
 
 TASKS = ("text-generation",)
@@ -111,6 +111,7 @@ def prepare(model: ir.Model, task: str | None, shapes: Mapping[str, Any] | None,
                             "Hugging Face folder")
     check = GenerationCheck(model, layout, dict(shapes or {}), context_length(model, source), seed=seed, verify=verify)
     check.source = dict(source)
+    model.metadata_props[TASK_KEY] = GENERATION_TASK  # lower-cached-attention's condition
     if check.context:  # sizes the rotary tables of lower-cached-attention
         model.metadata_props[CONTEXT_KEY] = str(check.context)
     return check
