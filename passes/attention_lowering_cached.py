@@ -48,17 +48,9 @@ from tfgraph.builder import Builder
 from tfgraph.ops import MaskKind
 from tfgraph.passes.attention_lowering import LoweringRule, _finite
 from tfgraph.passes.attention_lowering_windows import GQA_HEAD_SIZE_MULTIPLE, _key_padding, _same_dim
+from tfgraph.ir import CONTEXT_KEY, GENERATION_TASK, TASK_KEY
 from tfgraph.passes.registry import register_pass
 
-#: Model metadata (set by the compile driver on a decoder): the positions it can see, which sizes the
-#: constant rotary tables; without it each token's row is computed in the graph.
-CONTEXT_KEY = "tfgraph.context_length"
-#: Model metadata (set by the compile driver under ``--task text-generation``): the model is compiled to
-#: generate, a prompt with an empty cache, then one token per step. onnxruntime's CPU GroupQueryAttention
-#: refuses several new tokens after a filled cache at batch > 1 (a chunked prompt), which the exported graph
-#: accepts, so without the task the pass leaves the blocks to lower-attention (MultiHeadAttention).
-TASK_KEY = "tfgraph.task"
-GENERATION_TASK = "text-generation"
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:

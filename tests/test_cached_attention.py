@@ -17,7 +17,7 @@ import pytest
 from tfgraph import ops
 from tfgraph.compiler import verify
 from tfgraph.passes import create_pass
-from tfgraph.passes.attention_lowering_cached import GENERATION_TASK, TASK_KEY
+from tfgraph.ir import GENERATION_TASK, TASK_KEY
 
 HEADS, KV_HEADS, SIZE = 4, 2, 8
 
@@ -115,7 +115,7 @@ def _feeds(batch: int, past: int, seq: int, mask: np.ndarray, seed: int = 0) -> 
 def test_cached_layer_becomes_group_query_attention_with_rotary(k_cos_order, context):
     """Without a known context each token's cos/sin row is computed from the graph's angles; with one
     (the compile driver's metadata) the kernel reads constant tables over the context at the graph's positions."""
-    from tfgraph.passes.attention_lowering_cached import CONTEXT_KEY
+    from tfgraph.ir import CONTEXT_KEY
 
     model = _layer(k_cos_order=k_cos_order)
     if context:

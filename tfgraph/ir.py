@@ -483,3 +483,15 @@ def without_weights(model: ir.Model) -> onnx.ModelProto:
             value.const_value = saved[value.name]
             graph.register_initializer(value)
     return proto
+
+
+# --- model metadata the compile driver sets for passes -------------------------------------------------
+#: The positions a decoder can see (``max_position_embeddings``): sizes lower-cached-attention's constant
+#: rotary tables; without it each token's row is computed in the graph.
+CONTEXT_KEY = "tfgraph.context_length"
+#: ``GENERATION_TASK`` under ``--task text-generation``: the model is compiled to generate, a prompt with an
+#: empty cache, then one token per step. onnxruntime's CPU GroupQueryAttention refuses several new tokens
+#: after a filled cache at batch > 1 (a chunked prompt), which the exported graph accepts, so without the
+#: task lower-cached-attention leaves the blocks to lower-attention (MultiHeadAttention).
+TASK_KEY = "tfgraph.task"
+GENERATION_TASK = "text-generation"

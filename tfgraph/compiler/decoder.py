@@ -26,7 +26,7 @@ import onnx_ir as ir
 from tfgraph.errors import BadInputError, VerificationError, first_line
 from tfgraph.compiler.instruments import Instrument
 from tfgraph.deploy.kv_layout import CacheLayout, detect
-from tfgraph.passes.attention_lowering_cached import CONTEXT_KEY, GENERATION_TASK, TASK_KEY
+from tfgraph.ir import CONTEXT_KEY, GENERATION_TASK, TASK_KEY
 from tfgraph.compiler.verify import UNOPTIMIZED, compare, make_session, padded_positions, resolve_shapes
 
 TASKS = ("text-generation",)
