@@ -59,8 +59,8 @@ WINDOW_CROSSOVER = 1024
 # to GroupQueryAttention (lower-cached-attention: the kernel appends to the cache, keeps grouped KV
 # heads, takes its lengths and padding from the attention mask, so the cache can be one shared buffer).
 # Small Llama (hidden 512, 4 layers, 8/2 heads), fp32 decode b1/b4 against onnxruntime-genai's builder,
-# interleaved (benchmarks/bench_decoder.py): MultiHeadAttention 1.18x / 1.24x, GroupQueryAttention
-# with shared cache buffers 1.03x / 1.04x (5 rounds).
+# interleaved (benchmarks/bench_decoder.py, 20 rounds): MultiHeadAttention 1.18x / 1.24x, GroupQueryAttention
+# with shared cache buffers 1.01x / 0.98x. Only under --task text-generation (see tfgraph.ir.TASK_KEY).
 CPU_WINDOW_RULE = {"rule": "window", "mode": "auto", "min_sequence": WINDOW_CROSSOVER, "block": None,
                    "kernel": "com.microsoft.MultiHeadAttention"}
 

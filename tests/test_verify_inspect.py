@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tfgraph import analysis
 from tfgraph.compiler.flops import estimate_flops
 from tfgraph.errors import BadInputError
-from tfgraph.compiler.verify import compare, generate_inputs, parse_shapes
+from tfgraph.compiler.verify import compare, generate_inputs, parse_shapes, within_kernel_numerics
 from tests.conftest import make_mlp
 
 
@@ -77,6 +77,21 @@ def test_compare_tolerance_nan_and_shape():
     assert not shaped.ok and "shape" in shaped.reason
     ints = compare({"i": np.array([1, 2])}, {"i": np.array([1, 3])}, atol=1, rtol=1)[0]
     assert not ints.ok  # integer outputs must match exactly, whatever the tolerance
+
+
+def test_relative_rms_leaves_padding_out_and_bounds_kernel_numerics():
+    """relative_rms = ‖a − e‖ / ‖e‖ over the compared positions (padded ones out); the final checks accept a
+    divergence as the deployed kernels' own arithmetic only within KERNEL_NUMERICS_LIMIT (0.5)."""
+    e = np.array([[[3.0, 4.0], [0.0, 0.0]]], np.float32)  # batch 1, sequence 2 (the second padded), 2 values
+    a = np.array([[[3.0, 4.0 + 1.0], [50.0, 50.0]]], np.float32)
+    padded = np.array([[False, True]])
+    (diff,) = compare({"y": e}, {"y": a}, atol=1e-4, rtol=1e-4, padded=padded)
+    assert diff.relative_rms == pytest.approx(1.0 / 5.0)
+    assert within_kernel_numerics([diff])
+    (far,) = compare({"y": e}, {"y": -e}, atol=1e-4, rtol=1e-4, padded=padded)
+    assert far.relative_rms == pytest.approx(2.0) and not within_kernel_numerics([far])
+    (nan,) = compare({"y": e}, {"y": np.full_like(e, np.nan)}, atol=1e-4, rtol=1e-4)
+    assert nan.relative_rms is None and not within_kernel_numerics([nan])
 
 
 def test_flops_match_the_formula():
