@@ -19,9 +19,10 @@ So the error that matters — on the layer's real inputs — is what is minimise
   from the original weights per block of ``block_size`` consecutive rows of ``W`` (AutoGPTQ's
   "static groups"), so the layout stays MatMulNBits' contiguous blocks; without it they are taken
   when the block's first column is reached, from the already-updated weights (the paper's way).
-* The quantization grid is the one ``quantize-weights-nbits`` uses: per column and block of
-  ``block_size`` along K, asymmetric min/max over ``[0, 2^bits)``, scales as float, zero points
-  packed like the weights — so GPTQ and round-to-nearest differ only in how levels are chosen.
+* The quantization grid is the one ``quantize-weights-nbits`` uses (``block_grid``): per column and
+  block of ``block_size`` along K, asymmetric min/max over ``[0, 2^bits)`` with zero points packed
+  like the weights, or ``symmetric`` (no zero points) — so GPTQ and round-to-nearest differ only in
+  how levels are chosen.
 
 The Hessians are taken on the float model (one calibration run for every MatMul, not layer by layer
 on the partly quantized model). The calibration set comes through the constructor
@@ -40,18 +41,9 @@ import onnx_ir as ir
 
 from tfgraph.ir import exposed_outputs
 from tfgraph.passes.registry import register_pass
-from tfgraph.passes.weight_only_quant import (_FLOATS, check_bits, constant_weight, dequantize_blocks,
-                                              drop_unused_initializers, is_lm_head, pack_blocks, quantize_blocks,
-                                              swap_in_matmul_nbits)
-
-
-def _grid(cols: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row asymmetric min/max scale and zero point of ``cols`` (rows, width), 0 kept in range."""
-    lo = np.minimum(cols.min(axis=1), 0.0)
-    hi = np.maximum(cols.max(axis=1), 0.0)
-    scale = (hi - lo) / qmax
-    scale[scale == 0] = 1.0
-    return scale, np.clip(np.round(-lo / scale), 0, qmax)
+from tfgraph.passes.weight_only_quant import (_FLOATS, block_grid, check_bits, constant_weight, dequantize_blocks,
+                                              drop_unused_initializers, fallback_record, is_lm_head, pack_blocks,
+                                              quantize_blocks, swap_in_matmul_nbits)
 
 
 def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
@@ -68,7 +60,8 @@ def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, block_size: int = 32, damp: float = 0.1,
-                  act_order: bool = False, lazy_block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  act_order: bool = False, lazy_block: int = 128,
+                  symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ levels of ``w`` (K, N) given the layer Hessian (K, K): (levels uint8 (N, blocks, block_size),
     scales float32 (N, blocks), zero points uint8 (N, blocks)) on MatMulNBits' grid (see the module)."""
     k, n = w.shape
@@ -83,7 +76,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, block_si
     zero = np.zeros((n, blocks))
     if act_order:
         for b in range(blocks):  # static groups: the grid from the original weights
-            scale[:, b], zero[:, b] = _grid(weight[:, b * block_size:(b + 1) * block_size], qmax)
+            scale[:, b], zero[:, b] = block_grid(weight[:, b * block_size:(b + 1) * block_size], bits, symmetric)
         perm = np.argsort(-np.diag(h), kind="stable")
     else:
         perm = np.arange(k)
@@ -100,7 +93,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, block_si
             column = perm[i1 + i]
             b = column // block_size
             if not act_order and column % block_size == 0:
-                scale[:, b], zero[:, b] = _grid(part[:, i:i + block_size], qmax)
+                scale[:, b], zero[:, b] = block_grid(part[:, i:i + block_size], bits, symmetric)
             q = np.clip(np.round(part[:, i] / scale[:, b]) + zero[:, b], 0, qmax)
             levels[:, column] = q
             error = (part[:, i] - (q - zero[:, b]) * scale[:, b]) / u[i, i]
@@ -126,9 +119,9 @@ def reconstruction_error(w: np.ndarray, approx: np.ndarray, hessian: np.ndarray)
     return float(np.sum((hessian @ delta) * delta) / max(np.sum((hessian @ w) * w), 1e-30))
 
 
-def rtn_error(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int) -> float:
+def rtn_error(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool = False) -> float:
     """The same error for round-to-nearest on the same grid (``quantize-weights-nbits``)."""
-    q, s, z = quantize_blocks(w.astype(np.float32), bits, block_size)
+    q, s, z = quantize_blocks(w.astype(np.float32), bits, block_size, symmetric)
     return reconstruction_error(w, dequantize_blocks(q, s, z, w.shape[0], bits, block_size), hessian)
 
 
@@ -138,12 +131,17 @@ class GPTQ(ir.passes.InPlacePass):
 
     changes_outputs = True
     uses_calibration = True
+    keeps_fallbacks = True  # as quantize-weights-nbits: fallback_bits, record_fallbacks
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, damp: float = 0.1, act_order: bool = False,
                  min_elements: int = 0, accuracy_level: int = 0, exclude_nodes: Sequence[str] = (),
-                 head_bits: int | None = None, calibration: Any = None, progress=None):
+                 head_bits: int | None = None, symmetric: bool = False, fallback_bits: int = 8,
+                 record_fallbacks: bool = False, calibration: Any = None, progress=None):
         super().__init__()
         check_bits(bits, head_bits)
+        check_bits(fallback_bits, None)
+        self.symmetric, self.fallback_bits, self.record_fallbacks = symmetric, fallback_bits, record_fallbacks
+        self.quantized: dict[str, dict] = {}
         self.head_bits = head_bits  # the LM head's bits (is_lm_head); None: ``bits``
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
@@ -213,17 +211,23 @@ class GPTQ(ir.passes.InPlacePass):
             hessian = hessians[x.name]
             bits = self.head_bits if self.head_bits and is_lm_head(graph, node) else self.bits
             levels, scale, zero = gptq_quantize(weight, hessian, bits=bits, block_size=self.block_size,
-                                                damp=self.damp, act_order=self.act_order)
+                                                damp=self.damp, act_order=self.act_order, symmetric=self.symmetric)
             errors[node.name] = reconstruction_error(weight, dequantize(levels, scale, zero, k), hessian)
-            baseline[node.name] = rtn_error(weight, hessian, bits, self.block_size)
+            baseline[node.name] = rtn_error(weight, hessian, bits, self.block_size, self.symmetric)
             packed, zero_points = pack_blocks(levels, zero, bits)
+            if self.symmetric:
+                zero_points = None  # MatMulNBits' implied 2^(bits-1), which block_grid used
+            if self.record_fallbacks and node.name and self.fallback_bits > bits:
+                self.quantized[node.name] = fallback_record(
+                    node, weight.astype(np.float32), bits=self.fallback_bits, block_size=self.block_size,
+                    accuracy_level=self.accuracy_level, symmetric=self.symmetric)
             swap_in_matmul_nbits(graph, node, packed, scale.reshape(-1), zero_points, bits=bits,
                                  block_size=self.block_size, accuracy_level=self.accuracy_level)
         drop_unused_initializers(graph)
         model.opset_imports.setdefault("com.microsoft", 1)
         better = sum(errors[k] < baseline[k] for k in errors)
         self.report = {"bits": self.bits, "head_bits": self.head_bits or self.bits, "block_size": self.block_size,
-                       "act_order": self.act_order,
+                       "act_order": self.act_order, "symmetric": self.symmetric,
                        "damp": self.damp, "quantized": len(errors),
                        "mean_reconstruction_error": float(np.mean(list(errors.values()))),
                        "mean_reconstruction_error_rtn": float(np.mean(list(baseline.values()))),

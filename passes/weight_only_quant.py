@@ -61,8 +61,30 @@ def check_bits(bits: int, head_bits: int | None) -> None:
             raise ValueError(f"{name} must be 4 or 8, not {value}")
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``w`` (K, N) → (B uint8 (N, blocks, block_size·bits/8), scales float32 (N·blocks), zero points uint8).
+def block_grid(cols: np.ndarray, bits: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each row of ``cols`` (..., width): a level ``q`` in ``[0, 2^bits)`` stands for
+    ``(q - zero) · scale``. Asymmetric: min/max with 0 kept in range. Symmetric: the zero point is MatMulNBits'
+    implied one, ``2^(bits-1)``, and the scale carries the sign of the block's largest-magnitude weight, which
+    lands exactly on the level ``0`` (``-2^(bits-1)`` after the zero point): the full negative half of the
+    range serves the block's extreme, whatever its sign (as onnxruntime's own block quantizer does)."""
+    qmax = (1 << bits) - 1
+    if symmetric:
+        mid = 1 << (bits - 1)
+        extreme = np.take_along_axis(cols, np.abs(cols).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        scale = extreme / -mid
+        scale[scale == 0] = 1.0
+        return scale, np.full(scale.shape, float(mid))
+    lo = np.minimum(cols.min(axis=-1), 0.0)
+    hi = np.maximum(cols.max(axis=-1), 0.0)
+    scale = (hi - lo) / qmax
+    scale[scale == 0] = 1.0
+    return scale, np.clip(np.round(-lo / scale), 0, qmax)
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int,
+                    symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``w`` (K, N) → (B uint8 (N, blocks, block_size·bits/8), scales float32 (N·blocks), zero points uint8,
+    None when ``symmetric``: MatMulNBits then implies ``2^(bits-1)``) on :func:`block_grid`'s grid.
 
     Zero points are packed like B (two 4-bit values per byte for bits=4, low nibble first)."""
     k, n = w.shape
@@ -70,15 +92,10 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarr
     padded = np.zeros((blocks * block_size, n), np.float32)
     padded[:k] = w
     cols = padded.T.reshape(n, blocks, block_size)
-    qmax = (1 << bits) - 1
-    lo = np.minimum(cols.min(-1), 0.0)
-    hi = np.maximum(cols.max(-1), 0.0)
-    scale = (hi - lo) / qmax
-    scale[scale == 0] = 1.0
-    zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
-    q = np.clip(np.round(cols / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
-    q, zero = pack_blocks(q, zero, bits)
-    return q, scale.astype(np.float32).reshape(-1), zero
+    scale, zero = block_grid(cols, bits, symmetric)
+    q = np.clip(np.round(cols / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1).astype(np.uint8)
+    q, packed_zero = pack_blocks(q, zero.astype(np.uint8), bits)
+    return q, scale.astype(np.float32).reshape(-1), None if symmetric else packed_zero
 
 
 def pack_blocks(q: np.ndarray, zero: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,27 +111,32 @@ def pack_blocks(q: np.ndarray, zero: np.ndarray, bits: int) -> tuple[np.ndarray,
     return q, zero.reshape(-1)
 
 
-def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int, bits: int, block_size: int) -> np.ndarray:
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, k: int, bits: int,
+                      block_size: int) -> np.ndarray:
     """The float (K, N) weight that ``quantize_blocks``'s output stands for (the reference for tests)."""
     n, blocks = q.shape[0], q.shape[1]
     if bits == 4:
         q = np.stack([q & 0xF, q >> 4], axis=-1).reshape(n, blocks, block_size)
-        zero = np.stack([zero.reshape(n, -1) & 0xF, zero.reshape(n, -1) >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+        if zero is not None:
+            zero = np.stack([zero.reshape(n, -1) & 0xF, zero.reshape(n, -1) >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    if zero is None:  # symmetric: MatMulNBits' implied zero point
+        zero = np.full((n, blocks), 1 << (bits - 1))
     w = (q.astype(np.float32) - zero.reshape(n, blocks, 1)) * scale.reshape(n, blocks, 1)
     return w.reshape(n, blocks * block_size)[:, :k].T
 
 
 def swap_in_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: np.ndarray, scales: np.ndarray,
-                         zero_points: np.ndarray, *, bits: int, block_size: int, accuracy_level: int) -> ir.Node:
+                         zero_points: np.ndarray | None, *, bits: int, block_size: int, accuracy_level: int) -> ir.Node:
     """Replace the MatMul ``node`` (activations @ a constant (K, N) weight) by com.microsoft.MatMulNBits
-    on the weight's ``packed`` blocks, ``scales`` and ``zero_points``; consumers and the output's name
-    move to the new node."""
+    on the weight's ``packed`` blocks, ``scales`` and ``zero_points`` (None: symmetric, no input);
+    consumers and the output's name move to the new node."""
     x, w = node.inputs
     k, n = constant_weight(w).shape
     stem = (w.name or node.name or "w").replace("/", "_")
     inputs = [x, _initializer(graph, f"{stem}_q{bits}", packed),
-              _initializer(graph, f"{stem}_scales", scales.astype(_FLOATS[x.dtype])),
-              _initializer(graph, f"{stem}_zero_points", zero_points)]
+              _initializer(graph, f"{stem}_scales", scales.astype(_FLOATS[x.dtype]))]
+    if zero_points is not None:
+        inputs.append(_initializer(graph, f"{stem}_zero_points", zero_points))
     new = ir.node("MatMulNBits", inputs, domain="com.microsoft", name=node.name, attributes={
         "K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level})
     new.outputs[0].dtype, new.outputs[0].shape = node.outputs[0].dtype or x.dtype, node.outputs[0].shape
@@ -136,23 +158,51 @@ def drop_unused_initializers(graph: ir.Graph) -> None:
             del graph.initializers[value.name]
 
 
+def fallback_record(node: ir.Node, weight: np.ndarray, *, bits: int, block_size: int, accuracy_level: int,
+                    symmetric: bool) -> dict:
+    """How the max-drop loop (tfgraph.compiler.precision.revert_nodes) rebuilds the MatMul ``node`` (not yet
+    swapped) at ``bits``: one MatMulNBits on round-to-nearest levels, its arrays held here until then."""
+    x, out_name = node.inputs[0], node.outputs[0].name
+    k, n = weight.shape
+    q, scale, zero = quantize_blocks(weight, bits, block_size, symmetric)
+    stem = f"{(node.name or out_name).replace('/', '_')}_fallback{bits}"
+    weights = {f"{stem}_q{bits}": q, f"{stem}_scales": scale.astype(_FLOATS[x.dtype])}
+    if zero is not None:
+        weights[f"{stem}_zero_points"] = zero
+    attributes = {name: ir.AttrInt64(name, value) for name, value in
+                  (("K", k), ("N", n), ("bits", bits), ("block_size", block_size), ("accuracy_level", accuracy_level))}
+    return {"nodes": [{"op_type": "MatMulNBits", "domain": "com.microsoft", "inputs": [x.name, *weights],
+                       "attributes": attributes, "output": out_name}],
+            "weights": weights, "output": out_name, "revert_to": f"{bits}-bit weights (MatMulNBits)"}
+
+
 @register_pass("quantize-weights-nbits")
 class QuantizeWeightsNBits(ir.passes.InPlacePass):
-    """MatMul with a constant 2-D weight → com.microsoft.MatMulNBits (block-wise int weights, float activations)."""
+    """MatMul with a constant 2-D weight → com.microsoft.MatMulNBits (block-wise int weights, float activations).
+
+    ``symmetric``: no zero points (MatMulNBits implies ``2^(bits-1)``; see :func:`block_grid`).
+    ``fallback_bits`` / ``record_fallbacks``: with ``record_fallbacks`` (compile sets it when an accuracy
+    budget applies), ``self.quantized`` holds, per quantized node, how to rebuild it at ``fallback_bits``:
+    the max-drop loop re-quantizes the layers that cost the most accuracy that way."""
 
     changes_outputs = True
+    keeps_fallbacks = True  # compile's precision phase binds it and sets record_fallbacks
 
     def __init__(self, *, bits: int = 8, block_size: int = 32, min_elements: int = 4096,
-                 exclude_nodes: Sequence[str] = (), accuracy_level: int = 0, head_bits: int | None = None):
+                 exclude_nodes: Sequence[str] = (), accuracy_level: int = 0, head_bits: int | None = None,
+                 symmetric: bool = False, fallback_bits: int = 8, record_fallbacks: bool = False):
         super().__init__()
         check_bits(bits, head_bits)
+        check_bits(fallback_bits, None)
         self.head_bits = head_bits  # the LM head's bits (is_lm_head); None: ``bits``
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
         self.bits, self.block_size, self.min_elements = bits, block_size, min_elements
         self.exclude_nodes = set(exclude_nodes)
         self.accuracy_level = accuracy_level
+        self.symmetric, self.fallback_bits, self.record_fallbacks = symmetric, fallback_bits, record_fallbacks
         self.report: dict = {}
+        self.quantized: dict[str, dict] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -169,9 +219,13 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
             weight = constant_weight(w).astype(np.float32)
             k, n = weight.shape
             bits = self.head_bits if self.head_bits and is_lm_head(graph, node) else self.bits
-            q, scale, zero = quantize_blocks(weight, bits, self.block_size)
+            q, scale, zero = quantize_blocks(weight, bits, self.block_size, self.symmetric)
             approx = dequantize_blocks(q, scale, zero, k, bits, self.block_size)
             out_name = node.outputs[0].name
+            if self.record_fallbacks and node.name and self.fallback_bits > bits:
+                self.quantized[node.name] = fallback_record(
+                    node, weight, bits=self.fallback_bits, block_size=self.block_size,
+                    accuracy_level=self.accuracy_level, symmetric=self.symmetric)
             swap_in_matmul_nbits(graph, node, q, scale, zero, bits=bits, block_size=self.block_size,
                                  accuracy_level=self.accuracy_level)
             done[node.name or out_name] = float(np.linalg.norm(approx - weight) / max(np.linalg.norm(weight), 1e-30))
@@ -179,7 +233,7 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
         if done:
             model.opset_imports.setdefault("com.microsoft", 1)
         self.report = {"bits": self.bits, "head_bits": self.head_bits or self.bits, "block_size": self.block_size,
-                       "quantized": len(done),
+                       "symmetric": self.symmetric, "quantized": len(done),
                        "max_relative_weight_error": max(done.values(), default=0.0), "skipped": skipped}
         return ir.passes.PassResult(model, bool(done))
 

@@ -187,3 +187,87 @@ def test_gptq_calibrates_a_decoder_on_sentences(tmp_path):
     assert precision["calibration"]["source"] == str(text)
     report = next(p for p in precision["passes"] if p["pass"] == "gptq")
     assert report["quantized"] > 0 and report["layers_better_than_rtn"] == report["quantized"]
+
+
+def _matmul_model(w: np.ndarray):
+    import onnx_ir as ir
+
+    k, n = w.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+                              [numpy_helper.from_array(w, "W")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_blocks_have_no_zero_points_and_keep_each_blocks_extreme(bits):
+    """symmetric: MatMulNBits without zero points (it implies 2^(bits-1)); each block's largest-magnitude
+    weight, of either sign, is exact (the scale carries its sign); the rest round to within half a step,
+    or a whole step for the opposite extreme the top level clips; onnxruntime computes x @ that weight."""
+    from tfgraph.compiler.verify import run
+    from tfgraph.passes import create_pass
+    from tfgraph.passes.weight_only_quant import quantize_blocks
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((80, 48)).astype(np.float32)  # K = 80: a padded last block
+    w[5, :24] = 9.0  # positive extremes in half the columns' first block
+    q, scale, zero = quantize_blocks(w, bits, 32, symmetric=True)
+    assert zero is None
+    approx = dequantize_blocks(q, scale, None, 80, bits, 32)
+    steps = np.abs(scale.reshape(48, 3)).T.repeat(32, axis=0)[:80]  # (K, N): each weight's block step
+    assert np.all(np.abs(approx - w) <= steps + 1e-6)
+    assert np.mean(np.abs(approx - w) <= steps / 2 + 1e-6) > 0.99
+    np.testing.assert_allclose(approx[5, :24], 9.0, rtol=1e-6)
+    for col in range(48):
+        for b in range(3):
+            block = w[b * 32:(b + 1) * 32, col]
+            i = np.abs(block).argmax()
+            assert abs(approx[b * 32 + i, col] - block[i]) <= 1e-6 * abs(block[i])  # each block's extreme: exact
+    model = _matmul_model(w)
+    assert create_pass("quantize-weights-nbits", bits=bits, block_size=32, min_elements=1, symmetric=True)(model).modified
+    (node,) = list(model.graph)
+    assert node.op_type == "MatMulNBits" and len(node.inputs) == 3
+    x = rng.standard_normal((5, 80)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"x": x})["y"], x @ approx, atol=1e-4, rtol=1e-4)
+
+
+def test_gptq_symmetric_writes_no_zero_points_and_beats_symmetric_rtn():
+    from tfgraph.compiler.verify import run
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    model = _matmul_model(w)
+    scale = np.linspace(0.1, 3, 96, dtype=np.float32)
+    batches = [{"x": rng.standard_normal((24, 96)).astype(np.float32) * scale} for _ in range(3)]
+    gptq = GPTQ(bits=4, block_size=32, symmetric=True, calibration=_Calibration(batches))
+    assert gptq(model).modified
+    (node,) = list(model.graph)
+    assert len(node.inputs) == 3
+    b, scales = (v.const_value.numpy() for v in node.inputs[1:])
+    approx = dequantize_blocks(b, scales, None, 96, 4, 32)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"x": x})["y"], x @ approx, atol=1e-4, rtol=1e-4)
+    assert gptq.report["symmetric"] and gptq.report["layers_better_than_rtn"] == 1
+    assert gptq.report["mean_reconstruction_error"] < gptq.report["mean_reconstruction_error_rtn"]
+
+
+def test_int4_max_drop_requantizes_the_most_sensitive_layers_at_8_bits():
+    """--max-drop on cpu-int4: the budget loop ranks the 4-bit MatMuls in one session and rebuilds the most
+    harmful ones at 8 bits (fallback_bits) until 1 - cosine to fp32 is within the budget; the rest stay 4-bit."""
+    plain = json.loads((artifact("llama64", "torchscript", "cpu-int4", from_onnx=True) / "manifest.json").read_text())
+    drop = 1.0 - plain["precision"]["score"]
+    assert drop > 1e-3, plain["precision"]["score"]
+    path = artifact("llama64", "torchscript", "cpu-int4", from_onnx=True, max_drop=drop / 3)
+    budget = json.loads((path / "manifest.json").read_text())["precision"]["max_drop"]
+    assert budget["met"] and budget["reverted"] and budget["final_score"] >= 1.0 - drop / 3, budget
+    assert budget["initial_score"] == pytest.approx(plain["precision"]["score"], abs=1e-6)
+    assert budget["reverted_weights"] == "8-bit weights (MatMulNBits)"
+    scores = [step["score"] for step in budget["steps"]]
+    assert scores == sorted(scores), scores
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(path / "model.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    assert len(bits) == 9 and all(bits[name] == 8 for name in budget["reverted"]), (bits, budget["reverted"])
+    assert sum(b == 4 for b in bits.values()) == 8 - len(budget["reverted"])  # the LM head is 8-bit already

@@ -259,7 +259,7 @@ def budget(
         reports = evaluate_configs(switched, configs)
         base = float(score(reports[0]))
         gains = {n: float(score(r)) - base for n, r in zip(names, reports[1:])}
-        ranking = "score gain of reverting each node alone, all in one session (float rebuilds behind switch inputs)"
+        ranking = "score gain of reverting each node alone, all in one session (the rebuilds behind switch inputs)"
     else:
         for i, name in enumerate(names):
             if progress:
@@ -278,5 +278,6 @@ def budget(
         current = float(score(evaluate(model)))
         history.append({"reverted": name, "gain_alone": gains[name], "score": current})
     return {"max_drop": max_drop, "initial_score": start, "final_score": current, "reverted": reverted,
-            "reverted_weights": "float16 storage, float compute" if weights_float16 else "float",
+            "reverted_weights": ", ".join(sorted({records[n].get("revert_to") or (
+                "float16 storage, float compute" if weights_float16 else "float") for n in reverted})) or None,
             "ranking": ranking, "steps": history, "met": bool(1.0 - current <= max_drop)}

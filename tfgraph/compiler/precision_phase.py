@@ -20,10 +20,15 @@ def prepare_precision(pipeline, profile, model_ir, source, calibration, tokenize
     from tfgraph.compiler import calibration as cal
     from tfgraph.passes.registry import get_pass_class
 
-    uses = [i for i, item in enumerate(pipeline)
-            if isinstance(item, PassSpec) and getattr(get_pass_class(item.name), "uses_calibration", False)]
+    def declares(item, flag):
+        return isinstance(item, PassSpec) and getattr(get_pass_class(item.name), flag, False)
+
+    # Passes that read the calibration set, and passes that can record how the max-drop loop rebuilds the
+    # nodes they quantize at a higher precision (weight-only int4 → int8): told to when a budget applies.
+    uses = [i for i, item in enumerate(pipeline) if declares(item, "uses_calibration") or declares(item, "keeps_fallbacks")]
     if not uses and profile.quantization is None and max_drop is None:
         return None
+    budget_applies = max_drop is not None or profile.min_cosine is not None
     notes = []
     if calibration is None and inputs is not None and feeds is not None:
         calib = cal.CalibrationSet([dict(feeds)], "verification inputs")
@@ -43,7 +48,10 @@ def prepare_precision(pipeline, profile, model_ir, source, calibration, tokenize
     bound = []
     for i in uses:
         spec = pipeline[i]
-        instance = get_pass_class(spec.name)(**dict(spec.options), calibration=calib, progress=progress)
+        extra = {"calibration": calib, "progress": progress} if declares(spec, "uses_calibration") else {}
+        if declares(spec, "keeps_fallbacks"):
+            extra["record_fallbacks"] = budget_applies
+        instance = get_pass_class(spec.name)(**dict(spec.options), **extra)
         pipeline[i] = _BoundSpec(spec.name, spec.options, spec.phase)
         object.__setattr__(pipeline[i], "instance", instance)
         bound.append(instance)
@@ -99,7 +107,8 @@ def finish_precision(state, model_ir, profile, max_drop, progress) -> dict:
         warnings.append(f"accuracy budget not met: 1 - cosine = {1 - budget_report['final_score']:.4g} > max drop "
                         f"{budget_value:.4g} after reverting {len(budget_report['reverted'])} node(s)")
     if budget_report is not None and budget_report["reverted"]:
-        warnings.append(f"max-drop {budget_value:.4g}: reverted {len(budget_report['reverted'])} quantized node(s) to float: "
+        warnings.append(f"max-drop {budget_value:.4g}: reverted {len(budget_report['reverted'])} quantized node(s) "
+                        f"(to {budget_report['reverted_weights']}): "
                         + ", ".join(budget_report["reverted"]))
     if any(not r["finite"] for r in acc.values()):
         raise VerificationError("the reduced-precision model produces NaN/Inf on the calibration inputs",
