@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from tfgraph.passes.registry import PassSpec
+from tfgraph.errors import BadInputError
+from tfgraph.passes.registry import PassSpec, create_pass, get_pass_class, option_types
 from tfgraph.providers import Provider  # noqa: F401 - part of a target's data; defined in the bottom layer
 
 
@@ -170,6 +171,33 @@ class Target:
 
         new = tuple(Phase(ph.name, tuple(s for spec in ph.passes for s in mapped(spec))) for ph in self.phases)
         return dataclasses.replace(self, phases=new, **fields)
+
+    def with_pass_options(self, overrides: Mapping[str, Mapping[str, Any]]) -> Target:
+        """A copy with options of its own passes changed (``{"gptq": {"act_order": True}}``: every gptq
+        spec of the pipeline); a pass the pipeline lacks or an option the pass does not declare is bad
+        input, refused before anything runs (values are checked when the pass is created)."""
+        present = {spec.name for spec in self.passes}
+        for name, options in overrides.items():
+            if name not in present:
+                raise BadInputError(f"--set {name}: target '{self.name}' runs no pass '{name}'; its passes: "
+                                    f"{', '.join(sorted(present))}")
+            declared = option_types(get_pass_class(name))
+            unknown = sorted(set(options) - set(declared))
+            if unknown:
+                raise BadInputError(f"--set {name}: unknown option(s) {', '.join(unknown)}; '{name}' takes "
+                                    f"{', '.join(sorted(declared)) or 'no options'}")
+
+        def change(spec: PassSpec) -> PassSpec:
+            if spec.name not in overrides:
+                return spec
+            changed = dataclasses.replace(spec, options={**spec.options, **overrides[spec.name]})
+            try:
+                create_pass(changed.name, **changed.options)  # types and the pass's own range checks, now
+            except BadInputError as e:
+                raise BadInputError(f"--set {spec.name}: {e}") from None
+            return changed
+
+        return self.map_passes(change)
 
     def to_json(self) -> dict:
         return {

@@ -169,3 +169,29 @@ def test_model_onnxruntime_cannot_load_names_the_problem_not_a_temporary_file(cl
     result = cli("compile", path, "-o", out)
     _assert_refused(result, out, "does not run on onnxruntime")
     assert "tfgraph-session" not in result.err and "Load model from" not in result.err
+
+
+@pytest.mark.parametrize("setting, fragments", [
+    ("gptq:act_order=true", ("runs no pass 'gptq'", "quantize-weights-nbits")),
+    ("quantize-weights-nbits:symetric=true", ("unknown option(s) symetric", "symmetric")),
+    ("quantize-weights-nbits:bits=3", ("bits must be 4 or 8",)),
+    ("quantize-weights-nbits", ("expected PASS:KEY=VALUE",)),
+])
+def test_bad_pass_setting_refused_before_anything_runs(cli, mlp_path, tmp_path, setting, fragments):
+    out = tmp_path / "out"
+    _assert_refused(cli("compile", mlp_path, "-t", "cpu-int4", "-o", out, "--set", setting), out, *fragments)
+
+
+def test_set_changes_the_targets_own_pass_options(cli, mlp_path, tmp_path):
+    """--set reaches the target's pass (symmetric 4-bit: MatMulNBits without zero points) and the manifest
+    records it with the pipeline that ran."""
+    import json
+
+    out = tmp_path / "out"
+    result = cli("compile", mlp_path, "-t", "cpu-int4", "-o", out, "-q",
+                 "--set", "quantize-weights-nbits:min_elements=1", "--set", "quantize-weights-nbits:symmetric=true")
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["pass_options"] == {"quantize-weights-nbits": {"min_elements": 1, "symmetric": True}}
+    nbits = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(len(n.input) == 3 for n in nbits)

@@ -138,6 +138,20 @@ def _fmt_bytes(n: int) -> str:
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
+def _pass_options(items: list[str] | None) -> dict[str, dict]:
+    """``--set PASS:K=V[,K=V]`` (repeatable) → ``{pass: {option: value}}``, later settings winning."""
+    from tfgraph.errors import BadInputError
+    from tfgraph.passes.registry import PassSpec
+
+    out: dict[str, dict] = {}
+    for item in items or ():
+        spec = PassSpec.parse(item)
+        if not spec.options:
+            raise BadInputError(f"--set {item}: expected PASS:KEY=VALUE[,KEY=VALUE] (e.g. gptq:act_order=true)")
+        out.setdefault(spec.name, {}).update(spec.options)
+    return out
+
+
 def _attention_impl(args: argparse.Namespace, *, allow_window: bool = True) -> str | None:
     """The export attention implementation among the ``--attention`` values (None: the default)."""
     from tfgraph.errors import BadInputError

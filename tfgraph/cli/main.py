@@ -25,6 +25,7 @@ from tfgraph.cli.common import (  # noqa: F401 - re-exported: the CLI's shared p
     _fmt_bytes,
     _load_plugins,
     _native_stdout_to_stderr,
+    _pass_options,
     _Progress,
     _stderr_console,
     _stdout_console,
@@ -56,6 +57,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             shapes=parse_shapes(args.shape),
             seed=args.seed,
             extra_passes=args.passes or (),
+            pass_options=_pass_options(args.set),
             exporter=args.exporter,
             export_batch=args.batch,
             export_seq=args.seq,
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", metavar="NAME=DIMS", help="input shape (input_ids=2x128) or symbolic dimension (sequence=128) for generated inputs; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed for generated inputs")
     p.add_argument("--pass", dest="passes", action="append", metavar="NAME[:K=V,...]", help="run a registered pass after the target's pipeline; repeatable")
+    p.add_argument("--set", action="append", metavar="PASS:K=V[,K=V]", help="change options of the target's own passes "
+                   "(-t cpu-int4-gptq --set gptq:act_order=true,symmetric=true; see `tfgraph targets` and `tfgraph passes`); repeatable")
     p.add_argument("--plugin", action="append", metavar="FILE.py|MODULE", help="import a module that registers passes or targets; repeatable")
     export_options(p)
     task_option(p)

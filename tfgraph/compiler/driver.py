@@ -57,6 +57,8 @@ def compile(  # noqa: A001 - the product's verb
     """
     opts = CompileOptions.make(options, overrides)
     profile = get_target(target)
+    if opts.pass_options:
+        profile = profile.with_pass_options(opts.pass_options)
     with contextlib.ExitStack() as stack:
         compilation = phases.plan(profile, opts, output, stack)
         clock = compilation.clock  # time and peak memory of each step, in the manifest's "compile" section

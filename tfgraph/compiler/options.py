@@ -29,7 +29,8 @@ class CompileOptions:
     Import: ``exporter``, ``export_batch``, ``export_seq``, ``attention`` (sdpa or eager) and
     ``task`` (``"text-generation"``: a causal LM with its KV cache) for models exported first.
     Rewriting: ``extra_passes`` (after the target's pipeline; input passes such as ``eval-mode``
-    run on the input model first) and ``approximate_attention`` (``"window=N[,global=G]"``).
+    run on the input model first), ``pass_options`` (options of the target's own passes:
+    ``{"gptq": {"act_order": True}}``) and ``approximate_attention`` (``"window=N[,global=G]"``).
     Precision: ``calibration``, ``tokenizer``, ``max_drop``.
     Output: ``force``, ``external_data_threshold``, and ``progress`` (a ``(stage, done, total)`` callback).
     """
@@ -49,6 +50,7 @@ class CompileOptions:
     task: str | None = None
     # rewriting
     extra_passes: Sequence[Any] = ()
+    pass_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     approximate_attention: str | None = None
     # precision
     calibration: Any = None
@@ -62,6 +64,8 @@ class CompileOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra_passes", tuple(self.extra_passes))
         object.__setattr__(self, "instruments", tuple(self.instruments))
+        object.__setattr__(self, "pass_options", MappingProxyType(
+            {name: MappingProxyType(dict(values)) for name, values in dict(self.pass_options).items()}))
         if self.shapes is not None:
             object.__setattr__(self, "shapes", MappingProxyType(dict(self.shapes)))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
@@ -94,5 +98,6 @@ class CompileOptions:
             "inputs": str(inputs) if isinstance(inputs, (str, os.PathLike)) else ("in-memory" if inputs is not None else None),
             "seed": self.seed,
             "extra_passes": [getattr(p, "name", None) or str(p) for p in self.extra_passes],
+            "pass_options": {name: dict(values) for name, values in self.pass_options.items()},
             "exporter": self.exporter if source_kind else None,
         }
