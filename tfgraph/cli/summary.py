@@ -6,6 +6,7 @@ from tfgraph.cli.common import _fmt_bytes, _fmt_count, _fmt_int, _stdout_console
 
 
 def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = False) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = _stdout_console()
@@ -45,7 +46,8 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
                           f"max abs {change['max_abs']:.3g}")
     att = manifest.get("attention")
     if att and att["found"]:
-        console.print(f"attention: {att['fused']} of {att['found']} blocks fused {att['fused_ops']}")
+        # escaped: an If over two forms is named "If[then|else]", which rich would read as markup
+        console.print(f"attention: {att['fused']} of {att['found']} blocks fused {escape(str(att['fused_ops']))}")
     s = manifest["summary"]
     console.print(
         f"nodes {_fmt_int(s['nodes_before'])} → {_fmt_int(s['nodes_after'])}, parameters {_fmt_int(s['params_before'])} → "
