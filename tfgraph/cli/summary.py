@@ -70,7 +70,9 @@ def _print_compile_summary(manifest: dict, out: str | None, *, verbose: bool = F
         budget = prec.get("max_drop")
         if budget:
             console.print(f"  max-drop {budget['max_drop']:.4g}: score {budget['initial_score']:.5f} → {budget['final_score']:.5f}, "
-                          f"reverted {len(budget['reverted'])} node(s) to float {budget['reverted']}")
+                          f"reverted {len(budget['reverted'])} node(s)"
+                          + (f" to {budget.get('reverted_weights') or 'float'}: {escape(', '.join(budget['reverted']))}"
+                             if budget["reverted"] else ""))
         for entry in prec["passes"]:
             for kept in entry.get("kept_float32", []):
                 console.print(f"  kept float32: {kept['node']} ({kept['op_type']}): {kept['reason']}")

@@ -51,7 +51,7 @@ def prepare_precision(pipeline, profile, model_ir, source, calibration, tokenize
         extra = {"calibration": calib, "progress": progress} if declares(spec, "uses_calibration") else {}
         if declares(spec, "keeps_fallbacks"):
             extra["record_fallbacks"] = budget_applies
-        instance = get_pass_class(spec.name)(**dict(spec.options), **extra)
+        instance = get_pass_class(spec.name)(**{**dict(spec.options), **extra})
         pipeline[i] = _BoundSpec(spec.name, spec.options, spec.phase)
         object.__setattr__(pipeline[i], "instance", instance)
         bound.append(instance)
