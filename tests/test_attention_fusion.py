@@ -339,3 +339,45 @@ def test_lowering_rules_first_match_wins_and_report_why():
         PassSpec("lower-attention", {"rules": ["nope"]}).create()
     with pytest.raises(tfgraph.BadInputError, match="not both"):
         PassSpec("lower-attention", {"rules": ["packed"], "to": "function"}).create()
+
+
+def _gather_of_concat_model(index: int) -> ir.Model:
+    """y = Gather(Concat(Shape(x)[0:1], [4], Shape(x)[1:2], [16]), index) as TorchScript assembles a shape and
+    reads one dimension back; z = y / 2 (rotate_half's split point)."""
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[B, S, 64] x) => (int64 z) {{
+        b = Shape <start = 0, end = 1> (x)
+        four = Constant <value = int64[1] {{4}}> ()
+        s = Shape <start = 1, end = 2> (x)
+        sixteen = Constant <value = int64[1] {{16}}> ()
+        dims = Concat <axis = 0> (b, four, s, sixteen)
+        at = Constant <value = int64 {{{index}}}> ()
+        y = Gather <axis = 0> (dims, at)
+        two = Constant <value = int64 {{2}}> ()
+        z = Div (y, two)
+    }}
+    """
+    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
+
+
+@pytest.mark.parametrize("index, folds_to", [(3, 8), (-1, 8), (1, 2), (2, None)])
+def test_gather_of_concat_reads_the_piece(index, folds_to):
+    """A constant piece folds to its value; a computed one (Shape(x)[1:2]) becomes Gather on that piece."""
+    from tfgraph.compiler.verify import run
+    from tfgraph.passes import create_pass
+
+    model = _gather_of_concat_model(index)
+    x = np.zeros((3, 5, 64), np.float32)
+    want = run(_gather_of_concat_model(index), {"x": x})["z"]
+    simplify = create_pass("simplify-reshapes")
+    assert simplify(model).modified and simplify.report["gather-of-concat"]["matches"] == 1
+    create_pass("fold-constants")(model)
+    create_pass("remove-dead")(model)
+    np.testing.assert_array_equal(run(model, {"x": x})["z"], want)
+    ops = [n.op_type for n in model.graph]
+    if folds_to is not None:
+        assert "Concat" not in ops and "Gather" not in ops
+        assert int(ir.convenience.get_const_tensor(model.graph.outputs[0]).numpy()) == folds_to
+    else:
+        assert "Concat" not in ops and ops.count("Shape") == 1  # Gather(Shape(x)[1:2], 0)

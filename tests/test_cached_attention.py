@@ -253,6 +253,10 @@ def test_decoder_with_cached_group_query_attention_generates_transformers_tokens
     histogram = collections.Counter(n.op_type for n in graph.graph.node)
     assert histogram["GroupQueryAttention"] == 2 and histogram["MultiHeadAttention"] == 0
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    # RoPE fused on both exporters (TorchScript's rotate_half split point, Gather(Concat(shape pieces, 16), 3) / 2,
+    # is read back as a constant by simplify-reshapes' gather-of-concat)
+    lowering = next(p for p in manifest["passes"] if p["name"] == "lower-cached-attention")["report"]
+    assert lowering["rotary_fused"] == 2 and histogram["RotaryEmbedding"] == 4, lowering
     steps = manifest["generation"]["verification"]["steps"]  # a prompt with an empty cache, then decode steps
     assert len(steps) >= 2 and any(s["past"] > 0 for s in steps)
     assert all(s["max_abs"] < 1e-4 and s["next_tokens_equal"] for s in steps), steps
