@@ -41,9 +41,10 @@ import onnx_ir as ir
 
 from tfgraph.ir import exposed_outputs
 from tfgraph.passes.registry import register_pass
-from tfgraph.passes.weight_only_quant import (_FLOATS, block_grid, check_bits, constant_weight, dequantize_blocks,
-                                              drop_unused_initializers, fallback_record, is_lm_head, pack_blocks,
-                                              quantize_blocks, swap_in_matmul_nbits)
+from tfgraph.passes.weight_only_quant import (_FLOATS, block_for, block_grid, check_bits, check_block_size,
+                                              constant_weight, dequantize_blocks, drop_unused_initializers,
+                                              fallback_record, is_lm_head, pack_blocks, quantize_blocks,
+                                              swap_in_matmul_nbits)
 
 
 def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
@@ -136,15 +137,16 @@ class GPTQ(ir.passes.InPlacePass):
     def __init__(self, *, bits: int = 4, block_size: int = 32, damp: float = 0.1, act_order: bool = False,
                  min_elements: int = 0, accuracy_level: int = 0, exclude_nodes: Sequence[str] = (),
                  head_bits: int | None = None, symmetric: bool = False, fallback_bits: int = 8,
-                 record_fallbacks: bool = False, calibration: Any = None, progress=None):
+                 record_fallbacks: bool = False, block_size_8bit: int | None = None, calibration: Any = None,
+                 progress=None):
         super().__init__()
         check_bits(bits, head_bits)
         check_bits(fallback_bits, None)
+        check_block_size(block_size, block_size_8bit)
+        self.block_size_8bit = block_size_8bit  # as quantize-weights-nbits
         self.symmetric, self.fallback_bits, self.record_fallbacks = symmetric, fallback_bits, record_fallbacks
         self.quantized: dict[str, dict] = {}
         self.head_bits = head_bits  # the LM head's bits (is_lm_head); None: ``bits``
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
         if not 0 < damp < 1:
             raise ValueError(f"damp must be in (0, 1), not {damp}")
         self.bits, self.block_size, self.damp, self.act_order = bits, block_size, damp, act_order
@@ -210,23 +212,26 @@ class GPTQ(ir.passes.InPlacePass):
             k, n = weight.shape
             hessian = hessians[x.name]
             bits = self.head_bits if self.head_bits and is_lm_head(graph, node) else self.bits
-            levels, scale, zero = gptq_quantize(weight, hessian, bits=bits, block_size=self.block_size,
+            block = block_for(bits, self.bits, self.block_size, self.block_size_8bit)
+            levels, scale, zero = gptq_quantize(weight, hessian, bits=bits, block_size=block,
                                                 damp=self.damp, act_order=self.act_order, symmetric=self.symmetric)
             errors[node.name] = reconstruction_error(weight, dequantize(levels, scale, zero, k), hessian)
-            baseline[node.name] = rtn_error(weight, hessian, bits, self.block_size, self.symmetric)
+            baseline[node.name] = rtn_error(weight, hessian, bits, block, self.symmetric)
             packed, zero_points = pack_blocks(levels, zero, bits)
             if self.symmetric:
                 zero_points = None  # MatMulNBits' implied 2^(bits-1), which block_grid used
             if self.record_fallbacks and node.name and self.fallback_bits > bits:
                 self.quantized[node.name] = fallback_record(
-                    node, weight.astype(np.float32), bits=self.fallback_bits, block_size=self.block_size,
+                    node, weight.astype(np.float32), bits=self.fallback_bits,
+                    block_size=block_for(self.fallback_bits, self.bits, self.block_size, self.block_size_8bit),
                     accuracy_level=self.accuracy_level, symmetric=self.symmetric)
             swap_in_matmul_nbits(graph, node, packed, scale.reshape(-1), zero_points, bits=bits,
-                                 block_size=self.block_size, accuracy_level=self.accuracy_level)
+                                 block_size=block, accuracy_level=self.accuracy_level)
         drop_unused_initializers(graph)
         model.opset_imports.setdefault("com.microsoft", 1)
         better = sum(errors[k] < baseline[k] for k in errors)
         self.report = {"bits": self.bits, "head_bits": self.head_bits or self.bits, "block_size": self.block_size,
+                       "block_size_8bit": block_for(8, self.bits, self.block_size, self.block_size_8bit),
                        "act_order": self.act_order, "symmetric": self.symmetric,
                        "damp": self.damp, "quantized": len(errors),
                        "mean_reconstruction_error": float(np.mean(list(errors.values()))),

@@ -55,6 +55,18 @@ def is_lm_head(graph: ir.Graph, node: ir.Node) -> bool:
     return any(user.op_type == "Gather" and index == 0 for user, index in transpose.inputs[0].uses())
 
 
+def check_block_size(block_size: int, block_size_8bit: int | None = None) -> None:
+    for name, value in (("block_size", block_size), ("block_size_8bit", block_size_8bit)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two ≥ 16, not {value}")
+
+
+def block_for(bits: int, base_bits: int, block_size: int, block_size_8bit: int | None) -> int:
+    """The block of a MatMul stored at ``bits`` by a pass quantizing at ``base_bits``: ``block_size_8bit`` for
+    the 8-bit exceptions (head, fallbacks) of a 4-bit pass when given, else ``block_size``."""
+    return block_size_8bit if bits == 8 and base_bits != 8 and block_size_8bit else block_size
+
+
 def check_bits(bits: int, head_bits: int | None) -> None:
     for name, value in (("bits", bits), ("head_bits", head_bits)):
         if value is not None and value not in (4, 8):
@@ -181,6 +193,10 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
     """MatMul with a constant 2-D weight → com.microsoft.MatMulNBits (block-wise int weights, float activations).
 
     ``symmetric``: no zero points (MatMulNBits implies ``2^(bits-1)``; see :func:`block_grid`).
+    ``block_size_8bit``: the block of the MatMuls stored at 8 bits while ``bits`` is 4 (the LM head at
+    ``head_bits=8``, the max-drop loop's fallbacks); None: ``block_size``. onnxruntime's CPU MatMulNBits runs
+    8-bit blocks of 32 far slower than blocks of 128 (see targets/cpu.py), and at 8 bits the block size
+    barely changes the error.
     ``fallback_bits`` / ``record_fallbacks``: with ``record_fallbacks`` (compile sets it when an accuracy
     budget applies), ``self.quantized`` holds, per quantized node, how to rebuild it at ``fallback_bits``:
     the max-drop loop re-quantizes the layers that cost the most accuracy that way."""
@@ -190,13 +206,14 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
 
     def __init__(self, *, bits: int = 8, block_size: int = 32, min_elements: int = 4096,
                  exclude_nodes: Sequence[str] = (), accuracy_level: int = 0, head_bits: int | None = None,
-                 symmetric: bool = False, fallback_bits: int = 8, record_fallbacks: bool = False):
+                 symmetric: bool = False, fallback_bits: int = 8, record_fallbacks: bool = False,
+                 block_size_8bit: int | None = None):
         super().__init__()
         check_bits(bits, head_bits)
         check_bits(fallback_bits, None)
         self.head_bits = head_bits  # the LM head's bits (is_lm_head); None: ``bits``
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two ≥ 16, not {block_size}")
+        check_block_size(block_size, block_size_8bit)
+        self.block_size_8bit = block_size_8bit
         self.bits, self.block_size, self.min_elements = bits, block_size, min_elements
         self.exclude_nodes = set(exclude_nodes)
         self.accuracy_level = accuracy_level
@@ -219,23 +236,27 @@ class QuantizeWeightsNBits(ir.passes.InPlacePass):
             weight = constant_weight(w).astype(np.float32)
             k, n = weight.shape
             bits = self.head_bits if self.head_bits and is_lm_head(graph, node) else self.bits
-            q, scale, zero = quantize_blocks(weight, bits, self.block_size, self.symmetric)
-            approx = dequantize_blocks(q, scale, zero, k, bits, self.block_size)
+            block = self._block(bits)
+            q, scale, zero = quantize_blocks(weight, bits, block, self.symmetric)
+            approx = dequantize_blocks(q, scale, zero, k, bits, block)
             out_name = node.outputs[0].name
             if self.record_fallbacks and node.name and self.fallback_bits > bits:
                 self.quantized[node.name] = fallback_record(
-                    node, weight, bits=self.fallback_bits, block_size=self.block_size,
+                    node, weight, bits=self.fallback_bits, block_size=self._block(self.fallback_bits),
                     accuracy_level=self.accuracy_level, symmetric=self.symmetric)
-            swap_in_matmul_nbits(graph, node, q, scale, zero, bits=bits, block_size=self.block_size,
+            swap_in_matmul_nbits(graph, node, q, scale, zero, bits=bits, block_size=block,
                                  accuracy_level=self.accuracy_level)
             done[node.name or out_name] = float(np.linalg.norm(approx - weight) / max(np.linalg.norm(weight), 1e-30))
         drop_unused_initializers(graph)
         if done:
             model.opset_imports.setdefault("com.microsoft", 1)
         self.report = {"bits": self.bits, "head_bits": self.head_bits or self.bits, "block_size": self.block_size,
-                       "symmetric": self.symmetric, "quantized": len(done),
+                       "block_size_8bit": self._block(8), "symmetric": self.symmetric, "quantized": len(done),
                        "max_relative_weight_error": max(done.values(), default=0.0), "skipped": skipped}
         return ir.passes.PassResult(model, bool(done))
+
+    def _block(self, bits: int) -> int:
+        return block_for(bits, self.bits, self.block_size, self.block_size_8bit)
 
     def _unfit(self, x: ir.Value | None, w: ir.Value | None) -> str | None:
         weight = constant_weight(w)

@@ -147,6 +147,7 @@ def test_tied_lm_head_read_through_a_transpose_is_quantized(method):
     assert ops == ["Gather", "MatMulNBits"], ops
     head = list(model.graph)[1]
     assert (head.attributes.get_int("K"), head.attributes.get_int("N"), head.attributes.get_int("bits")) == (64, 96, 8)
+    assert head.attributes.get_int("block_size") == 32  # block_size_8bit not given: the pass's block
     got = run(model, {"ids": ids})["logits"]
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()  # 8-bit levels of the table, not another tensor
 
@@ -267,7 +268,10 @@ def test_int4_max_drop_requantizes_the_most_sensitive_layers_at_8_bits():
     assert budget["reverted_weights"] == "8-bit weights (MatMulNBits)"
     scores = [step["score"] for step in budget["steps"]]
     assert scores == sorted(scores), scores
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
-            for n in onnx.load(str(path / "model.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    nodes = [n for n in onnx.load(str(path / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    attrs = {n.name: {a.name: a.i for a in n.attribute if a.name in ("bits", "block_size")} for n in nodes}
+    bits = {name: a["bits"] for name, a in attrs.items()}
     assert len(bits) == 9 and all(bits[name] == 8 for name in budget["reverted"]), (bits, budget["reverted"])
     assert sum(b == 4 for b in bits.values()) == 8 - len(budget["reverted"])  # the LM head is 8-bit already
+    # cpu-int4's 8-bit layers (head, fallbacks) in blocks of 128 (block_size_8bit), the 4-bit ones in blocks of 32
+    assert all(a["block_size"] == (128 if a["bits"] == 8 else 32) for a in attrs.values()), attrs
