@@ -161,7 +161,9 @@ TENSORRT_FP16 = Target(
     "TensorRT fuses attention and LayerNorm itself",
     providers=(_trt(trt_fp16_enable=True), CUDA, CPU),
     precision="fp16 (TensorRT builder)",
-    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=STANDARD_LOWERING),
+    # finalize: folding after the fusion phase's CSE can leave equal constants (TorchScript's rotate_half split
+    # points, read back by gather-of-concat, one per Q and K): stored once.
+    phases=phases(normalize=CLEANUP, fuse=FUSION, lower=STANDARD_LOWERING, finalize=FINALIZE),
     # The graph stays fp32 (TensorRT picks fp16 kernels when it builds the engine): verified in fp32.
     tolerance=Tolerance(atol=1e-4, rtol=1e-4),
     session_options={"graph_optimization_level": "ORT_ENABLE_BASIC"},
