@@ -164,3 +164,39 @@ def test_generate_command_errors(cli, mlp_path, tmp_path):
     assert cli("compile", mlp_path, "-o", tmp_path / "mlp", "-q").code == 0
     result = cli("generate", tmp_path / "mlp", "--prompt-ids", "1,2", "--json")
     assert result.code == 2 and "not a generator artifact" in json.loads(result.out)["error"]
+
+
+def test_onnx_beside_its_hugging_face_files_compiles_like_the_folder(cli, tmp_path):
+    """Optimum's layout — the export with config.json, generation_config.json and the tokenizer beside it: compiling
+    the .onnx carries them (text prompts, genai_config.json, the context length for constant rotary tables and the
+    prompt check); the same .onnx alone gets none of them."""
+    import shutil
+
+    from _decoders import onnx_file
+
+    source = onnx_file("gpt2", "dynamo")
+    folder, alone = tmp_path / "optimum", tmp_path / "alone"
+    for target in (folder, alone):
+        target.mkdir()
+        for f in source.parent.glob(f"{source.name}*"):  # the model and its external data
+            shutil.copy(f, target / f.name)
+    for f in checkpoint("gpt2").iterdir():
+        if f.suffix == ".json" or f.name.startswith("tokenizer"):
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    out = tmp_path / "out"
+    result = cli("compile", folder / source.name, "--task", "text-generation", "-o", out, "-q")
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["hf_files"] == str(folder)
+    assert manifest["generation"]["context_length"] == config["n_positions"]
+    assert manifest["generation"]["genai_config"] == "genai_config.json" and (out / "genai_config.json").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    text = cli("generate", out, "--prompt", "the cat sat", "--max-new-tokens", 4, "--json")
+    assert text.code == 0, text.err
+    assert json.loads(text.out.splitlines()[-1])["new_ids"]
+    bare = tmp_path / "bare"
+    assert cli("compile", alone / source.name, "--task", "text-generation", "-o", bare, "-q").code == 0
+    manifest = json.loads((bare / "manifest.json").read_text())
+    assert "hf_files" not in manifest["input"] and not (bare / "tokenizer").exists()
+    assert cli("generate", bare, "--prompt", "the cat sat", "--max-new-tokens", 2).code == 2  # token ids only

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from tfgraph.errors import BadInputError, VerificationError, first_line
 from tfgraph.compiler.instruments import Instrument
+from tfgraph.compiler.sources import hf_files
 from tfgraph.deploy.kv_layout import CacheLayout, detect
 from tfgraph.ir import CONTEXT_KEY, GENERATION_TASK, TASK_KEY
 from tfgraph.compiler.verify import (UNOPTIMIZED, compare, make_session, padded_positions, resolve_shapes, unoptimized,
@@ -79,9 +80,10 @@ def shares_cache_buffer(model: ir.Model, layout: CacheLayout) -> bool:
 def context_length(model: ir.Model, source: Mapping[str, Any]) -> int | None:
     """Positions the decoder can see: the checkpoint's ``max_position_embeddings`` (``n_positions``),
     a built-in model's table, or the rows of the graph's position table; None when unknown (RoPE graphs)."""
-    if source.get("kind") == "huggingface":
+    folder = hf_files(source)
+    if folder is not None:
         try:
-            config = json.loads((pathlib.Path(source["source"]) / "config.json").read_text())
+            config = json.loads((pathlib.Path(folder) / "config.json").read_text())
         except (OSError, ValueError):
             config = {}
         for key in ("max_position_embeddings", "n_positions", "seq_length"):
@@ -271,12 +273,12 @@ class GenerationCheck(Instrument):
 
     def files(self, model: ir.Model) -> dict[str, bytes]:
         """Files for the artifact: ``genai_config.json`` (onnxruntime-genai) when compiled from a Hugging Face
-        folder with the Optimum cache names (see :mod:`tfgraph.compiler.genai_config`)."""
+        folder (or an ``.onnx`` beside one's config.json) with the Optimum cache names (see :mod:`tfgraph.compiler.genai_config`)."""
         from tfgraph.compiler.genai_config import FILE, genai_config
 
-        if self.source.get("kind") != "huggingface":
+        if hf_files(self.source) is None:
             return {}
-        folder = pathlib.Path(self.source["source"])
+        folder = pathlib.Path(hf_files(self.source))
         loaded = []
         for name in ("config.json", "generation_config.json"):
             try:

@@ -4,6 +4,7 @@ artifact folder (exported first where needed), and the facts about it the manife
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import tempfile
@@ -71,7 +72,10 @@ def resolve_model(
         )
     elif looks_like_file:
         loaded = tir.load(path)
-        return loaded.model, loaded.input_hashes()
+        found = loaded.input_hashes()
+        if hf_folder_of(path) is not None:  # Optimum's layout: the export beside its config and tokenizer
+            found["hf_files"] = str(path.parent)
+        return loaded.model, found
     elif str(model) in builtin.list_models():
         source = {"source": str(model), "kind": "builtin"}
     else:
@@ -114,9 +118,27 @@ def with_window_approximation(pipeline: list, spec: str, target_name: str) -> li
     return pipeline[:at] + [PassSpec(APPROXIMATION_PASS, options, phase)] + pipeline[at:]
 
 
-def tokenizer_dir(source: Mapping[str, Any]) -> str | None:
+def hf_folder_of(path: pathlib.Path) -> pathlib.Path | None:
+    """The folder of an ``.onnx`` file when it also holds a Hugging Face ``config.json`` (a ``model_type``): how
+    Optimum and onnxruntime-genai's builder lay an export out, with the tokenizer and generation config beside it."""
+    config = path.parent / "config.json"
+    try:
+        return path.parent if config.is_file() and "model_type" in json.loads(config.read_text()) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def hf_files(source: Mapping[str, Any]) -> str | None:
+    """The Hugging Face folder whose config, generation config and tokenizer go with the model: the checkpoint
+    compiled, or the folder an ``.onnx`` was found in beside them."""
     if source.get("kind") == "huggingface":
         return source["source"]
+    return source.get("hf_files")
+
+
+def tokenizer_dir(source: Mapping[str, Any]) -> str | None:
+    if hf_files(source) is not None:
+        return hf_files(source)
     if source.get("kind") == "builtin" and source.get("source") == "minilm":
         from tfgraph.models import minilm_path
 
