@@ -162,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     calibration_feeds = [{k: np.asarray(v, np.int64) for k, v in tokenizer([s], return_tensors="np").items()}
                          for s in CALIBRATION]
     blocks = [int(b) for b in args.block_sizes.split(",")]
-    variants = list(targets(blocks, args.symmetric).items())
+    profiles = targets(blocks, args.symmetric)
+    variants = list(profiles.items())
     if args.max_drop_half:
-        variants += [(f"rtn b{b} +max-drop", dict(targets([b]))[f"rtn b{b}"]) for b in blocks]
+        variants += [(f"rtn b{b} +max-drop", profiles[f"rtn b{b}"]) for b in blocks]
     variants += [(f"onnxruntime gptq b{b}", int(b)) for b in args.block_sizes.split(",")]
     rows, reference, manifests = [], None, {}
     for label, target in variants:

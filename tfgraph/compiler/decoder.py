@@ -276,9 +276,10 @@ class GenerationCheck(Instrument):
         folder (or an ``.onnx`` beside one's config.json) with the Optimum cache names (see :mod:`tfgraph.compiler.genai_config`)."""
         from tfgraph.compiler.genai_config import FILE, genai_config
 
-        if hf_files(self.source) is None:
+        found = hf_files(self.source)
+        if found is None:
             return {}
-        folder = pathlib.Path(hf_files(self.source))
+        folder = pathlib.Path(found)
         loaded = []
         for name in ("config.json", "generation_config.json"):
             try:

@@ -137,8 +137,9 @@ def hf_files(source: Mapping[str, Any]) -> str | None:
 
 
 def tokenizer_dir(source: Mapping[str, Any]) -> str | None:
-    if hf_files(source) is not None:
-        return hf_files(source)
+    folder = hf_files(source)
+    if folder is not None:
+        return folder
     if source.get("kind") == "builtin" and source.get("source") == "minilm":
         from tfgraph.models import minilm_path
 
