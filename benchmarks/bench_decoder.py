@@ -16,7 +16,10 @@ round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, 
 ``onnxruntime_genai`` (its own runtime, C++ loop). ``--threads`` intra-op threads for every run. Measured, greedy, eos ignored: prompt (prefill) ms at
 32 and 512 tokens (batch 1), decode ms/token at batch 1 and 4 (32-token prompts, ``--new-tokens``
 tokens; tfgraph: the steps after the prompt; genai: ``generate_next_token`` calls after
-``append_tokens``), peak RSS of the process. Medians over ``--rounds`` (default 20) round-robin
+``append_tokens``), peak RSS of the process. Not timed: each graph's exactness on a left-padded batch
+(transformers' convention: ``attention_mask`` zeros on the left, positions counting real tokens), the
+padded row's logits against the same prompt alone, prompt plus four decode steps fed their own cache
+(:func:`padded_batch_error`). Medians over ``--rounds`` (default 20) round-robin
 rounds with a rotating start (``benchmarks/harness.py``); each run's p90/median is in the JSON. tfgraph's
 generator and onnxruntime-genai leave onnxruntime's thread spinning on; the ``tfgraph-sleep`` run is the
 int4 artifact in tfgraph's generator with ``spin=False`` (pool threads sleep between operators).
@@ -190,6 +193,55 @@ def _genai_runner(path: str, threads: int):  # threads: set in genai_config.json
     return prefill, decode
 
 
+def padded_batch_error(path: pathlib.Path, vocab: int, steps: int = 4) -> dict:
+    """The graph's exactness on a left-padded batch, through plain onnxruntime sessions: a 16-token prompt
+    and a 6-token one left-padded to 16 (mask zeros), ``steps`` greedy decode steps on each graph's own
+    cache; each row's last-position logits against its prompt run alone (batch 1, no padding) through
+    the same graph. ``max_abs``: the padded row's worst absolute logit error; ``unpadded_max_abs``: the
+    full row's, the kernels' own batch-to-batch difference (int8 compute quantizes per batch tile);
+    ``scale``: the logits' largest magnitude."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]  # both kinds carry one
+    kv_heads, head_size = decoder["num_key_value_heads"], decoder["head_size"]
+
+    def chain(ids: np.ndarray, mask: np.ndarray, forced: np.ndarray) -> list[np.ndarray]:
+        """Each step's last-position logits: the prompt, then the ``forced`` tokens one per step."""
+        batch = ids.shape[0]
+        past = {name: np.zeros((batch, kv_heads, 0, head_size), np.float32) for name in past_names}
+        logits = []
+        feeds = {"input_ids": ids, "attention_mask": mask, **past}
+        for step in range(steps + 1):
+            if "position_ids" in inputs:
+                positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+                feeds["position_ids"] = positions[:, -feeds["input_ids"].shape[1]:].astype(np.int64)
+            out = dict(zip(names, session.run(None, feeds)))
+            logits.append(out["logits"][:, -1].astype(np.float32))
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            feeds = {"input_ids": forced[:, step:step + 1], "attention_mask": mask,
+                     **{p: out[p.replace("past_key_values.", "present.")] for p in past_names}}
+        return logits
+
+    rng = np.random.default_rng(1)
+    long, short = rng.integers(3, vocab, 16), rng.integers(3, vocab, 6)
+    ids = np.stack([long, np.concatenate([np.zeros(10, np.int64), short])]).astype(np.int64)
+    mask = np.ones((2, 16), np.int64)
+    mask[1, :10] = 0
+    forced = rng.integers(3, vocab, size=(2, steps + 1)).astype(np.int64)  # the decode steps' tokens, in every run
+    batched = chain(ids, mask, forced)
+    alone = chain(short[None].astype(np.int64), np.ones((1, 6), np.int64), forced[1:])
+    full = chain(long[None].astype(np.int64), np.ones((1, 16), np.int64), forced[:1])
+    return {"max_abs": max(float(np.abs(a[1] - b[0]).max()) for a, b in zip(batched, alone)),
+            "unpadded_max_abs": max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(batched, full)),
+            "scale": float(np.abs(alone[0]).max())}
+
+
 def _peak_rss_mb() -> float:
     """This process's high-water RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child inherits)."""
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
@@ -241,7 +293,7 @@ def _bytes(path: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data"))
 
 
-def report(results: dict, models: dict, args) -> str:
+def report(results: dict, models: dict, args, padded: dict | None = None) -> str:
     machine = harness.machine()
     lines = [f"# Decoders on onnxruntime CPU: tfgraph vs onnxruntime-genai's builder ({datetime.date.today()})", "",
              f"{machine['cpu']} (ISA {'/'.join(machine['isa']) or '?'}), {machine['usable_cores']} cores, "
@@ -268,6 +320,16 @@ def report(results: dict, models: dict, args) -> str:
                 ratios = ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("prefill_ms_s32", "prefill_ms_s512",
                                                                              "decode_ms_b1", "decode_ms_b4"))
                 lines.append(f"\nint4 ({variant}), runtime {runtime}: tfgraph / builder: {ratios}")
+        exact = padded.get(size) if padded else None
+        if exact:
+            lines += ["", "Left-padded batch (graph only, onnxruntime CPU sessions; transformers' convention): the "
+                      "padded row's logits against the same prompt alone, prompt + 4 decode steps on the graph's own "
+                      "cache (`padded_batch_error`); the unpadded row's error is the kernels' own batch-to-batch "
+                      "difference:", "", "| model | padded row: max abs logit error | unpadded row | logits scale |",
+                      "|---|---|---|---|"]
+            for (kind, variant), e in exact.items():
+                lines.append(f"| {kind} {variant} | {e['max_abs']:.3g} | {e['unpadded_max_abs']:.3g} | "
+                             f"{e['scale']:.3g} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -288,16 +350,19 @@ def main() -> int:
         return 0
     work = pathlib.Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    models, results = {}, {}
+    models, results, padded = {}, {}, {}
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     for size in args.sizes.split(","):  # the report is rewritten after each size
         models[size] = build(size, work, args.exporter, args.threads)
+        padded[size] = {key: padded_batch_error(path, 32000) for key, path in models[size].items()}
         results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads)
-        text = report(results, models, args)
+        text = report(results, models, args, padded)
         out.write_text(text + "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                                        "machine": harness.machine(), "results": results}, indent=2) + "\n")
+                                                        "machine": harness.machine(), "results": results,
+                                                        "padded_batch": {size: {f"{k}:{v}": e for (k, v), e in table.items()}
+                                                                         for size, table in padded.items()}}, indent=2) + "\n")
     print(text)
     return 0
 
