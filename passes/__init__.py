@@ -16,6 +16,7 @@ from tfgraph.passes.registry import register_lazy as _register_lazy
 BUILTIN_PASSES: dict[str, str] = {
     "approximate-attention-window": "attention_window_approximation",
     "classify-attention-masks": "attention_masks",
+    "compact-padding": "compact_padding",
     "convert-float16": "float16",
     "cse": "cse",
     "decompose-unsupported": "decompose",

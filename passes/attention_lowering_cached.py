@@ -23,11 +23,10 @@ Rotary embeddings (transformers' ``x·cos + rotate_half(x)·sin``) become com.mi
 at the graph's own positions, so left-padded rows keep transformers' positions exactly: when the
 angles are ``positions ⊗ inv_freq`` with a constant ``inv_freq`` and the model's context is known
 (``CONTEXT_KEY`` metadata), the tables are initializers over the context (no per-step set-up);
-otherwise each token's row is computed from the graph's angles. (The kernel's ``do_rotary`` with a
-packed Q/K/V input, as onnxruntime-genai's builder lays it out, rotates by physical positions: on a
-left-padded row the attention is the same to rounding, since RoPE scores depend on position
-differences, but the cached keys differ from the export's, and measured on a small Llama it was no
-faster: not used.)
+otherwise each token's row is computed from the graph's angles. (The kernel's own ``do_rotary`` on the
+packed projection rotates by slot positions, right for a row only when its padding comes after its
+tokens: ``compact-padding``, run after this pass, arranges that and moves the rotation and the masking
+into the kernel.)
 
 With the lengths and the padding read from the mask, nothing but the kernels may read the past
 inputs: the cache can then be one buffer per layer, bound as both past and present

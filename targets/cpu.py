@@ -67,6 +67,7 @@ CPU_WINDOW_RULE = {"rule": "window", "mode": "auto", "min_sequence": WINDOW_CROS
 CPU_LOWERING = (
     PassSpec("pack-projections"),
     PassSpec("lower-cached-attention"),
+    PassSpec("compact-padding"),  # GroupQueryAttention rotates and masks itself: padding moved behind the tokens
     PassSpec(
         "lower-attention",
         {"rules": [CPU_WINDOW_RULE, "packed", "multi-head"]},
@@ -76,7 +77,8 @@ CPU_LOWERING = (
 )
 
 CPU_ATTENTION = (
-    "KV-cached decoder layers: GroupQueryAttention (+ RotaryEmbedding); others packed com.microsoft.Attention "
+    "KV-cached decoder layers: GroupQueryAttention (rotary and padding inside the kernel where compact-padding "
+    "applies, else + RotaryEmbedding and a padding bias); others packed com.microsoft.Attention "
     "(else MultiHeadAttention); windows: the blocked form with MultiHeadAttention "
     f"tiles from {WINDOW_CROSSOVER} tokens, GroupQueryAttention/MultiHeadAttention below (an If when the length is dynamic)"
 )
@@ -194,6 +196,7 @@ def int4_phases(weights: PassSpec) -> tuple[Phase, ...]:
         lower=(
             PassSpec("pack-projections"),  # Q/K/V and gate/up as one MatMul each: fewer, larger 4-bit GEMMs
             PassSpec("lower-cached-attention"),  # a decoder's KV-cached layers: GroupQueryAttention
+            PassSpec("compact-padding"),  # ... rotating and masking itself: padding moved behind the tokens
             PassSpec("lower-attention", {"rules": [CPU_WINDOW_RULE, "multi-head"]}),
             PassSpec("fuse-ort-operators"),  # residual Add + RMSNorm -> SkipSimplifiedLayerNormalization
             PassSpec("remove-dead"),

@@ -94,6 +94,20 @@ def test_relative_rms_leaves_padding_out_and_bounds_kernel_numerics():
     assert nan.relative_rms is None and not within_kernel_numerics([nan])
 
 
+def test_kv_cache_entries_at_padded_positions_are_left_out():
+    """A (batch, heads, positions, head size) cache: entries at padded positions are never attended to, so
+    they are not compared (their largest difference reported); a real position still must match."""
+    padded = np.array([[False, False, False], [True, False, False]])  # row 1 left-padded by one
+    e = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
+    a = e.copy()
+    a[1, :, 0] += 7.0  # the padded slot of row 1, both heads
+    (cache,) = compare({"present": e}, {"present": a}, atol=1e-4, rtol=1e-4, padded=padded)
+    assert cache.ok and cache.padded_max_abs == pytest.approx(7.0)
+    a[1, 1, 2, 0] += 1.0  # a real position
+    (cache,) = compare({"present": e}, {"present": a}, atol=1e-4, rtol=1e-4, padded=padded)
+    assert not cache.ok and cache.max_abs == pytest.approx(1.0)
+
+
 def test_flops_match_the_formula():
     model = ir.serde.deserialize_model(make_mlp(hidden=16))
     feeds = generate_inputs(model, {"batch": 3, "sequence": 10})

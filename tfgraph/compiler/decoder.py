@@ -226,7 +226,39 @@ class GenerationCheck(Instrument):
         if getattr(pass_, "changes_outputs", False):  # quantization/pruning: later passes are held to this model
             self._rebaseline(model)
             return
+        if getattr(pass_, "changes_cache_layout", False):  # its cache is its own: checked on its own chain
+            self._check_own_cache(model, f"after pass '{record.name}' (pass #{record.index + 1})", record.name)
+            return
         self._check(model, f"after pass '{record.name}' (pass #{record.index + 1})", pass_name=record.name)
+
+    def _check_own_cache(self, model: ir.Model, where: str, pass_name: str) -> None:
+        """A pass that lays the cache out its own way (``changes_cache_layout``): the model runs the prompt and
+        every decode step on the cache it wrote itself (the steps' ids and masks unchanged); its logits, at
+        the real positions, must match the reference's; then its own feeds and outputs are the steps later
+        passes are held to. The cache tensors are not compared (a different layout of the same keys)."""
+        layout = self.layout
+        try:
+            session = make_session(model, options=UNOPTIMIZED)
+            names = [o.name for o in session.get_outputs()]
+            steps, past = [], None
+            for label, feeds, expected in self.steps:
+                feeds = dict(feeds) if past is None else {**feeds, **past}
+                outputs = dict(zip(names, session.run(None, feeds)))
+                steps.append((label, feeds, outputs))
+                past = {p: outputs[q] for pp, qq in zip(layout.past, layout.present) for p, q in zip(pp, qq)}
+        except Exception as e:  # noqa: BLE001 - reported with the pass
+            raise VerificationError(f"{where}: the model no longer runs the generation steps on its own cache: "
+                                    f"{first_line(e)}", pass_name=pass_name) from None
+        for (label, feeds, expected), (_, _, actual) in zip(self.steps, steps):
+            logits = layout.logits
+            diffs = compare({logits: expected[logits]}, {logits: actual[logits]}, atol=self.atol, rtol=self.rtol,
+                            padded=padded_positions(feeds))
+            bad = [d for d in diffs if not d.ok]
+            if bad:
+                raise VerificationError(
+                    f"{where}: {label} on its own cache: output '{logits}' max abs error {bad[0].max_abs:.3g} exceeds "
+                    f"atol={self.atol:g} rtol={self.rtol:g}", pass_name=pass_name)
+        self.steps = steps
 
     def _rebaseline(self, model: ir.Model) -> None:
         session = make_session(model, options=UNOPTIMIZED)

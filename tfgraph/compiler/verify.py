@@ -282,8 +282,9 @@ def compare(
     which a bare ``atol`` of 1e-4 would call broken.
 
     ``padded`` ((batch, sequence) booleans, see :func:`padded_positions`): in outputs that
-    start with those two axes, the padded positions are left out of the check and their
-    largest difference is reported separately. A padded query position that sees no
+    start with those two axes, and in KV caches (batch, heads, sequence, head size), the padded
+    positions are left out of the check and their largest difference is reported separately
+    (a cache entry at a padded position is never attended to). A padded query position that sees no
     key at all has no defined value: exporters disagree (0 behind a NaN guard, or the
     mean over every key), and so do fused kernels.
     """
@@ -306,8 +307,13 @@ def compare(
         e64 = e.astype(np.float64)
         padded_max = None
         compared = e64
+        where = None
         if padded is not None and e64.ndim >= 2 and e64.shape[:2] == padded.shape:
             where = np.broadcast_to(padded.reshape(padded.shape + (1,) * (e64.ndim - 2)), e64.shape)
+        elif padded is not None and e64.ndim == 4 and (e64.shape[0], e64.shape[2]) == padded.shape:
+            # a KV cache (batch, heads, positions, head size): what sits at a padded position is never read
+            where = np.broadcast_to(padded[:, None, :, None], e64.shape)
+        if where is not None:
             compared = e64[~where]
             gap = np.abs(a64[where] - e64[where])
             padded_max = float(np.nanmax(gap)) if gap.size and not np.isnan(gap).all() else 0.0
