@@ -26,7 +26,8 @@ pass on its own cache over the decode steps (``changes_cache_layout``). Contract
 decode step's new tokens are real (mask 1), as every generation loop appends them.
 
 Applies when every GroupQueryAttention is ``lower-cached-attention``'s rotary form with a key-padding
-bias from a 2-D graph input, the rotary tables are constant over positions (the model's context known),
+bias from a 2-D graph input, heads of a multiple of 16 rotated whole (the kernel's limits), the rotary
+tables constant over positions (the model's context known),
 no sliding window (a window counts slots, padding included), the ids are read only by Gathers and Shapes,
 and the one non-cache output comes from a MatMul whose input is (batch, sequence, hidden); the report
 gives the first reason otherwise.
@@ -165,6 +166,8 @@ class CompactPaddingRule:
         width = _table_width(q.inputs[2])
         if width is None or _table_width(q.inputs[3]) != width:
             return "the rotary tables are per token, not per position (the model's context is not known)"
+        if 2 * width != width_q // heads:
+            return f"partial rotary ({2 * width} of {width_q // heads} head dimensions)"
         for rot in (q, k):
             if (rot.attributes.get_float("scale", 1.0) != 1.0 or rot.attributes.get_int("is_packed_batching", 0)
                     or rot.attributes.get_int("rotary_embedding_dim", 0) not in (0, 2 * width)):
