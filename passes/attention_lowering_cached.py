@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from tfgraph import ops
-from tfgraph.builder import Builder
+from tfgraph.builder import Builder, take_over
 from tfgraph.ops import MaskKind
 from tfgraph.passes.attention_lowering import LoweringRule, _finite
 from tfgraph.passes.attention_lowering_windows import GQA_HEAD_SIZE_MULTIPLE, _key_padding, _same_dim
@@ -436,10 +436,7 @@ class LowerCachedAttentionPass(ir.passes.InPlacePass):
             width = node.inputs[0].shape[1] * node.inputs[0].shape[3]  # N·H (static: checked)
             new_nodes, output, _ = rule.rewrite(graph, node)
             graph.insert_before(node, new_nodes)
-            old = node.outputs[0]
-            output.name, output.shape, output.type = old.name, old.shape, old.type
-            old.name = f"{output.name}/replaced"
-            ir.convenience.replace_all_uses_with([old], [output], replace_graph_outputs=True)
+            take_over([node.outputs[0]], [output])
             graph.remove(node, safe=True)
             _skip_round_trip(output, width)
             _remove_dead_chain(graph, inputs + rule.replaced)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph.builder import Builder
+from tfgraph.builder import Builder, take_over
 from tfgraph.passes.registry import register_pass
 
 MS = "com.microsoft"
@@ -172,7 +172,7 @@ class CompactPaddingRule:
             if (rot.attributes.get_float("scale", 1.0) != 1.0 or rot.attributes.get_int("is_packed_batching", 0)
                     or rot.attributes.get_int("rotary_embedding_dim", 0) not in (0, 2 * width)):
                 return "RotaryEmbedding attributes GroupQueryAttention has no equivalent for"
-        if rot.attributes.get_int("interleaved", 0) != q.attributes.get_int("interleaved", 0):
+        if k.attributes.get_int("interleaved", 0) != q.attributes.get_int("interleaved", 0):
             return "Q and K rotate differently"
         return None
 
@@ -213,12 +213,7 @@ class CompactPaddingRule:
             outs = g("GroupQueryAttention", query, key_in, value, node.inputs[3], node.inputs[4], seqlens,
                      node.inputs[6], q.inputs[2], q.inputs[3], domain=MS, num_outputs=3, **attributes)
             graph.insert_before(node, g.nodes)
-            for old, new in zip(node.outputs, outs):
-                new.shape, new.type = old.shape, old.type
-                name = old.name
-                old.name = f"{name}/replaced"
-                new.name = name
-            ir.convenience.replace_all_uses_with(list(node.outputs), list(outs), replace_graph_outputs=True)
+            take_over(node.outputs, outs)
             graph.remove(node, safe=True)
         h = Builder("compact_padding/restore", [])
         restored = h("GatherND", self.head.inputs[0], back, batch_dims=1)

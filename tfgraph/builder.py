@@ -71,3 +71,14 @@ class Builder(ir.tape.Tape):
     def extend(self, nodes: Sequence[ir.Node]) -> None:
         """Record nodes made elsewhere (e.g. by another helper) in order."""
         self._nodes.extend(nodes)
+
+
+def take_over(old: Sequence[ir.Value], new: Sequence[ir.Value]) -> None:
+    """Each ``new`` value takes the matching ``old`` value's place: its name, shape and type, and every
+    use, graph outputs included (the old value is renamed ``<name>/replaced``, for dead-code removal)."""
+    old, new = list(old), list(new)
+    for before, after in zip(old, new):
+        name = before.name
+        before.name = f"{name}/replaced"
+        after.name, after.shape, after.type = name, before.shape, before.type
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)

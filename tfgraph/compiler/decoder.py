@@ -241,7 +241,7 @@ class GenerationCheck(Instrument):
             session = make_session(model, options=UNOPTIMIZED)
             names = [o.name for o in session.get_outputs()]
             steps, past = [], None
-            for label, feeds, expected in self.steps:
+            for label, feeds, _ in self.steps:
                 feeds = dict(feeds) if past is None else {**feeds, **past}
                 outputs = dict(zip(names, session.run(None, feeds)))
                 steps.append((label, feeds, outputs))
@@ -249,8 +249,8 @@ class GenerationCheck(Instrument):
         except Exception as e:  # noqa: BLE001 - reported with the pass
             raise VerificationError(f"{where}: the model no longer runs the generation steps on its own cache: "
                                     f"{first_line(e)}", pass_name=pass_name) from None
+        logits = layout.logits
         for (label, feeds, expected), (_, _, actual) in zip(self.steps, steps):
-            logits = layout.logits
             diffs = compare({logits: expected[logits]}, {logits: actual[logits]}, atol=self.atol, rtol=self.rtol,
                             padded=padded_positions(feeds))
             bad = [d for d in diffs if not d.ok]
