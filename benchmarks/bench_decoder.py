@@ -202,6 +202,8 @@ def padded_batch_error(path: pathlib.Path, vocab: int, steps: int = 4) -> dict:
     ``scale``: the logits' largest magnitude."""
     import onnxruntime as ort
 
+    from tfgraph.deploy.kv_layout import mask_positions
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -219,8 +221,7 @@ def padded_batch_error(path: pathlib.Path, vocab: int, steps: int = 4) -> dict:
         feeds = {"input_ids": ids, "attention_mask": mask, **past}
         for step in range(steps + 1):
             if "position_ids" in inputs:
-                positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
-                feeds["position_ids"] = positions[:, -feeds["input_ids"].shape[1]:].astype(np.int64)
+                feeds["position_ids"] = mask_positions(mask, feeds["input_ids"].shape[1])
             out = dict(zip(names, session.run(None, feeds)))
             logits.append(out["logits"][:, -1].astype(np.float32))
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from tfgraph.errors import BadInputError, VerificationError, first_line
 from tfgraph.compiler.instruments import Instrument
 from tfgraph.compiler.sources import hf_files
-from tfgraph.deploy.kv_layout import CacheLayout, detect
+from tfgraph.deploy.kv_layout import CacheLayout, detect, mask_positions
 from tfgraph.ir import CONTEXT_KEY, GENERATION_TASK, TASK_KEY
 from tfgraph.compiler.verify import (UNOPTIMIZED, compare, make_session, padded_positions, resolve_shapes, unoptimized,
                                      within_kernel_numerics)
@@ -170,8 +170,7 @@ class GenerationCheck(Instrument):
         if layout.attention_mask is not None:
             feeds[layout.attention_mask] = mask
         if layout.position_ids is not None:
-            positions = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1)
-            feeds[layout.position_ids] = positions[:, -ids.shape[1]:].astype(np.int64)
+            feeds[layout.position_ids] = mask_positions(mask, ids.shape[1])
         return feeds
 
     def tolerance(self, atol: float, rtol: float) -> GenerationCheck:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from tfgraph.errors import BadInputError
-from tfgraph.deploy.kv_layout import CacheLayout
+from tfgraph.deploy.kv_layout import CacheLayout, mask_positions
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -163,8 +163,7 @@ class Generator:
         if layout.attention_mask is not None:
             feeds[layout.attention_mask] = mask
         if layout.position_ids is not None:
-            positions = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1)
-            feeds[layout.position_ids] = np.ascontiguousarray(positions[:, -ids.shape[1]:], np.int64)
+            feeds[layout.position_ids] = mask_positions(mask, ids.shape[1])
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         if cache_bound:

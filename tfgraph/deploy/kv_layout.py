@@ -22,6 +22,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tfgraph.errors import BadInputError
 
 Shape = tuple[Any, ...]
@@ -87,6 +89,13 @@ class CacheLayout:
                        shared_buffer=bool(cache.get("shared_buffer", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise BadInputError(f"manifest.json 'generation' section is malformed ({type(e).__name__}: {e})") from None
+
+
+def mask_positions(mask: np.ndarray, length: int) -> np.ndarray:
+    """transformers' position ids of a step's last ``length`` tokens from its (batch, total) attention mask:
+    the count of real tokens before each, 1 at padding (int64)."""
+    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1)
+    return np.ascontiguousarray(positions[:, -length:], np.int64)
 
 
 def _listing(signature: Signature) -> str:
