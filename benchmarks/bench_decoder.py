@@ -9,24 +9,27 @@ Checkpoints (``LlamaForCausalLM``, random init, seed 0, vocabulary 32000, RoPE, 
 
 Each gets a tiny trained BPE tokenizer (the builder copies one). tfgraph artifacts come from
 ``tfgraph.compile(HF_DIR, target, task="text-generation")`` (dynamo export, verified); the builder's from
-``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu``. Every
-measurement runs in a fresh subprocess (so its peak RSS is its own), variants in rotating order per
-round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, through the
+``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu``. Each run (a
+model in a runtime) lives in its own process for the whole measurement (loaded and warmed up once; its
+peak RSS is its own); the runs take turns, one at a time with a short pause between turns, in rotating
+order per round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, through the
 ``genai_config.json`` they carry, through ``onnxruntime_genai`` too; the builder's through
 ``onnxruntime_genai`` (its own runtime, C++ loop). ``--threads`` intra-op threads for every run. Measured, greedy, eos ignored: prompt (prefill) ms at
 32 and 512 tokens (batch 1), decode ms/token at batch 1 and 4 (32-token prompts, ``--new-tokens``
-tokens; tfgraph: the steps after the prompt; genai: ``generate_next_token`` calls after
-``append_tokens``), peak RSS of the process. Not timed: each graph's exactness on a left-padded batch
+tokens; per model run after the prompt's: tfgraph's steps after the first, genai's ``generate_next_token``
+calls after the first, which only picks the token from the prompt's logits), peak RSS of the process. Not timed: each graph's exactness on a left-padded batch
 (transformers' convention: ``attention_mask`` zeros on the left, positions counting real tokens), the
 padded row's logits against the same prompt alone, prompt plus four decode steps fed their own cache
-(:func:`padded_batch_error`). Medians over ``--rounds`` (default 20) round-robin
-rounds with a rotating start (``benchmarks/harness.py``); each run's p90/median is in the JSON. tfgraph's
+(:func:`padded_batch_error`). Metric by metric, ``--rounds`` (default 40) rounds of one measurement per
+run (short turns: the runs compared in a round are seconds apart on a machine whose speed drifts);
+medians over the rounds; ratios are the median of the per-round ratios (10th-90th percentile beside them); each run's p90/median and per-round values are in
+the JSON. tfgraph's
 generator and onnxruntime-genai leave onnxruntime's thread spinning on; the ``tfgraph-sleep`` run is the
 int4 artifact in tfgraph's generator with ``spin=False`` (pool threads sleep between operators).
 
 Usage::
 
-    python benchmarks/bench_decoder.py --sizes small                 # 20 rounds
+    python benchmarks/bench_decoder.py --sizes small                 # 40 rounds per metric
     python benchmarks/bench_decoder.py --sizes small,156m
     python benchmarks/bench_decoder.py --sizes small --rounds 3      # a quick look
 
@@ -183,7 +186,11 @@ def _genai_runner(path: str, threads: int):  # threads: set in genai_config.json
 
     def decode(ids: np.ndarray, new: int) -> float:
         generator = start(ids, new)
-        generator.append_tokens(ids.astype(np.int32))
+        generator.append_tokens(ids.astype(np.int32))  # runs the prompt
+        # The first call only picks the token from the prompt's logits (append_tokens computed them): no
+        # model run. Timed from the second call on, per model run, as tfgraph's decode_ms_per_token is
+        # (its first step is the prompt's); counting the first call would divide 63 runs by 64 tokens.
+        generator.generate_next_token()
         begin, steps = time.perf_counter(), 0
         while not generator.is_done():
             generator.generate_next_token()
@@ -251,47 +258,98 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(runtime: str, path: str, new_tokens: int, vocab: int, threads: int) -> dict:
+METRICS = ("prefill_ms_s32", "prefill_ms_s512", "decode_ms_b1", "decode_ms_b4")
+
+
+def worker(runtime: str, path: str, new_tokens: int, vocab: int, threads: int) -> None:
+    """One variant, kept alive for the whole run: after a warm-up it prints ``ready``; each line on stdin
+    names one of :data:`METRICS`, measured once and printed; end of input prints the process's peak RSS."""
     if runtime.startswith("tfgraph"):
         prefill, decode = _tfgraph_runner(path, threads, spin=runtime != "tfgraph-sleep")
     else:
         prefill, decode = _genai_runner(path, threads)
     rng = np.random.default_rng(0)
     prompt = lambda batch, length: rng.integers(3, vocab, size=(batch, length)).astype(np.int64)  # noqa: E731
+    run = {"prefill_ms_s32": lambda: prefill(prompt(1, 32)), "prefill_ms_s512": lambda: prefill(prompt(1, 512)),
+           "decode_ms_b1": lambda: decode(prompt(1, 32), new_tokens),
+           "decode_ms_b4": lambda: decode(prompt(4, 32), new_tokens)}
     decode(prompt(1, 8), 4)  # warm-up
-    result = {f"prefill_ms_s{n}": prefill(prompt(1, n)) for n in (32, 512)}
-    for batch in (1, 4):
-        result[f"decode_ms_b{batch}"] = decode(prompt(batch, 32), new_tokens)
-    result["peak_rss_mb"] = _peak_rss_mb()
-    return result
+    decode(prompt(4, 32), 8)
+    print(MARK + json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        print(MARK + json.dumps(run[line.strip()]()), flush=True)
+    print(MARK + json.dumps(_peak_rss_mb()), flush=True)
 
 
-def measure(models: dict, rounds: int, new_tokens: int, threads: int) -> dict:
-    """Medians over ``rounds`` interleaved rounds of each run's own numbers (one worker process per run),
-    and, under ``p90_over_median``, each number's p90/median (the noise)."""
-    samples: dict[str, list[dict]] = {f"{k}:{v}:{r}": [] for k, v, r in RUNS}
+MARK = "@bench@ "  # the worker's result lines (a runtime may print to stdout too)
 
-    def worker_run(kind: str, variant: str, runtime: str) -> dict:
-        command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
-                   "--new-tokens", str(new_tokens), "--threads", str(threads)]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    def record(key: str, r: int, _seconds: float, result: dict) -> None:
-        samples[key].append(result)
-        print(f"round {r + 1}/{rounds} {key}: {result}", file=sys.stderr, flush=True)
+def _read(process: subprocess.Popen):
+    for line in process.stdout:
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"worker {process.args} ended without a result (exit {process.wait()})")
 
-    harness.interleave({f"{k}:{v}:{r}": (lambda k=k, v=v, r=r: worker_run(k, v, r)) for k, v, r in RUNS}, rounds,
-                       warmup=0, on_run=record)  # each worker warms itself up
-    keys = next(iter(samples.values()))[0].keys()
-    return {name: {**{k: harness.median([s[k] for s in runs]) for k in keys},
-                   "p90_over_median": {k: harness.p90([s[k] for s in runs]) / harness.median([s[k] for s in runs])
-                                       for k in keys}}
+
+def measure(models: dict, rounds: int, new_tokens: int, threads: int, pause: float = 0.05) -> dict:
+    """One persistent worker process per run (model loaded and warmed up once). Metric by metric, ``rounds``
+    rounds; in each, every run measures it once, one at a time, the start rotating by one each round, with
+    ``pause`` seconds between turns (the previous worker's pool threads stop spinning). Short turns keep the
+    runs compared in a round close in time on a machine whose speed drifts. Per run: medians over the rounds,
+    each number's p90/median (the noise) under ``p90_over_median``, the per-round values under ``rounds``
+    (for paired ratios) and the process's peak RSS."""
+    names = [f"{k}:{v}:{r}" for k, v, r in RUNS]
+    workers = {}
+    samples: dict[str, dict[str, list[float]]] = {name: {m: [] for m in METRICS} for name in names}
+    rss = {}
+    try:
+        for (kind, variant, runtime), name in zip(RUNS, names):
+            command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
+                       "--new-tokens", str(new_tokens), "--threads", str(threads)]
+            workers[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True)
+            if _read(workers[name]) != "ready":
+                raise RuntimeError(f"worker {name} did not start")
+        for metric in METRICS:
+            for r in range(rounds):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    time.sleep(pause)
+                    workers[name].stdin.write(metric + "\n")
+                    workers[name].stdin.flush()
+                    samples[name][metric].append(_read(workers[name]))
+                print(f"{metric} round {r + 1}/{rounds}: " + ", ".join(f"{n} {samples[n][metric][-1]:.3f}"
+                                                                       for n in names), file=sys.stderr, flush=True)
+        for name, process in workers.items():
+            process.stdin.close()
+            rss[name] = _read(process)
+            process.wait()
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.kill()
+    return {name: {**{k: harness.median(v) for k, v in runs.items()}, "peak_rss_mb": rss[name],
+                   "p90_over_median": {k: harness.p90(v) / harness.median(v) for k, v in runs.items()},
+                   "rounds": runs}
             for name, runs in samples.items()}
+
+
+def paired(ours: dict, theirs: dict, key: str) -> tuple[float, float, float]:
+    """Median and 10th/90th percentiles of the per-round ratio ours / theirs (same round, adjacent turns)."""
+    ratio = np.array(ours["rounds"][key]) / np.array(theirs["rounds"][key])
+    return float(np.median(ratio)), float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))
 
 
 def _bytes(path: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data"))
+
+
+def _ratios(ours: dict, theirs: dict) -> str:
+    parts = []
+    for key in METRICS:
+        median, low, high = paired(ours, theirs, key)
+        parts.append(f"{key} {median:.2f}x ({low:.2f}-{high:.2f})")
+    return ", ".join(parts)
 
 
 def report(results: dict, models: dict, args, padded: dict | None = None) -> str:
@@ -299,8 +357,10 @@ def report(results: dict, models: dict, args, padded: dict | None = None) -> str
     lines = [f"# Decoders on onnxruntime CPU: tfgraph vs onnxruntime-genai's builder ({datetime.date.today()})", "",
              f"{machine['cpu']} (ISA {'/'.join(machine['isa']) or '?'}), {machine['usable_cores']} cores, "
              f"load average {machine['load_average_1m']:.1f}, {args.threads} intra-op thread(s) "
-             f"everywhere; runtime: tfgraph.load_generator or onnxruntime-genai; {args.rounds} interleaved rounds, "
-             f"medians; {args.new_tokens} new tokens per decode run, greedy, eos ignored.", ""]
+             f"everywhere; runtime: tfgraph.load_generator or onnxruntime-genai; one persistent process per run, "
+             f"{args.rounds} interleaved rounds per metric (one measurement of each run per round, {args.pause} s "
+             f"pause between turns), medians; {args.new_tokens} new tokens per decode run, "
+             f"greedy, eos ignored. Ratios: median over rounds of the per-round ratio (10th-90th percentile).", ""]
     for size, table in results.items():
         lines += [f"## {size}", "", "| model | runtime | prefill 32 (ms) | prefill 512 (ms) | decode b1 (ms/token) | "
                   "decode b4 (ms/token) | peak RSS (MB) | model bytes (MB) |", "|---|---|---|---|---|---|---|---|"]
@@ -311,16 +371,12 @@ def report(results: dict, models: dict, args, padded: dict | None = None) -> str
                          f"{r['decode_ms_b1']:.2f} | {r['decode_ms_b4']:.2f} | {r['peak_rss_mb']:.0f} | {size_mb:.1f} |")
         for precision in ("fp32", "int4"):
             ours, theirs = table[f"tfgraph:cpu-{precision}:tfgraph"], table[f"builder:{precision}:genai"]
-            ratios = ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("prefill_ms_s32", "prefill_ms_s512",
-                                                                         "decode_ms_b1", "decode_ms_b4"))
-            lines.append(f"\n{precision}: tfgraph / builder: {ratios}")
+            lines.append(f"\n{precision}: tfgraph / builder: {_ratios(ours, theirs)}")
         for variant, runtime in (("cpu-int4-head4", "tfgraph"), ("cpu-int4", "tfgraph-sleep"), ("cpu-int4", "genai")):
             # the same precision as the builder's (4-bit head); the int4 graph with sleeping threads; in genai's loop
             ours, theirs = table.get(f"tfgraph:{variant}:{runtime}"), table["builder:int4:genai"]
             if ours:
-                ratios = ", ".join(f"{k} {ours[k] / theirs[k]:.2f}x" for k in ("prefill_ms_s32", "prefill_ms_s512",
-                                                                             "decode_ms_b1", "decode_ms_b4"))
-                lines.append(f"\nint4 ({variant}), runtime {runtime}: tfgraph / builder: {ratios}")
+                lines.append(f"\nint4 ({variant}), runtime {runtime}: tfgraph / builder: {_ratios(ours, theirs)}")
         exact = padded.get(size) if padded else None
         if exact:
             lines += ["", "Left-padded batch (graph only, onnxruntime CPU sessions; transformers' convention): the "
@@ -338,16 +394,17 @@ def report(results: dict, models: dict, args, padded: dict | None = None) -> str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small", help="comma-separated: small, 156m (default small)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per metric (default 40)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (default 64)")
     parser.add_argument("--exporter", default="dynamo", help="tfgraph's exporter (default dynamo)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every run")
     parser.add_argument("--workdir", default=str(REPO / "build" / "bench_decoder"), help="checkpoints and models")
     parser.add_argument("--output", default=str(DEFAULT_OUT), help="markdown report (JSON beside it)")
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds between two runs' turns (default 0.05)")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.new_tokens, 32000, args.threads)))
+        worker(args.worker[0], args.worker[1], args.new_tokens, 32000, args.threads)
         return 0
     work = pathlib.Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -357,7 +414,7 @@ def main() -> int:
     for size in args.sizes.split(","):  # the report is rewritten after each size
         models[size] = build(size, work, args.exporter, args.threads)
         padded[size] = {key: padded_batch_error(path, 32000) for key, path in models[size].items()}
-        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads)
+        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads, args.pause)
         text = report(results, models, args, padded)
         out.write_text(text + "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},

@@ -91,9 +91,12 @@ def targets(block_sizes: list[int], symmetric: bool = False) -> dict[str, object
     return out
 
 
-def ort_gptq(fp32: pathlib.Path, out: pathlib.Path, block: int, calibration: list[dict]) -> pathlib.Path:
+def ort_gptq(fp32: pathlib.Path, out: pathlib.Path, block: int, calibration: list[dict],
+             symmetric: bool = False) -> pathlib.Path:
     """onnxruntime's own GPTQ (``MatMulNBitsQuantizer`` with ``GPTQWeightOnlyQuantConfig``, its defaults:
-    damping 0.01, every constant MatMul 4-bit including the LM head, accuracy level 0) on the cpu-fp32 artifact."""
+    damping 0.01, every constant MatMul 4-bit including the LM head, accuracy level 0) on the cpu-fp32 artifact.
+    The quantization block is the quantizer's ``block_size``; the config's ``block_size`` is GPTQ's own column
+    batch (lazy updates), not the quantization group, so it stays at its default."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -106,8 +109,8 @@ def ort_gptq(fp32: pathlib.Path, out: pathlib.Path, block: int, calibration: lis
             return next(self.items, None)
 
     out.mkdir(parents=True, exist_ok=True)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")),
-                                     algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=block))
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), block_size=block, is_symmetric=symmetric,
+                                     algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader()))
     quantizer.process()
     quantizer.model.save_model_to_file(str(out / "model.onnx"), True)
     return out
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(profiles.items())
     if args.max_drop_half:
         variants += [(f"rtn b{b} +max-drop", profiles[f"rtn b{b}"]) for b in blocks]
-    variants += [(f"onnxruntime gptq b{b}", int(b)) for b in args.block_sizes.split(",")]
+    variants += [(f"onnxruntime gptq{sym} b{b}", int(b)) for sym in ("", " sym")[:1 + args.symmetric] for b in blocks]
     rows, reference, manifests = [], None, {}
     for label, target in variants:
         out = work / label.replace(" ", "-")
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = {}
         if label.startswith("onnxruntime"):
             try:
-                ort_gptq(work / "fp32", out, target, calibration_feeds)
+                ort_gptq(work / "fp32", out, target, calibration_feeds, symmetric=" sym " in label)
             except Exception as e:  # noqa: BLE001 - recorded: the peer's quantizer fails on this model
                 rows.append({"variant": label, "failed": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
                 print(json.dumps(rows[-1]), flush=True)

@@ -226,38 +226,63 @@ class Generator:
             grown[:, :mask.shape[1]] = mask
         logits_at = self._outputs.index(layout.logits)
         present_at = {p: self._outputs.index(q) for pp, qq in zip(layout.past, layout.present) for p, q in zip(pp, qq)}
+        # Shared buffers on the host, no position ids: from the second decode step on only the mask is rebound;
+        # the ids are written into the array their bound value reads (one bind less per token).
+        in_place = shared and layout.position_ids is None and self._device == "cpu"
+        ids_buffer = np.empty((batch, 1), np.int64) if in_place else None
+        mask_name = layout.attention_mask
+        prefill_ms = decode_ms = 0.0
+        new_tokens = 0
         self.stats = {"prompt_tokens": int(ids.shape[1]), "batch": batch, "new_tokens": 0, "prefill_ms": 0.0,
                       "decode_ms": 0.0}
-        for step in range(int(max_new_tokens)):
-            start = time.perf_counter()
-            # shared buffers: after the prompt and the first decode step, only the ids and the mask change
-            self._bind(binding, step_ids, mask, past, shared=shared, cache_bound=shared and step > 1)
-            self.session.run_with_iobinding(binding)
-            if shared:
-                last = self._logits_buffer
-            else:
-                outputs = binding.get_outputs()
-                last = self._logits_buffer if self._logits is not None else outputs[logits_at].numpy()
-                past = {name: outputs[i] for name, i in present_at.items()}  # stays in onnxruntime's memory
-            logits = last[:, -1, :]  # read before the next step overwrites the buffer
-            if logits.dtype != np.float32:
-                logits = logits.astype(np.float32)
-            tokens = _sample(logits, rng, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
-            tokens = (np.where(finished, pad, tokens) if finished.any() else tokens).astype(np.int64, copy=False)
-            self.stats["prefill_ms" if step == 0 else "decode_ms"] += (time.perf_counter() - start) * 1e3
-            self.stats["new_tokens"] += 1
-            if eos.size:
-                finished |= np.isin(tokens, eos)
-            yield tokens
-            if finished.all():
-                break
-            step_ids = tokens[:, None]
-            if grown is not None:
-                mask = grown[:, :mask.shape[1] + 1]
-            else:
-                mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        decoded = max(self.stats["new_tokens"] - 1, 0)
-        self.stats["decode_ms_per_token"] = self.stats["decode_ms"] / decoded if decoded else None
+        try:
+            for step in range(int(max_new_tokens)):
+                start = time.perf_counter()
+                if in_place and step > 1:
+                    if mask_name is not None:
+                        binding.bind_cpu_input(mask_name, mask)
+                else:
+                    self._bind(binding, step_ids, mask, past, shared=shared, cache_bound=shared and step > 1)
+                    if in_place and step == 1:
+                        import onnxruntime as ort
+
+                        ids_buffer[:] = step_ids
+                        binding.bind_ortvalue_input(layout.input_ids, ort.OrtValue.ortvalue_from_numpy(ids_buffer))
+                self.session.run_with_iobinding(binding)
+                if shared:
+                    last = self._logits_buffer
+                else:
+                    outputs = binding.get_outputs()
+                    last = self._logits_buffer if self._logits is not None else outputs[logits_at].numpy()
+                    past = {name: outputs[i] for name, i in present_at.items()}  # stays in onnxruntime's memory
+                logits = last[:, -1, :]  # read before the next step overwrites the buffer
+                if logits.dtype != np.float32:
+                    logits = logits.astype(np.float32)
+                tokens = _sample(logits, rng, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
+                if eos.size:
+                    tokens = np.where(finished, pad, tokens)
+                    finished |= np.isin(tokens, eos)
+                tokens = tokens.astype(np.int64, copy=False)
+                elapsed = (time.perf_counter() - start) * 1e3
+                if step == 0:
+                    prefill_ms = elapsed
+                else:
+                    decode_ms += elapsed
+                new_tokens += 1
+                yield tokens
+                if eos.size and finished.all():
+                    break
+                if in_place:
+                    ids_buffer[:, 0] = tokens
+                step_ids = tokens[:, None]
+                if grown is not None:
+                    mask = grown[:, :mask.shape[1] + 1]
+                else:
+                    mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        finally:  # also when the caller stops iterating early
+            self.stats.update(new_tokens=new_tokens, prefill_ms=prefill_ms, decode_ms=decode_ms)
+            decoded = max(new_tokens - 1, 0)
+            self.stats["decode_ms_per_token"] = decode_ms / decoded if decoded else None
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, *, attention_mask: np.ndarray | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
