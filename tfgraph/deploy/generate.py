@@ -10,7 +10,8 @@ logits come back to the host). When the layout says the graph reads its cache on
 kernels that append in place (``shared_buffer``: GroupQueryAttention with lengths from the mask),
 each cache tensor is one (batch, kv_heads, prompt + new tokens, head_size) buffer bound as both past
 and present, as onnxruntime-genai does for its builder's models: nothing is copied or rebound per
-step but the new ids and the mask.
+step but the mask (one token longer each step); on the host the new ids are written into the array
+their bound value reads.
 
 Batches are left-padded (``attention_mask`` rows of 0s then 1s), as transformers generates: the
 graph computes position ids from the mask, so a padded row generates what it would alone. Greedy
