@@ -145,15 +145,17 @@ class Generator:
         return ids.astype(np.int64), mask
 
     def _bind(self, binding, ids: np.ndarray, mask: np.ndarray, past: dict, *, shared: bool = False,
-              cache_bound: bool = False) -> None:
+              cache_bound: bool = False, ids_bound: bool = False) -> None:
         """Bind a step's inputs and outputs. ``shared``: ``past`` holds one buffer per cache tensor, bound as
         its present output too. ``cache_bound``: those buffers and the logits buffer of this shape are
-        already bound: only the ids, the mask and the positions change."""
+        already bound: only the ids, the mask and the positions change. ``ids_bound`` (with
+        ``cache_bound``): the ids' bound value reads an array the caller rewrites in place: not rebound."""
         import onnxruntime as ort
 
         layout = self.layout
-        if cache_bound and layout.position_ids is None:  # the per-token path: two binds, nothing else
-            binding.bind_cpu_input(layout.input_ids, ids)
+        if cache_bound and layout.position_ids is None:  # the per-token path: the mask (and the ids), nothing else
+            if not ids_bound:
+                binding.bind_cpu_input(layout.input_ids, ids)
             if layout.attention_mask is not None:
                 binding.bind_cpu_input(layout.attention_mask, mask)
             return
@@ -204,6 +206,8 @@ class Generator:
                seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                pad_token_id: int | None = None) -> Iterator[np.ndarray]:
         """Yield each step's new tokens, shape (batch,), as they are generated (see :meth:`generate`)."""
+        import onnxruntime as ort
+
         ids, mask = self._check(input_ids, attention_mask, max_new_tokens)
         _check_sampling(temperature, top_k, top_p)
         eos = np.array(_token_ids(eos_token_id), np.int64)
@@ -231,7 +235,6 @@ class Generator:
         # the ids are written into the array their bound value reads (one bind less per token).
         in_place = shared and layout.position_ids is None and self._device == "cpu"
         ids_buffer = np.empty((batch, 1), np.int64) if in_place else None
-        mask_name = layout.attention_mask
         prefill_ms = decode_ms = 0.0
         new_tokens = 0
         self.stats = {"prompt_tokens": int(ids.shape[1]), "batch": batch, "new_tokens": 0, "prefill_ms": 0.0,
@@ -239,16 +242,11 @@ class Generator:
         try:
             for step in range(int(max_new_tokens)):
                 start = time.perf_counter()
-                if in_place and step > 1:
-                    if mask_name is not None:
-                        binding.bind_cpu_input(mask_name, mask)
-                else:
-                    self._bind(binding, step_ids, mask, past, shared=shared, cache_bound=shared and step > 1)
-                    if in_place and step == 1:
-                        import onnxruntime as ort
-
-                        ids_buffer[:] = step_ids
-                        binding.bind_ortvalue_input(layout.input_ids, ort.OrtValue.ortvalue_from_numpy(ids_buffer))
+                self._bind(binding, step_ids, mask, past, shared=shared, cache_bound=shared and step > 1,
+                           ids_bound=in_place and step > 1)
+                if in_place and step == 1:  # from now on the ids are written into ids_buffer
+                    ids_buffer[:] = step_ids
+                    binding.bind_ortvalue_input(layout.input_ids, ort.OrtValue.ortvalue_from_numpy(ids_buffer))
                 self.session.run_with_iobinding(binding)
                 if shared:
                     last = self._logits_buffer
