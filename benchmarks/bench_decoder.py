@@ -310,16 +310,19 @@ def measure(models: dict, rounds: int, new_tokens: int, threads: int, pause: flo
                                              stderr=subprocess.DEVNULL, text=True)
             if _read(workers[name]) != "ready":
                 raise RuntimeError(f"worker {name} did not start")
+        def ask(name: str, metric: str) -> float:
+            time.sleep(pause)  # not the number reported: the worker times itself
+            workers[name].stdin.write(metric + "\n")
+            workers[name].stdin.flush()
+            return _read(workers[name])
+
         for metric in METRICS:
-            for r in range(rounds):
-                shift = r % len(names)
-                for name in names[shift:] + names[:shift]:
-                    time.sleep(pause)
-                    workers[name].stdin.write(metric + "\n")
-                    workers[name].stdin.flush()
-                    samples[name][metric].append(_read(workers[name]))
-                print(f"{metric} round {r + 1}/{rounds}: " + ", ".join(f"{n} {samples[n][metric][-1]:.3f}"
-                                                                       for n in names), file=sys.stderr, flush=True)
+            def record(name: str, r: int, _seconds: float, value: float, metric: str = metric) -> None:
+                samples[name][metric].append(value)
+                print(f"{metric} round {r + 1}/{rounds} {name}: {value:.3f}", file=sys.stderr, flush=True)
+
+            harness.interleave({name: (lambda name=name, metric=metric: ask(name, metric)) for name in names}, rounds,
+                               warmup=0, on_run=record)  # each worker warmed itself up
         for name, process in workers.items():
             process.stdin.close()
             rss[name] = _read(process)
