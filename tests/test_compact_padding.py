@@ -33,6 +33,10 @@ def test_attention_rotates_and_masks_inside_the_kernel(exporter):
         assert attributes["do_rotary"] == 1
         assert node.input[1] == "" and node.input[2] == ""  # the packed projection
         assert len(node.input) <= 9 or not any(node.input[9:])  # no positions, no padding bias
+    # the permutation and its inverse run only for steps of several tokens: a decode step runs no TopK
+    gates = [n for n in graph.node if n.op_type == "If"]
+    assert len(gates) == 2 and len({n.input[0] for n in gates}) == 1
+    assert not [n for n in graph.node if n.op_type in ("TopK", "GatherElements", "GatherND")]
     compare_greedy("llama64", path)  # batch 2 left-padded, eos: transformers' tokens
 
 
