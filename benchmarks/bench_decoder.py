@@ -10,8 +10,8 @@ Checkpoints (``LlamaForCausalLM``, random init, seed 0, vocabulary 32000, RoPE, 
 Each gets a tiny trained BPE tokenizer (the builder copies one). tfgraph artifacts come from
 ``tfgraph.compile(HF_DIR, target, task="text-generation")`` (dynamo export, verified); the builder's from
 ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu``. Each run (a
-model in a runtime) lives in its own process for the whole measurement (loaded and warmed up once; its
-peak RSS is its own); the runs take turns, one at a time with a short pause between turns, in rotating
+model in a runtime) lives in its own process (loaded and warmed up once, started afresh ``--processes`` times;
+its peak RSS is its own); the runs take turns, one at a time with a short pause between turns, in rotating
 order per round: tfgraph's artifacts through ``tfgraph.load_generator`` (IO binding) and, through the
 ``genai_config.json`` they carry, through ``onnxruntime_genai`` too; the builder's through
 ``onnxruntime_genai`` (its own runtime, C++ loop). ``--threads`` intra-op threads for every run. Measured, greedy, eos ignored: prompt (prefill) ms at
@@ -24,8 +24,12 @@ padded row's logits against the same prompt alone, prompt plus four decode steps
 run (short turns: the runs compared in a round are seconds apart on a machine whose speed drifts);
 medians over the rounds; ratios are the median of the per-round ratios (10th-90th percentile beside them); each run's p90/median and per-round values are in
 the JSON. tfgraph's
-generator and onnxruntime-genai leave onnxruntime's thread spinning on; the ``tfgraph-sleep`` run is the
-int4 artifact in tfgraph's generator with ``spin=False`` (pool threads sleep between operators).
+generator and onnxruntime-genai leave onnxruntime's thread spinning on. tfgraph's generator moves the weights
+onto 2 MiB pages (``huge_pages``, the default); the ``tfgraph-4k`` run is the int4 artifact in tfgraph's
+generator with ``huge_pages=False`` (4 KiB pages, as onnxruntime-genai keeps them). A process's speed depends
+on where its memory landed (the same run in two processes differed by up to 15% on a 2-core shared EPYC, the
+int4 working set being about the L3's size), so every run is started afresh ``--processes`` times (default 4),
+the rounds split among them, and the medians pool all rounds.
 
 Usage::
 
@@ -68,11 +72,11 @@ VARIANTS = (("tfgraph", "cpu-fp32"), ("tfgraph", "cpu-int4"), ("tfgraph", "cpu-i
 # precision as the builder's, for the speed comparison.
 # (model, runtime): tfgraph's artifacts run in tfgraph's generator and, through their genai_config.json, in
 # onnxruntime-genai too (the same loop as the builder's: separates the graph from the loop).
-# "tfgraph-sleep": tfgraph's generator with its pool threads sleeping between operators (load_generator(spin=False));
-# the default, like onnxruntime-genai, spins. A session option, not the graph: it wins only on oversubscribed cores.
+# "tfgraph-4k": tfgraph's generator keeping onnxruntime's weights on 4 KiB pages (load_generator(huge_pages=False));
+# the default moves them onto 2 MiB pages (tfgraph.deploy.huge_pages). Threads spin in every run, as in genai.
 RUNS = (("tfgraph", "cpu-fp32", "tfgraph"), ("tfgraph", "cpu-fp32", "genai"), ("builder", "fp32", "genai"),
         ("tfgraph", "cpu-int4", "tfgraph"), ("tfgraph", "cpu-int4-head4", "tfgraph"),
-        ("tfgraph", "cpu-int4", "tfgraph-sleep"), ("tfgraph", "cpu-int4", "genai"),
+        ("tfgraph", "cpu-int4", "tfgraph-4k"), ("tfgraph", "cpu-int4", "genai"),
         ("builder", "int4", "genai"))
 TEXT = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "we read a book at night"]
 
@@ -151,10 +155,10 @@ def build(size: str, work: pathlib.Path, exporter: str, threads: int) -> dict[tu
 
 
 # --- worker: one variant, one process ------------------------------------------------------------------
-def _tfgraph_runner(path: str, threads: int, spin: bool = True):
+def _tfgraph_runner(path: str, threads: int, huge_pages: bool = True):
     import tfgraph
 
-    generator = tfgraph.load_generator(path, threads=threads, spin=spin)
+    generator = tfgraph.load_generator(path, threads=threads, huge_pages=huge_pages)
 
     def prefill(ids: np.ndarray) -> float:
         generator.generate(ids, 1)
@@ -265,7 +269,7 @@ def worker(runtime: str, path: str, new_tokens: int, vocab: int, threads: int) -
     """One variant, kept alive for the whole run: after a warm-up it prints ``ready``; each line on stdin
     names one of :data:`METRICS`, measured once and printed; end of input prints the process's peak RSS."""
     if runtime.startswith("tfgraph"):
-        prefill, decode = _tfgraph_runner(path, threads, spin=runtime != "tfgraph-sleep")
+        prefill, decode = _tfgraph_runner(path, threads, huge_pages=runtime != "tfgraph-4k")
     else:
         prefill, decode = _genai_runner(path, threads)
     rng = np.random.default_rng(0)
@@ -291,46 +295,55 @@ def _read(process: subprocess.Popen):
     raise RuntimeError(f"worker {process.args} ended without a result (exit {process.wait()})")
 
 
-def measure(models: dict, rounds: int, new_tokens: int, threads: int, pause: float = 0.05) -> dict:
-    """One persistent worker process per run (model loaded and warmed up once). Metric by metric, ``rounds``
-    rounds; in each, every run measures it once, one at a time, the start rotating by one each round, with
-    ``pause`` seconds between turns (the previous worker's pool threads stop spinning). Short turns keep the
-    runs compared in a round close in time on a machine whose speed drifts. Per run: medians over the rounds,
-    each number's p90/median (the noise) under ``p90_over_median``, the per-round values under ``rounds``
-    (for paired ratios) and the process's peak RSS."""
+def measure(models: dict, rounds: int, new_tokens: int, threads: int, pause: float = 0.05, processes: int = 4) -> dict:
+    """Persistent worker processes, one per run (model loaded and warmed up once), started ``processes``
+    times afresh (a process's speed depends on where its memory landed), the ``rounds`` split among them.
+    Per process set, metric by metric, rounds in which every run measures once, one at a time, the start
+    rotating by one each round, with ``pause`` seconds between turns (the previous worker's pool threads
+    stop spinning). Short turns keep the runs compared in a round close in time on a machine whose speed
+    drifts. Per run: medians over all rounds, each number's p90/median (the noise) under
+    ``p90_over_median``, the per-round values under ``rounds`` (for paired ratios) and the highest peak RSS."""
     names = [f"{k}:{v}:{r}" for k, v, r in RUNS]
-    workers = {}
     samples: dict[str, dict[str, list[float]]] = {name: {m: [] for m in METRICS} for name in names}
-    rss = {}
-    try:
-        for (kind, variant, runtime), name in zip(RUNS, names):
-            command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
-                       "--new-tokens", str(new_tokens), "--threads", str(threads)]
-            workers[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             stderr=subprocess.DEVNULL, text=True)
-            if _read(workers[name]) != "ready":
-                raise RuntimeError(f"worker {name} did not start")
-        def ask(name: str, metric: str) -> float:
-            time.sleep(pause)  # not the number reported: the worker times itself
-            workers[name].stdin.write(metric + "\n")
-            workers[name].stdin.flush()
-            return _read(workers[name])
+    rss = dict.fromkeys(names, 0.0)
+    shares = [rounds // processes + (i < rounds % processes) for i in range(processes)]
+    done = 0
+    for generation, share in enumerate(shares):
+        if not share:
+            continue
+        workers = {}
+        try:
+            for (kind, variant, runtime), name in zip(RUNS, names):
+                command = [sys.executable, __file__, "--worker", runtime, str(models[(kind, variant)]),
+                           "--new-tokens", str(new_tokens), "--threads", str(threads)]
+                workers[name] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.DEVNULL, text=True)
+                if _read(workers[name]) != "ready":
+                    raise RuntimeError(f"worker {name} did not start")
 
-        for metric in METRICS:
-            def record(name: str, r: int, _seconds: float, value: float, metric: str = metric) -> None:
-                samples[name][metric].append(value)
-                print(f"{metric} round {r + 1}/{rounds} {name}: {value:.3f}", file=sys.stderr, flush=True)
+            def ask(name: str, metric: str) -> float:
+                time.sleep(pause)  # not the number reported: the worker times itself
+                workers[name].stdin.write(metric + "\n")
+                workers[name].stdin.flush()
+                return _read(workers[name])
 
-            harness.interleave({name: (lambda name=name, metric=metric: ask(name, metric)) for name in names}, rounds,
-                               warmup=0, on_run=record)  # each worker warmed itself up
-        for name, process in workers.items():
-            process.stdin.close()
-            rss[name] = _read(process)
-            process.wait()
-    finally:
-        for process in workers.values():
-            if process.poll() is None:
-                process.kill()
+            for metric in METRICS:
+                def record(name: str, r: int, _seconds: float, value: float, metric: str = metric) -> None:
+                    samples[name][metric].append(value)
+                    print(f"{metric} round {done + r + 1}/{rounds} (process set {generation + 1}) {name}: "
+                          f"{value:.3f}", file=sys.stderr, flush=True)
+
+                harness.interleave({name: (lambda name=name, metric=metric: ask(name, metric)) for name in names},
+                                   share, warmup=0, on_run=record)  # each worker warmed itself up
+            for name, process in workers.items():
+                process.stdin.close()
+                rss[name] = max(rss[name], _read(process))
+                process.wait()
+        finally:
+            for process in workers.values():
+                if process.poll() is None:
+                    process.kill()
+        done += share
     return {name: {**{k: harness.median(v) for k, v in runs.items()}, "peak_rss_mb": rss[name],
                    "p90_over_median": {k: harness.p90(v) / harness.median(v) for k, v in runs.items()},
                    "rounds": runs}
@@ -361,7 +374,8 @@ def report(results: dict, models: dict, args, padded: dict | None = None) -> str
              f"{machine['cpu']} (ISA {'/'.join(machine['isa']) or '?'}), {machine['usable_cores']} cores, "
              f"load average {machine['load_average_1m']:.1f}, {args.threads} intra-op thread(s) "
              f"everywhere; runtime: tfgraph.load_generator or onnxruntime-genai; one persistent process per run, "
-             f"{args.rounds} interleaved rounds per metric (one measurement of each run per round, {args.pause} s "
+             f"started afresh {args.processes} times; {args.rounds} interleaved rounds per metric (one measurement "
+             f"of each run per round, {args.pause} s "
              f"pause between turns), medians; {args.new_tokens} new tokens per decode run, "
              f"greedy, eos ignored. Ratios: median over rounds of the per-round ratio (10th-90th percentile).", ""]
     for size, table in results.items():
@@ -375,8 +389,8 @@ def report(results: dict, models: dict, args, padded: dict | None = None) -> str
         for precision in ("fp32", "int4"):
             ours, theirs = table[f"tfgraph:cpu-{precision}:tfgraph"], table[f"builder:{precision}:genai"]
             lines.append(f"\n{precision}: tfgraph / builder: {_ratios(ours, theirs)}")
-        for variant, runtime in (("cpu-int4-head4", "tfgraph"), ("cpu-int4", "tfgraph-sleep"), ("cpu-int4", "genai")):
-            # the same precision as the builder's (4-bit head); the int4 graph with sleeping threads; in genai's loop
+        for variant, runtime in (("cpu-int4-head4", "tfgraph"), ("cpu-int4", "tfgraph-4k"), ("cpu-int4", "genai")):
+            # the same precision as the builder's (4-bit head); the int4 graph on 4 KiB pages; in genai's loop
             ours, theirs = table.get(f"tfgraph:{variant}:{runtime}"), table["builder:int4:genai"]
             if ours:
                 lines.append(f"\nint4 ({variant}), runtime {runtime}: tfgraph / builder: {_ratios(ours, theirs)}")
@@ -404,6 +418,8 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(REPO / "build" / "bench_decoder"), help="checkpoints and models")
     parser.add_argument("--output", default=str(DEFAULT_OUT), help="markdown report (JSON beside it)")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between two runs' turns (default 0.05)")
+    parser.add_argument("--processes", type=int, default=4,
+                        help="times each run's worker process is started afresh, the rounds split among them (default 4)")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -417,7 +433,7 @@ def main() -> int:
     for size in args.sizes.split(","):  # the report is rewritten after each size
         models[size] = build(size, work, args.exporter, args.threads)
         padded[size] = {key: padded_batch_error(path, 32000) for key, path in models[size].items()}
-        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads, args.pause)
+        results[size] = measure(models[size], args.rounds, args.new_tokens, args.threads, args.pause, args.processes)
         text = report(results, models, args, padded)
         out.write_text(text + "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
