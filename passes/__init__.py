@@ -28,6 +28,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-attention": "attention_fusion",
     "fuse-normalization": "norm_fusion",
     "fuse-ort-operators": "ort_operator_fusion",
+    "fuse-quantized-gather": "quantized_gather",
     "gptq": "gptq",
     "infer-shapes": "shape_inference",
     "inline-neutral-ops": "inline_functions",

@@ -184,14 +184,14 @@ class CompactPaddingRule:
         if mask.dtype != ir.DataType.INT64:
             mask = b("Cast", mask, to=ir.DataType.INT64)
         length = b("Shape", ids, start=1, end=2)  # [S]
-        count = b("Squeeze", length, b.i64(0))
         # A decode step's one new token is real (the contract): nothing to permute. The permutation runs in
         # an If taken only for steps of several tokens (the prompt): a decode step pays the If (~5 us) and
         # an Identity instead of the ~13 small ops below (measured ~20 us of a 0.56 ms step, small int4).
-        several = b("Greater", count, b.const(np.array(1, np.int64)))
+        several = b("Greater", length, b.i64(1))  # [S > 1]: If takes a one-element condition
 
         def permute(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Value]:
             p = Builder("compact_padding/permute", nodes)
+            count = p("Squeeze", length, p.i64(0))
             step_mask = p("Slice", mask, p("Neg", length), p.i64(np.iinfo(np.int64).max), p.i64(1))  # the step's columns
             # real tokens first, each group in its order: TopK of mask·2S − s (distinct keys: a stable sort)
             key = p("Sub", p("Mul", step_mask, p("Mul", count, p.const(np.array(2, np.int64)))),

@@ -152,7 +152,8 @@ CPU_INT8 = Target(
                    PassSpec("quantize-outlier-channels", {"ratio": 6.0, "max_channels": 4})),
         # the per-column zero points (all 0) of same-width weights; then the attention kernels' mask work
         # skipped for batches without padding (MiniLM b8 s128: 4% of the run; passes/unpadded_attention.py)
-        finalize=(PassSpec("dedup-initializers"), PassSpec("specialize-unpadded-attention"), PassSpec("remove-dead")),
+        finalize=(PassSpec("fuse-quantized-gather"), PassSpec("dedup-initializers"),
+                  PassSpec("specialize-unpadded-attention"), PassSpec("remove-dead")),
     ),
     # Element-wise checks after quantization (each pass, and the final ORT_ENABLE_ALL session) are
     # against the quantized graph run unoptimized: they catch broken graphs, not int8 error. Run-time
@@ -202,7 +203,8 @@ def int4_phases(weights: PassSpec) -> tuple[Phase, ...]:
             PassSpec("remove-dead"),
         ),
         precision=(weights, PassSpec("quantize", INT4_EMBEDDINGS.to_options())),
-        finalize=(PassSpec("dedup-initializers"), PassSpec("remove-dead")),
+        # the int8 embedding lookup (four kernels) as one GatherBlockQuantized
+        finalize=(PassSpec("fuse-quantized-gather"), PassSpec("dedup-initializers"), PassSpec("remove-dead")),
     )
 
 
