@@ -29,6 +29,14 @@ def row_block(width: int) -> int:
     return width & -width
 
 
+def _converted(op, source: ir.Value, name: str, make) -> ir.Value:
+    """The initializer ``name`` derived from the initializer ``source``: the graph's own when an earlier
+    rewrite made it, else ``make()``'s array added as a new one."""
+    graph = source.graph
+    existing = graph.initializers.get(name) if graph is not None else None
+    return existing if existing is not None else op.initializer(ir.tensor(make()), name=name)
+
+
 class QuantizedGather(pattern.RewriteRuleClassBase):
     """``Cast(Gather(int8 table, ids)) * Gather(row scales, ids)`` → GatherBlockQuantized."""
 
@@ -57,10 +65,10 @@ class QuantizedGather(pattern.RewriteRuleClassBase):
         q = table.const_value.numpy()
         width = q.shape[1]
         block = row_block(width)
-        data = (q.astype(np.int16) + 128).astype(np.uint8)
-        per_block = np.repeat(scales.const_value.numpy().reshape(-1, 1), width // block, axis=1).astype(np.float32)
-        data_value = op.initializer(ir.tensor(data), name=f"{table.name}_uint8")
-        scales_value = op.initializer(ir.tensor(per_block), name=f"{scales.name}_per_block")
+        # a table (and its scales) looked up more than once is converted once: the second lookup finds it
+        data_value = _converted(op, table, f"{table.name}_uint8", lambda: (q.astype(np.int16) + 128).astype(np.uint8))
+        scales_value = _converted(op, scales, f"{scales.name}_per_block", lambda: np.repeat(
+            scales.const_value.numpy().reshape(-1, 1), width // block, axis=1).astype(np.float32))
         return op.GatherBlockQuantized(data_value, ids, scales_value, gather_axis=0, quantize_axis=1, block_size=block,
                                        bits=8, _domain="com.microsoft")
 

@@ -59,3 +59,27 @@ def test_rows_without_a_power_of_two_block_stay_four_nodes():
     fuse = create_pass("fuse-quantized-gather")
     assert not fuse(model).modified
     assert "power-of-two block" in str(fuse.report["quantized-gather"])
+
+
+def test_a_table_looked_up_twice_is_converted_once():
+    graph = onnx.parser.parse_graph("""
+g (int64[B,S] ids, int64[B,S] other) => (float[B,S,32] y) {
+    e = Gather <axis: int = 0> (table, ids)
+    f = Gather <axis: int = 0> (table, other)
+    y = Add (e, f)
+}""")
+    graph.initializer.append(onnx.numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "table"))
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
+    create_pass("quantize", **INT4_EMBEDDINGS.to_options())(model)
+    create_pass("dedup-initializers")(model)  # both lookups now read one int8 table
+    ids, other = np.array([[1, 2]]), np.array([[3, 63]])
+    feeds = {"ids": ids, "other": other}
+    session = lambda m: ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),  # noqa: E731
+                                             providers=["CPUExecutionProvider"])
+    before = session(model).run(None, feeds)[0]
+    assert create_pass("fuse-quantized-gather")(model).modified
+    lookups = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == 2 and lookups[0].inputs[0] is lookups[1].inputs[0]
+    assert len(model.graph.initializers) == 2  # one uint8 table, one set of scales
+    np.testing.assert_array_equal(session(model).run(None, feeds)[0], before)
