@@ -128,6 +128,13 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove the initializers nothing reads any more (the float weights a quantization replaced)."""
+    for value in list(graph.initializers.values()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[value.name]
+
+
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     base, i = name, 0
     while name in graph.initializers:
@@ -254,7 +261,7 @@ class Quantize(ir.passes.InPlacePass):
             self._static(model, rest, weights_only=True)
         else:
             self._static(model, candidates)
-        self._drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
         if any(n.domain == MS for n in graph):
             graph.opset_imports.setdefault(MS, 1)
             model.opset_imports.setdefault(MS, 1)
@@ -264,12 +271,6 @@ class Quantize(ir.passes.InPlacePass):
 
     def _skip(self, why: str, node: ir.Node) -> None:
         self.report.setdefault("skipped", {}).setdefault(why, []).append(node.name)
-
-    @staticmethod
-    def _drop_unused_initializers(graph: ir.Graph) -> None:
-        for name, value in list(graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output():
-                del graph.initializers[name]
 
     # -- embedding tables (weight-only, both modes) ----------------------------------------
     def _gather(self, graph: ir.Graph, node: ir.Node) -> None:

@@ -20,6 +20,7 @@ from onnxscript.rewriter import pattern
 
 from tfgraph.passes.registry import register_pass
 from tfgraph.passes.rules import RuleSetPass
+from tfgraph.passes.quantize import drop_unused_initializers
 
 MIN_BLOCK = 16  # GatherBlockQuantized's smallest block
 
@@ -87,7 +88,5 @@ class FuseQuantizedGatherPass(RuleSetPass):
         result = super().call(model)
         if result.modified:
             model.opset_imports.setdefault("com.microsoft", 1)
-            for name, value in list(model.graph.initializers.items()):
-                if not value.uses() and not value.is_graph_output():
-                    del model.graph.initializers[name]  # the int8 table and its scales, now unread
+            drop_unused_initializers(model.graph)  # the int8 table and its scales, now unread
         return result

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from tfgraph.passes.quantize import _initializer
+from tfgraph.passes.quantize import _initializer, drop_unused_initializers
 from tfgraph.passes.registry import register_pass
 
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -161,13 +161,6 @@ def swap_in_matmul_nbits(graph: ir.Graph, node: ir.Node, packed: np.ndarray, sca
     if transpose is not None and transpose.graph is graph and not w.uses() and not w.is_graph_output():
         graph.remove(transpose, safe=True)  # a tied head's Transpose of the embedding table
     return new
-
-
-def drop_unused_initializers(graph: ir.Graph) -> None:
-    """Remove the initializers nothing reads any more (the float weights a quantization replaced)."""
-    for value in list(graph.initializers.values()):
-        if not value.uses() and not value.is_graph_output():
-            del graph.initializers[value.name]
 
 
 def fallback_record(node: ir.Node, weight: np.ndarray, *, bits: int, block_size: int, accuracy_level: int,

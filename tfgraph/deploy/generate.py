@@ -101,7 +101,7 @@ class Generator:
             self.session = _session(self.path / MODEL_FILE, manifest, threads, spin)
         # Every token reads every weight: on 4 KiB pages a small int4 decoder's weights outgrow the TLB
         # (small Llama, 8-bit head: 1.19x -> 1.06x the builder's ms/token, benchmarks/bench_decoder.py)
-        self.huge_page_bytes = pages.back_with_huge_pages(before) if huge_pages and before else 0
+        self.huge_page_bytes = pages.back_with_huge_pages(before) if before else 0
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._logits = _logits_spec(self.session, self.layout)
         self._logits_buffer: np.ndarray | None = None
