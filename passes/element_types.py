@@ -18,10 +18,11 @@ fp16-only for some ops) must never meet an unknown type. Two remedies, used by `
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import onnx_ir as ir
+
+from tfgraph.ops import contrib_schema
 
 logger = logging.getLogger(__name__)
 
@@ -32,28 +33,6 @@ UNBOUND_AS = {("com.microsoft", "GroupQueryAttention", "T_CACHE"): "T",
 
 _TYPE_NAMES = {f"tensor({dt.name.lower()})": dt for dt in ir.DataType if dt is not ir.DataType.UNDEFINED}
 _TYPE_NAMES.update({"tensor(float)": ir.DataType.FLOAT, "tensor(double)": ir.DataType.DOUBLE})
-
-
-@functools.cache
-def _ort_schemas() -> dict[tuple[str, str], list]:
-    """(domain, op) -> onnxruntime's schemas of it (every version), for domains ONNX does not know."""
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as C
-
-        schemas = C.get_all_operator_schema()
-    except Exception as e:  # noqa: BLE001 - a build without schemas: nothing to fill from
-        logger.info("onnxruntime operator schemas unavailable (%s)", e)
-        return {}
-    table: dict[tuple[str, str], list] = {}
-    for schema in schemas:
-        if schema.domain not in ("", "ai.onnx"):
-            table.setdefault((schema.domain, schema.name), []).append(schema)
-    return table
-
-
-def _schema(domain: str, op_type: str, version: int):
-    candidates = [s for s in _ort_schemas().get((domain, op_type), []) if s.since_version <= version]
-    return max(candidates, key=lambda s: s.since_version) if candidates else None
 
 
 def _formal(params: list, index: int):
@@ -70,7 +49,7 @@ def _dtype(type_str: str) -> ir.DataType | None:
 
 def output_types(node: ir.Node, version: int) -> list[ir.DataType | None]:
     """The element type of each output of ``node`` that its schema and its typed inputs determine."""
-    schema = _schema(node.domain, node.op_type, version)
+    schema = contrib_schema(node.domain, node.op_type, version)
     if schema is None:
         return [None] * len(node.outputs)
     bound: dict[str, ir.DataType] = {}
@@ -186,7 +165,7 @@ def output_may_be(node: ir.Node, index: int, dtype: ir.DataType, version: int) -
         param = formal.type_str if formal is not None else None
         allowed = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
     else:
-        schema = _schema(node.domain, node.op_type, version)
+        schema = contrib_schema(node.domain, node.op_type, version)
         if schema is None:
             return True
         formal = _formal(schema.outputs, index)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 
 import onnx.parser
 import onnx_ir as ir
@@ -241,3 +242,28 @@ def ensure_defined(model: ir.Model, name: str, *, softcap: bool = False) -> bool
         model.ir_version = 8  # model-local functions need IR version 8
         changed = True
     return changed
+
+
+# --- other domains' operators ----------------------------------------------------------------------
+@functools.cache
+def _contrib_schemas() -> dict[tuple[str, str], list]:
+    """(domain, op) -> onnxruntime's schemas of it (every version), for domains ONNX does not know."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        schemas = C.get_all_operator_schema()
+    except Exception as e:  # noqa: BLE001 - a build without schemas: nothing to read
+        logging.getLogger(__name__).info("onnxruntime operator schemas unavailable (%s)", e)
+        return {}
+    table: dict[tuple[str, str], list] = {}
+    for schema in schemas:
+        if schema.domain not in ("", "ai.onnx"):
+            table.setdefault((schema.domain, schema.name), []).append(schema)
+    return table
+
+
+def contrib_schema(domain: str, op_type: str, version: int):
+    """onnxruntime's schema of ``domain.op_type`` (``com.microsoft`` and other non-ONNX domains) at opset
+    ``version``, or None where onnxruntime defines none."""
+    candidates = [s for s in _contrib_schemas().get((domain, op_type), []) if s.since_version <= version]
+    return max(candidates, key=lambda s: s.since_version) if candidates else None
