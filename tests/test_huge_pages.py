@@ -80,3 +80,12 @@ def test_a_new_populated_mapping_is_collapsed_and_an_old_one_left_alone():
 
 def test_nothing_new_nothing_collapsed():
     assert huge_pages.back_with_huge_pages(huge_pages.anonymous_mappings()) == 0
+
+
+def test_only_address_ranges_mapped_since_the_snapshot_count_as_new():
+    """A mapping that grew or that the kernel merged with an older neighbour counts by its new part only."""
+    known = [(0x1000, 0x5000), (0x9000, 0xA000)]
+    assert list(huge_pages._uncovered(0x1000, 0x5000, known)) == []  # unchanged
+    assert list(huge_pages._uncovered(0x1000, 0x8000, known)) == [(0x5000, 0x8000)]  # grew at the end
+    assert list(huge_pages._uncovered(0x0, 0xC000, known)) == [(0x0, 0x1000), (0x5000, 0x9000), (0xA000, 0xC000)]
+    assert list(huge_pages._uncovered(0xB000, 0xC000, known)) == [(0xB000, 0xC000)]  # all new

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterable, Iterator
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
@@ -25,12 +26,12 @@ MADV_COLLAPSE = 25
 MIN_RESIDENT = 0.75
 
 
-def _mappings(smaps: str) -> list[tuple[int, int, int, int]]:
+def _mappings(smaps: str | Iterable[str]) -> list[tuple[int, int, int, int]]:
     """(start, end, resident bytes, bytes already on huge pages) of each private writable anonymous mapping
-    in ``/proc/self/smaps`` text (no backing file; the heap included)."""
+    in ``/proc/self/smaps`` (its text or its lines; no backing file; the heap included)."""
     found: list[list[int]] = []
     current: list[int] | None = None
-    for line in smaps.splitlines():
+    for line in smaps.splitlines() if isinstance(smaps, str) else smaps:
         head = line.split(None, 5)
         if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
             addresses, perms = head[0], head[1]
@@ -54,20 +55,35 @@ def anonymous_mappings() -> list[tuple[int, int, int, int]]:
     if not sys.platform.startswith("linux"):
         return []
     try:
-        with open("/proc/self/smaps") as f:
-            return _mappings(f.read())
+        with open("/proc/self/smaps") as f:  # line by line: the whole text of a large process is megabytes,
+            return _mappings(f)  # itself a new populated mapping
     except OSError:
         return []
 
 
+def _uncovered(start: int, end: int, known: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The parts of [start, end) outside every range of ``known`` (sorted by start)."""
+    for k_start, k_end in known:
+        if k_end <= start or k_start >= end:
+            continue
+        if k_start > start:
+            yield start, k_start
+        start = max(start, k_end)
+        if start >= end:
+            return
+    if start < end:
+        yield start, end
+
+
 def back_with_huge_pages(since: list[tuple[int, int, int, int]] | None = None, min_bytes: int = 4 << 20) -> int:
-    """Collapse populated anonymous mappings of at least ``min_bytes`` into 2 MiB pages: those not in
-    ``since`` (an earlier :func:`anonymous_mappings`: what was mapped in between, e.g. a session's
-    weights), or all of them. Returns the bytes newly on huge pages (0 where the system refuses)."""
+    """Collapse populated anonymous mappings of at least ``min_bytes`` into 2 MiB pages: the address ranges
+    not mapped in ``since`` (an earlier :func:`anonymous_mappings`: what was mapped in between, e.g. a
+    session's weights, also where the kernel merged it with an older neighbour), or all of them. Returns
+    the bytes newly on huge pages (0 where the system refuses)."""
     mappings = anonymous_mappings()
     if not mappings:
         return 0
-    known = {(start, end) for start, end, _, _ in since or ()}
+    known = sorted((start, end) for start, end, _, _ in since or ())
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
@@ -75,14 +91,13 @@ def back_with_huge_pages(since: list[tuple[int, int, int, int]] | None = None, m
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     gained = 0
     for start, end, resident, huge in mappings:
-        first = (start + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-        last = end // HUGE_PAGE * HUGE_PAGE
-        size = last - first
-        if ((start, end) in known or size < max(min_bytes, HUGE_PAGE) or resident < MIN_RESIDENT * (end - start)
-                or huge >= size):
+        if resident < MIN_RESIDENT * (end - start) or huge >= end - start - HUGE_PAGE:
             continue
-        if libc.madvise(first, size, MADV_HUGEPAGE) != 0:
-            continue
-        if libc.madvise(first, size, MADV_COLLAPSE) == 0:
-            gained += size - huge
+        for part_start, part_end in _uncovered(start, end, known):
+            first = (part_start + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+            size = part_end // HUGE_PAGE * HUGE_PAGE - first
+            if size < max(min_bytes, HUGE_PAGE) or libc.madvise(first, size, MADV_HUGEPAGE) != 0:
+                continue
+            if libc.madvise(first, size, MADV_COLLAPSE) == 0:
+                gained += max(size - huge, 0)
     return gained
