@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import io
 import mmap
 import os
 import pathlib
@@ -34,6 +35,9 @@ def test_only_private_writable_anonymous_mappings_are_read():
         (0x55D0C0000000, 0x55D0C0800000, 8192 * 1024, 0),
         (0x7F0000000000, 0x7F0000A00000, 10240 * 1024, 2048 * 1024),
     ]
+    # read line by line from the file, as anonymous_mappings does: each line ends in a newline (the heap's
+    # name once kept it and the heap, where onnxruntime's weights land, was skipped)
+    assert huge_pages._mappings(io.StringIO(SMAPS)) == huge_pages._mappings(SMAPS)
 
 
 def _thp_available() -> bool:

@@ -32,7 +32,7 @@ def _mappings(smaps: str | Iterable[str]) -> list[tuple[int, int, int, int]]:
     found: list[list[int]] = []
     current: list[int] | None = None
     for line in smaps.splitlines() if isinstance(smaps, str) else smaps:
-        head = line.split(None, 5)
+        head = line.rstrip("\n").split(None, 5)
         if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
             addresses, perms = head[0], head[1]
             path = head[5] if len(head) > 5 else ""
