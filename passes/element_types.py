@@ -18,13 +18,9 @@ fp16-only for some ops) must never meet an unknown type. Two remedies, used by `
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
 
 from tfgraph.ops import contrib_schema
-
-logger = logging.getLogger(__name__)
 
 # A type parameter no input binds, read as another one of the same node (onnxruntime's own
 # inference does this: without a past cache, GroupQueryAttention's present cache has the query's type).
